@@ -98,7 +98,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn="attention",
         down_proj="mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,

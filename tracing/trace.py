@@ -302,13 +302,14 @@ def _capture_calls(lm: LoadedModel, ids: Sequence[int], start: int) -> tuple[lis
 
     device = lm.device
     with torch.inference_mode():
+        base = model.base_model  # no unembedding: only the blocks' arguments matter here
         past = None
         if start > 0:
-            past = model(torch.tensor([ids[:start]], device=device), use_cache=True).past_key_values
+            past = base(torch.tensor([ids[:start]], device=device), use_cache=True).past_key_values
         suffix = torch.tensor([ids[start:]], device=device)
         specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(lm.n_layers)]
         with hooks(model, *specs):
-            model(suffix, past_key_values=past, use_cache=True)
+            base(suffix, past_key_values=past, use_cache=True)
     return calls, first[0]
 
 
@@ -379,7 +380,7 @@ class _FastTracer:
         specs = [Hook(self.lm.spec.embed, corrupt), Hook(self.lm.module_name("hidden", 0), grab, pre=True)]
         try:
             with hooks(self.lm.model, *specs):
-                self.lm.model(ids, use_cache=False)
+                self.lm.model.base_model(ids, use_cache=False)
         except _Stop:
             pass
         return captured[0]

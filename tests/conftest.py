@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of every supported family, and the real embedded model.
+
+Tests that load the real default model are marked ``real_model``; everything
+else runs on tiny randomly initialised configs in seconds. ``--device`` runs
+the same suite on another device (e.g. ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from tracing.models import LoadedModel, ensure_default_converted, load_model, wrap_model
+
+VOCAB = 49152  # the default model's tokenizer, shared by every tiny model
+
+TINY_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128, initializer_range=0.3
+    ),
+    "gptj": lambda: transformers.GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=128, initializer_range=0.3
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, rotary_pct=0.5, initializer_range=0.3,
+    ),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=64, initializer_range=0.3,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3,
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.3,
+    ),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the tests' models, e.g. cpu or cuda")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: loads the embedded SmolLM2-135M model (slower)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(ensure_default_converted())
+
+
+def make_tiny(family: str, tokenizer, device, seed: int = 0) -> LoadedModel:
+    """A tiny randomly initialised model of ``family`` with the default model's tokenizer."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    return wrap_model(model, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request, tokenizer, device) -> LoadedModel:
+    return make_tiny(request.param, tokenizer, device)
+
+
+@pytest.fixture(scope="session")
+def real_lm(device) -> LoadedModel:
+    return load_model(device=device)

@@ -1,0 +1,274 @@
+"""Causal tracing: the paper's definitions, oracle properties, options, hook hygiene and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tracing import TraceConfig, TraceResult, encode_prompt, continuation_ids, trace, trace_reference
+from tracing.hooks import Hook, active_hook_count, hooks
+from tracing.result import window_layers
+
+from conftest import make_tiny
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "Eiffel Tower"
+
+
+@pytest.fixture
+def llama(tokenizer, device):
+    return make_tiny("llama", tokenizer, device)
+
+
+@pytest.fixture
+def gpt2(tokenizer, device):
+    return make_tiny("gpt2", tokenizer, device)
+
+
+# --- the paper's oracle properties -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_restoring_last_layer_at_last_token_gives_high_score(family, tokenizer, device):
+    lm = make_tiny(family, tokenizer, device)
+    hidden = trace(lm, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=4))[0]
+    assert hidden.scores[-1, -1] == pytest.approx(hidden.high_score, rel=1e-5)
+    # Restoring the last layer at any earlier token cannot reach the last position.
+    np.testing.assert_allclose(hidden.scores[:-1, -1], hidden.low_score, rtol=1e-5)
+
+
+def test_tokens_before_the_subject_give_low_score(llama):
+    results = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3))
+    enc = encode_prompt(llama.tokenizer, PROMPT, SUBJECT)
+    assert enc.subject_start == 1  # "The" is not corrupted
+    for r in results:
+        np.testing.assert_allclose(r.scores[0], r.low_score, rtol=1e-5)
+
+
+def test_restoring_nothing_gives_low_score(llama):
+    # A window that restores nothing is impossible, so check the reference's corrupted run directly:
+    # every state of a token before the subject equals the corrupted run's, so its cells are the low score
+    # in the oracle too, which never skips anything.
+    slow = trace_reference(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=3, tokens=(0,)))[0]
+    np.testing.assert_allclose(slow.scores[0], slow.low_score, rtol=1e-5)
+
+
+def test_low_score_is_below_high_score_for_a_peaked_model(llama):
+    r = trace(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=5, noise=20.0))[0]
+    assert r.low_score != pytest.approx(r.high_score)
+
+
+def test_window_is_clipped_to_the_model():
+    assert list(window_layers(0, 10, 30)) == list(range(0, 5))
+    assert list(window_layers(12, 10, 30)) == list(range(7, 17))
+    assert list(window_layers(29, 10, 30)) == list(range(24, 30))
+    assert list(window_layers(3, 1, 30)) == [3]
+
+
+# --- options -----------------------------------------------------------------------
+
+
+def test_same_seed_same_heatmaps_other_seed_differs(llama):
+    a = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=3, seed=7))[0]
+    b = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=3, seed=7))[0]
+    c = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=3, seed=8))[0]
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.allclose(a.scores, c.scores)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TraceConfig(samples=3, corruption="uniform"),
+        TraceConfig(samples=3, corruption="subject"),
+        TraceConfig(samples=2, corruption="subject", replacement="Space Needle"),
+        TraceConfig(samples=3, noise_scale=0.5),
+        TraceConfig(samples=3, metric="logit_diff", contrast="Rome"),
+    ],
+    ids=["uniform", "subject-swap", "subject-given", "absolute-noise", "logit-diff"],
+)
+def test_options_match_the_oracle(llama, config):
+    fast = trace(llama, PROMPT, SUBJECT, config=config)
+    slow = trace_reference(llama, PROMPT, SUBJECT, config=config)
+    for a, b in zip(fast, slow):
+        scale = max(abs(a.high_score), abs(a.low_score), 1e-3)
+        assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5 * scale
+
+
+def test_subject_swap_records_the_replacements(llama):
+    r = trace(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=3, corruption="subject"))[0]
+    swapped = r.settings["replacement_subjects"]
+    assert len(swapped) == 3 and SUBJECT not in swapped
+    n = r.subject_range[1] - r.subject_range[0]
+    for other in swapped:
+        assert len(encode_prompt(llama.tokenizer, PROMPT.replace(SUBJECT, other), other).tokens[1 : 1 + n]) == n
+
+
+def test_recovered_metric_is_normalised(llama):
+    prob = trace(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=3))[0]
+    rec = trace(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=3, metric="recovered"))[0]
+    expected = (prob.scores - prob.low_score) / (prob.high_score - prob.low_score)
+    np.testing.assert_allclose(rec.scores, expected, rtol=1e-4, atol=1e-6)
+    assert (rec.low_score, rec.high_score) == (0.0, 1.0)
+
+
+def test_token_range_leaves_other_rows_empty(llama):
+    r = trace(llama, PROMPT, SUBJECT, kinds=("attn",), config=TraceConfig(samples=2, tokens="subject_last"))[0]
+    start, end = r.subject_range
+    computed = [t for t in range(len(r.tokens)) if not np.isnan(r.scores[t]).all()]
+    assert computed == list(range(start, end)) + [len(r.tokens) - 1]
+
+
+def test_explicit_answer_is_scored(llama):
+    r = trace(llama, PROMPT, SUBJECT, answer="Paris", kinds=("hidden",), config=TraceConfig(samples=2))[0]
+    assert r.answer == " Paris"
+    assert r.answer_id == continuation_ids(llama.tokenizer, PROMPT, "Paris")[0]
+
+
+def test_reduced_precision_stays_close(llama):
+    exact = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3))
+    fast = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3, precision="bf16"))
+    for a, b in zip(exact, fast):
+        assert np.max(np.abs(a.scores - b.scores)) < 0.05 * max(a.high_score, 1e-3) + 2e-3
+
+
+def test_small_memory_budget_gives_the_same_scores(llama):
+    a = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3))
+    b = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3, memory_mb=0))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.scores, y.scores, rtol=1e-5, atol=1e-9)
+
+
+def test_result_json_round_trip(llama):
+    r = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=2, tokens="subject_last"))[0]
+    back = TraceResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    np.testing.assert_array_equal(back.scores, r.scores)
+    assert (back.kind, back.tokens, back.subject_range, back.answer) == (r.kind, r.tokens, r.subject_range, r.answer)
+    assert back.settings == r.settings and back.low_score == r.low_score
+    assert TraceConfig.from_dict({k: v for k, v in r.settings.items() if k in TraceConfig.__dataclass_fields__})
+
+
+# --- hooks -------------------------------------------------------------------------
+
+
+def test_hooks_are_removed_when_the_forward_pass_raises(llama):
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    ids = torch.tensor([[1, 2, 3]], device=llama.device)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooks(llama.model, Hook(llama.module_name("mlp", 1), boom), Hook(llama.spec.embed, lambda *a: None)):
+            llama.model(ids)
+    assert active_hook_count(llama.model) == 0
+
+
+def test_no_hook_survives_a_trace_that_fails_midway(llama, monkeypatch):
+    block = llama.block(2)
+    calls = {"n": 0}
+    original = block.forward
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("simulated failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", flaky)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
+    assert active_hook_count(llama.model) == 0
+
+
+def test_hook_names_unknown_module(llama):
+    with pytest.raises(LookupError, match="no module"):
+        with hooks(llama.model, Hook("model.layers.99.mlp", lambda *a: None)):
+            pass
+
+
+# --- subject location --------------------------------------------------------------
+
+
+def test_subject_location_mid_sentence_owns_its_leading_space(tokenizer):
+    enc = encode_prompt(tokenizer, PROMPT, SUBJECT)
+    assert "".join(enc.tokens[enc.subject_start : enc.subject_end]).strip() == SUBJECT
+    assert enc.tokens[enc.subject_start - 1].strip() == "The"
+
+
+def test_subject_location_ignores_surrounding_whitespace_and_bos(tokenizer):
+    enc = encode_prompt(tokenizer, PROMPT, "  The Eiffel Tower ")
+    assert enc.subject_range == (0, 4)
+    bos = tokenizer.bos_token
+    with_bos = encode_prompt(tokenizer, bos + PROMPT, "The Eiffel Tower")
+    assert with_bos.tokens[0] == bos and with_bos.subject_range == (1, 5)
+
+
+def test_repeated_subject_first_or_chosen_occurrence(tokenizer):
+    prompt = "Paris is a city. The capital of France, Paris, is on the"
+    first = encode_prompt(tokenizer, prompt, "Paris")
+    second = encode_prompt(tokenizer, prompt, "Paris", occurrence=1)
+    assert first.subject_range == (0, 1)
+    assert second.subject_start > first.subject_end
+    assert second.tokens[second.subject_start].strip() == "Paris"
+    with pytest.raises(ValueError, match="occurrence 2"):
+        encode_prompt(tokenizer, prompt, "Paris", occurrence=2)
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, message",
+    [
+        ("", SUBJECT, "prompt is empty"),
+        ("   ", SUBJECT, "prompt is empty"),
+        (PROMPT, "", "subject is empty"),
+        (PROMPT, "Space Needle", "does not appear"),
+        (PROMPT, "eiffel tower", "case and spelling"),
+    ],
+)
+def test_bad_prompt_or_subject(llama, prompt, subject, message):
+    with pytest.raises(ValueError, match=message):
+        trace(llama, prompt, subject)
+
+
+def test_prompt_longer_than_the_context(llama):
+    long_prompt = "The Eiffel Tower " + "and so on " * 100 + "is in"
+    with pytest.raises(ValueError, match="at most 128"):
+        trace(llama, long_prompt, SUBJECT)
+
+
+def test_answer_that_tokenizes_to_nothing(llama):
+    with pytest.raises(ValueError, match="empty"):
+        continuation_ids(llama.tokenizer, PROMPT, "   ")
+    with pytest.raises(ValueError, match="contrast"):
+        TraceConfig(metric="logit_diff")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(samples=0), "samples"),
+        (dict(window=0), "window"),
+        (dict(corruption="blur"), "corruption"),
+        (dict(metric="rank"), "metric"),
+        (dict(precision="int8"), "precision"),
+        (dict(tokens="middle"), "tokens"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TraceConfig(**kwargs)
+
+
+def test_unknown_kind(llama):
+    with pytest.raises(ValueError, match="hidden, mlp, attn"):
+        trace(llama, PROMPT, SUBJECT, kinds=("residual",))
+
+
+def test_replacement_of_another_length(llama):
+    config = TraceConfig(samples=1, corruption="subject", replacement="the Great Wall of China in Beijing")
+    with pytest.raises(ValueError, match="same number of tokens"):
+        trace(llama, PROMPT, SUBJECT, config=config)

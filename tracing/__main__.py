@@ -1,0 +1,133 @@
+"""Command line: causal traces of one prompt, printed and optionally saved as JSON and HTML.
+
+    python -m tracing --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .models import DEFAULT_MODEL
+from .result import CORRUPTIONS, KINDS, METRICS, PRECISIONS, TraceConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tracing",
+        description="Causal tracing (Meng et al., 2022): corrupt the subject, restore one clean state at a time, "
+        "and measure how much of the answer comes back. Prints a summary per kind (hidden, mlp, attn).",
+        epilog='Example: python -m tracing --prompt "The Eiffel Tower is located in the city of" '
+        '--subject "The Eiffel Tower" --json trace.json --html trace.html',
+    )
+    p.add_argument("--prompt", required=True, help="text whose next token states the fact")
+    p.add_argument("--subject", required=True, help="the part of the prompt the fact is about (exactly as written)")
+    p.add_argument("--occurrence", type=int, default=0, help="which occurrence of the subject, counting from 0")
+    p.add_argument("--answer", default=None, help="expected answer (its first token is scored); default: the model's top prediction")
+    p.add_argument("--model", default=None, help=f"Hugging Face id or local path; default: the embedded {DEFAULT_MODEL}")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of hidden,mlp,attn (default: all)")
+    p.add_argument("--samples", type=int, default=10, help="corrupted copies to average (default 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise as a multiple of the embedding std (default 3)")
+    p.add_argument("--noise-scale", type=float, default=None, help="absolute noise std (overrides --noise)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the noise (default 1)")
+    p.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian", help="how to corrupt the subject (default gaussian)")
+    p.add_argument("--replacement", default=None, help="subject to swap in with --corruption subject (same token length)")
+    p.add_argument("--metric", choices=METRICS, default="prob", help="score of a cell (default prob = p(answer))")
+    p.add_argument("--contrast", default=None, help="contrast answer for --metric logit_diff")
+    p.add_argument("--tokens", default="all", help="all, subject_last, or comma-separated token positions")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto keeps the loaded dtype (fp32); bf16/fp16 are faster on GPUs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
+    p.add_argument("--no-skip", action="store_true", help="compute cells that provably equal the low score too")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
+    p.add_argument("--html", metavar="OUT", default=None, help="write the three heatmaps as an HTML page")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _tokens_arg(value: str):
+    if value in ("all", "subject_last"):
+        return value
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"error: --tokens takes all, subject_last or positions like 3,4,9; got {value!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm import tqdm
+
+    from .models import load_model
+    from .trace import iter_trace
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    started = time.perf_counter()
+    try:
+        config = TraceConfig(
+            samples=args.samples, noise=args.noise, noise_scale=args.noise_scale, corruption=args.corruption,
+            replacement=args.replacement, window=args.window, seed=args.seed, metric=args.metric,
+            contrast=args.contrast, tokens=_tokens_arg(args.tokens), skip=not args.no_skip,
+        )
+        dtype = None if args.precision == "auto" else args.precision
+        lm = load_model(args.model, device=args.device, dtype=dtype)
+        bar = tqdm(total=0, desc="tracing", unit="token", file=sys.stderr, disable=args.quiet)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        results = []
+        for result in iter_trace(
+            lm, args.prompt, args.subject, answer=args.answer, kinds=kinds, config=config,
+            occurrence=args.occurrence, progress=progress,
+        ):
+            results.append(result)
+        bar.close()
+    except (ValueError, LookupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+
+    first = results[0]
+    subject_tokens = "".join(first.tokens[first.subject_range[0] : first.subject_range[1]])
+    print(f"model: {lm.name}   answer: {first.answer!r}   subject tokens: {subject_tokens!r}")
+    print(f"clean {first.metric}: {first.high_score:.4f}   corrupted: {first.low_score:.4f}   ({seconds:.1f} s)")
+    last_subject = first.subject_range[1] - 1
+    for r in results:
+        token, layer = r.peak()
+        at_subject = r.peak(last_subject)[1]
+        print(
+            f"{r.kind:>6}: peak {r.scores[token, layer]:.4f} at token {token} {r.tokens[token]!r}, layer {layer}; "
+            f"at the last subject token the peak is layer {at_subject} ({r.scores[last_subject, at_subject]:.4f})"
+        )
+
+    if args.json:
+        payload = {
+            "model": lm.name,
+            "prompt": args.prompt,
+            "subject": args.subject,
+            "results": [r.to_dict() for r in results],
+            "seconds": seconds,
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.html:
+        from .plots import heatmap
+
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(f"<html><head><meta charset='utf-8'><title>Causal trace: {args.prompt}</title></head><body>\n")
+            for i, r in enumerate(results):
+                f.write(heatmap(r).to_html(full_html=False, include_plotlyjs=(i == 0)))
+            f.write("</body></html>\n")
+        print(f"wrote {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
