@@ -1,0 +1,33 @@
+"""ROME fact editing (Meng et al., 2022, §3): compute, apply, undo, save and score rank-one edits.
+
+Example::
+
+    from tracing import load_model
+    from editing import EditRequest, compute_edit, applied, generate, score_edit
+
+    lm = load_model()
+    edit = compute_edit(lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"))
+    with applied(lm, [edit]):                       # weights restored bit for bit on exit
+        print(generate(lm, ["The Eiffel Tower is located in the city of"]))
+        after = score_edit(lm, edit.request, paraphrases=["The Eiffel Tower is in the city of"],
+                           neighbours=["The Louvre is located in the city of"])
+
+Modules: :mod:`editing.rome` (the method), :mod:`editing.stats` (key
+statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
+reversible application, files), :mod:`editing.scores` (CounterFact-style
+scores), :mod:`editing.evaluate` (``python -m editing.evaluate``),
+:mod:`editing.cases` (building an evaluation set from known facts).
+"""
+
+from .edit import Edit, EditRequest, EditStack, applied, load_edits, save_edits
+from .hparams import ROMEHyperParams, load_hparams
+from .rome import compute_edit, model_answer
+from .sampling import generate
+from .scores import EditScores, fluency, score_edit
+from .stats import KeyStats, StatsSpec, ensure_stats, key_stats
+
+__all__ = [
+    "Edit", "EditRequest", "EditScores", "EditStack", "KeyStats", "ROMEHyperParams", "StatsSpec", "applied",
+    "compute_edit", "ensure_stats", "fluency", "generate", "key_stats", "load_edits", "load_hparams",
+    "model_answer", "save_edits", "score_edit",
+]

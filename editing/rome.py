@@ -1,0 +1,476 @@
+"""ROME (Meng et al., 2022, §3): a closed-form rank-one edit of one MLP down-projection.
+
+The MLP's output projection W at layer l* is read as a key-value memory: the
+input at the subject's last token is a key k, the output Wk (+ bias) a value
+that the layers above turn into the fact. To write a new fact:
+
+1. **Key** k*: the down-projection's input at the last subject token,
+   averaged over the bare prompt and the prompt after short sampled texts
+   (the context templates).
+2. **Value** v*: a vector δ is added to the layer's output at the last subject
+   token of every templated prompt and optimised (Adam) so that the model
+   predicts the new object after each, plus a KL term that keeps the
+   distribution after "{subject} is a" close to the unedited one, a decay on
+   ‖δ‖, and a clamp of ‖δ‖ to a multiple of the original value's norm;
+   v* = W k* + b + δ.
+3. **Update** ``W ← W + Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − W k* − b) / ((C⁻¹k*)ᵀ k*)``
+   and C = E[k kᵀ] (:mod:`editing.stats`). The default ``"r-rome"`` variant
+   uses the same averaged k* in the residual and the denominator (Gupta et al.,
+   2024, "Rebuilding ROME"); ``"original"`` reproduces the paper code, whose
+   residual and denominator use the bare prompt's key although the direction
+   uses the averaged one — updates that can blow up over sequential edits.
+
+Speed: the templated prompts share everything before the subject's last token,
+which δ cannot change, so their keys and values are computed once; the
+optimisation then runs only layers l*..L-1 and only the positions from the last
+subject token on, reading the earlier positions from a cache, and unembeds only
+the positions the loss reads. No weight gets a gradient. The model's weights
+are never modified by :func:`compute_edit`.
+
+Example::
+
+    req = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome")
+    edit = compute_edit(lm, req)                 # ~seconds on a CPU once statistics are cached
+    edit.layer, edit.norm, edit.timings
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tracing.hooks import Hook, hooks, main_tensor, replace_main
+from tracing.models import LoadedModel
+from tracing.tokens import continuation_ids, encode_prompt
+
+from .edit import Edit, EditRequest
+from .hparams import ROMEHyperParams, load_hparams
+from .sampling import decode
+from .stats import StatsSpec, key_stats
+from .templates import context_templates
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+# ---------------------------------------------------------------------------
+# The rows the optimisation runs
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Token rows of one edit: the templated rewrite prompts (+ target[:-1]) and the KL prompt last.
+
+    ``lookups[r]``: index of the last subject token of row r; ``targets``: the
+    new object's token ids; ``target_at[r]``: positions whose logits predict
+    the target tokens (rewrite rows); ``kl_at``: the KL row's last position.
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+    lookups: tuple[int, ...]
+    targets: tuple[int, ...]
+    target_at: tuple[tuple[int, ...], ...]
+    kl_at: int
+    templates: tuple[str, ...]
+
+    @property
+    def n_rewrite(self) -> int:
+        return len(self.target_at)
+
+
+def _fill(template: str, subject: str) -> tuple[str, int]:
+    """The template with the subject in its ``{}``, and the subject's character offset."""
+    before, _, after = template.partition("{}")
+    return before + subject + after, len(before)
+
+
+def _locate(lm: LoadedModel, text: str, subject: str, char_start: int) -> tuple[list[int], int]:
+    """Token ids of ``text`` and the index of the last token of the subject that starts at ``char_start``."""
+    occurrence = sum(1 for i in range(char_start) if text.startswith(subject, i))
+    enc = encode_prompt(lm.tokenizer, text, subject, occurrence=occurrence, max_length=lm.max_length)
+    return list(enc.ids), enc.last_subject_token
+
+
+def build_rows(lm: LoadedModel, request: EditRequest, templates: Sequence[str], kl_prompt: str) -> _Rows:
+    """Tokenise the templated rewrite prompts and the KL prompt (see :class:`_Rows`)."""
+    subject = request.subject.strip()
+    prompt_text = request.text
+    targets = continuation_ids(lm.tokenizer, prompt_text, request.target)
+    ids, lookups, target_at = [], [], []
+    for template in templates:
+        full_template = template.replace("{}", request.prompt, 1)  # context + relation, {} = subject
+        text, start = _fill(full_template, subject)
+        row, lookup = _locate(lm, text, subject, start)
+        first = len(row) - 1  # the prompt's last position predicts the first target token
+        ids.append(tuple(row + targets[:-1]))
+        lookups.append(lookup)
+        target_at.append(tuple(first + t for t in range(len(targets))))
+    kl_text, kl_start = _fill(kl_prompt, subject)
+    kl_row, kl_lookup = _locate(lm, kl_text, subject, kl_start)
+    ids.append(tuple(kl_row))
+    lookups.append(kl_lookup)
+    limit = lm.max_length
+    if limit is not None and max(len(r) for r in ids) > limit:
+        raise ValueError(f"The prompt with its target is longer than the model's {limit} tokens; shorten it.")
+    return _Rows(ids=tuple(ids), lookups=tuple(lookups), targets=tuple(targets), target_at=tuple(target_at),
+                 kl_at=len(kl_row) - 1, templates=tuple(templates))
+
+
+# ---------------------------------------------------------------------------
+# Running only the layers and positions δ can change
+
+
+def _is_cache(value) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, (Cache, _PrefixCache))
+
+
+class _PrefixCache:
+    """Stands in for a transformers Cache in direct block calls: prepends fixed keys/values, stores nothing."""
+
+    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.prefix = prefix  # layer -> (rows, kv_heads, P, head_dim) each
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past = self.prefix.get(layer_idx)
+        if past is None or past[0].shape[-2] == 0:
+            return key, value
+        return torch.cat([past[0], key], dim=-2), torch.cat([past[1], value], dim=-2)
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (rows, kv_heads, tokens, head_dim) of one layer of a transformers cache."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer][0], cache[layer][1]
+
+
+class SuffixRunner:
+    """Blocks ``layer``..L-1 over each row's positions from its lookup token on, earlier positions cached.
+
+    Built with two passes under ``no_grad``: the full (right-padded) rows give
+    every layer's keys and values, of which each row keeps those before its
+    lookup token (left-padded to a common length and masked); then the
+    suffixes run once through the model with that cache to record what each
+    block receives (positions, masks) and block ``layer``'s input. :meth:`run`
+    then calls the blocks directly; hooks on these blocks see tensors of shape
+    (rows, S, ·), where suffix index 0 is each row's lookup token.
+    """
+
+    def __init__(self, lm: LoadedModel, rows: Sequence[Sequence[int]], lookups: Sequence[int], layer: int):
+        self.lm, self.layer = lm, layer
+        device = lm.device
+        n = len(rows)
+        lengths = [len(r) for r in rows]
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, max(lengths)), pad, dtype=torch.long, device=device)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row, device=device)
+        with torch.no_grad():
+            cache = lm.model(ids, use_cache=True, logits_to_keep=1).past_key_values  # right padding: causal = exact
+
+        prefix_len = max(lookups)
+        self.width = max(n_tok - lk for n_tok, lk in zip(lengths, lookups))  # S
+        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        full_prefix = []
+        for j in range(lm.n_layers):
+            k, v = _layer_kv(cache, j)  # (n, kv_heads, T, head_dim)
+            pk = k.new_zeros(n, k.shape[1], prefix_len, k.shape[3])
+            pv = v.new_zeros(n, v.shape[1], prefix_len, v.shape[3])
+            for r, lk in enumerate(lookups):
+                if lk:
+                    pk[r, :, prefix_len - lk :] = k[r, :, :lk]
+                    pv[r, :, prefix_len - lk :] = v[r, :, :lk]
+            full_prefix.append((pk, pv))
+            if j >= layer:
+                prefix[j] = (pk, pv)
+        del cache
+        self.prefix = prefix
+
+        suffix = torch.full((n, self.width), pad, dtype=torch.long, device=device)
+        for r, (row, lk) in enumerate(zip(rows, lookups)):
+            suffix[r, : len(row) - lk] = torch.tensor(row[lk:], device=device)
+        mask = torch.ones((n, prefix_len + self.width), dtype=torch.long, device=device)
+        for r, lk in enumerate(lookups):
+            mask[r, : prefix_len - lk] = 0
+        positions = torch.tensor(lookups, device=device)[:, None] + torch.arange(self.width, device=device)
+
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        captured: list[torch.Tensor] = []
+
+        def recorder(j):
+            def record(module, args, kwargs):
+                if j == layer:
+                    captured.append(args[0] if args else kwargs["hidden_states"])
+                self.calls[j] = (tuple(args[1:]), dict(kwargs))
+
+            return record
+
+        specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(layer, lm.n_layers)]
+        kwargs = {}
+        if prefix_len > 0:
+            from transformers import DynamicCache
+
+            kwargs = dict(attention_mask=mask, use_cache=True,
+                          past_key_values=DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in full_prefix]))
+        with torch.no_grad(), hooks(lm.model, *specs):
+            lm.model(suffix, position_ids=positions, logits_to_keep=1, **kwargs)
+        self.hidden_in = captured[0].detach()  # (n, S, d_model)
+        self.lengths = [n_tok - lk for n_tok, lk in zip(lengths, lookups)]
+
+    def run(self, *extra: Hook) -> torch.Tensor:
+        """Final hidden states (rows, S, d_model) before the final norm, with ``extra`` hooks active."""
+        cache = _PrefixCache(self.prefix)
+        hidden = self.hidden_in
+
+        def fit(value):
+            if _is_cache(value):
+                return cache
+            if isinstance(value, tuple):
+                return tuple(fit(x) for x in value)
+            return value
+
+        with hooks(self.lm.model, *extra):
+            for j in range(self.layer, self.lm.n_layers):
+                args, kwargs = self.calls[j]
+                args = tuple(fit(a) for a in args)
+                kwargs = {k: fit(v) for k, v in kwargs.items() if k != "hidden_states"}
+                hidden = main_tensor(self.lm.block(j)(hidden, *args, **kwargs))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (picked, vocab) at suffix ``positions`` of ``rows`` only."""
+        picked = hidden[rows, positions]  # (picked, d_model)
+        return self.lm.unembed(self.lm.final_norm(picked)).float()
+
+
+# ---------------------------------------------------------------------------
+# v* optimisation
+
+
+@dataclass
+class _Optimised:
+    delta: torch.Tensor  # (d_model,) float32
+    keys: torch.Tensor  # (rows, d_in) float64: the down-projection's inputs at the lookup tokens
+    values: torch.Tensor  # (rows, d_out) float64: its original outputs there
+    steps: int
+    loss: float
+    nll: float
+    kl: float
+    prob_before: float
+    prob_after: float
+
+
+def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperParams,
+              progress: Progress | None) -> _Optimised:
+    """Find δ by Adam (paper eq. 4 as in the original code: NLL + KL + decay, clamped)."""
+    device = lm.device
+    n_rw = rows.n_rewrite
+    # Gather indices: every (row, target position) of the rewrite rows, then the KL row's last position.
+    pick_rows, pick_pos, pick_tok = [], [], []
+    for r in range(n_rw):
+        for t, pos in enumerate(rows.target_at[r]):
+            pick_rows.append(r)
+            pick_pos.append(pos - rows.lookups[r])
+            pick_tok.append(rows.targets[t])
+    kl_row = len(rows.ids) - 1
+    pick_rows.append(kl_row)
+    pick_pos.append(rows.kl_at - rows.lookups[kl_row])
+    pick_rows_t = torch.tensor(pick_rows, device=device)
+    pick_pos_t = torch.tensor(pick_pos, device=device)
+    tok_t = torch.tensor(pick_tok, device=device)
+    row_of = torch.tensor(pick_rows[:-1], device=device)
+    n_target = len(rows.targets)
+
+    d_model = runner.hidden_in.shape[-1]
+    delta = torch.zeros(d_model, device=device, dtype=torch.float32, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
+    record: dict[str, torch.Tensor] = {}
+
+    def add_delta(module, args, output):
+        out = main_tensor(output)  # (rows, S, d_model)
+        if "keys" not in record:
+            record["keys"] = args[0][:, 0].detach().double()
+            record["values"] = out[:, 0].detach().double()
+        first = out[:, :1] + delta.to(out.dtype)
+        return replace_main(output, torch.cat([first, out[:, 1:]], dim=1))
+
+    hook = Hook(lm.module_name("down_proj", runner.layer), add_delta)
+    kl_init = None
+    steps = hp.v_num_grad_steps
+    prob_before = prob_after = float("nan")
+    loss_value = nll_value = kl_value = float("nan")
+    step = 0
+    for step in range(steps):
+        optimiser.zero_grad()
+        hidden = runner.run(hook)
+        logp = torch.log_softmax(runner.logits(hidden, pick_rows_t, pick_pos_t), dim=-1)  # (picked, vocab)
+        token_logp = logp[:-1].gather(1, tok_t[:, None])[:, 0]  # (rewrite rows * target tokens,)
+        per_row = torch.zeros(n_rw, device=device).index_add(0, row_of, token_logp) / n_target
+        nll = -per_row.mean()
+        kl_logp = logp[-1:]
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()
+        kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+        target_init = record["values"][0].float()
+        decay = hp.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
+        loss = nll + kl + decay
+        prob = float(per_row.detach().exp().mean())
+        if step == 0:
+            prob_before = prob
+        prob_after = prob
+        loss_value, nll_value, kl_value = float(loss.detach()), float(nll.detach()), float(kl.detach())
+        log.debug("step %d: loss %.4f = nll %.4f + kl %.4f + decay %.4f; p(target) %.3f",
+                  step, loss_value, nll_value, kl_value, float(decay), prob)
+        if progress:
+            progress("optimising", (step + 1) / steps)
+        if loss_value < hp.early_stop_loss or step == steps - 1:
+            break
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * target_init.norm()
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return _Optimised(delta=delta.detach().clone(), keys=record["keys"], values=record["values"], steps=step + 1,
+                      loss=loss_value, nll=nll_value, kl=kl_value, prob_before=prob_before, prob_after=prob_after)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def _first_phrase(text: str) -> str:
+    """The model's answer as a short phrase: up to the first punctuation mark, at most four words."""
+    phrase = re.split(r"[,.;:!?\n()\"]", text.strip(), maxsplit=1)[0]
+    return " ".join(phrase.split()[:4])
+
+
+def model_answer(lm: LoadedModel, prompt: str, max_new_tokens: int = 6) -> str:
+    """The model's own short greedy answer to ``prompt`` (used as the old object when none is given)."""
+    ids = lm.tokenizer(prompt)["input_ids"]
+    new = decode(lm, [ids], max_new_tokens)[0]
+    return _first_phrase(lm.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def check_layer(lm: LoadedModel, layer: int) -> int:
+    """``layer`` as an int if the model has it, else a ValueError that gives the range."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"The edit layer must be an integer, not {layer!r}.")
+    if not 0 <= int(layer) < lm.n_layers:
+        raise ValueError(f"Layer {layer} is out of range: {lm.name} has layers 0 to {lm.n_layers - 1}.")
+    return int(layer)
+
+
+def compute_edit(
+    lm: LoadedModel,
+    request: EditRequest,
+    layer: int | None = None,
+    hparams: ROMEHyperParams | None = None,
+    progress: Progress | None = None,
+    *,
+    stats_spec: StatsSpec | None = None,
+) -> Edit:
+    """Compute the ROME edit that makes the model complete ``request`` with its new target.
+
+    Example::
+
+        edit = compute_edit(lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"),
+                            progress=lambda stage, fraction: print(stage, fraction))
+
+    ``layer`` defaults to the hyperparameters' edit layer; ``progress(stage,
+    fraction)`` is called with stages "templates", "statistics", "keys",
+    "optimising" and "update". The model's weights are never modified (apply
+    the result with :func:`applied` or :class:`EditStack`). The request comes
+    back in ``edit.request`` with ``target_true`` set to the model's own
+    answer if it was missing. Raises ValueError for invalid input, before any
+    work.
+    """
+    if not isinstance(request, EditRequest):
+        raise ValueError("compute_edit needs an EditRequest(subject, prompt, target).")
+    request.validate()
+    hp = hparams if hparams is not None else load_hparams(lm)
+    layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
+    spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hp)
+    # Validate tokenisation (subject, target, length) before any expensive work.
+    continuation_ids(lm.tokenizer, request.text, request.target)
+    build_rows(lm, request, ["{}"], hp.kl_prompt)
+
+    timings: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    def report(stage: str, fraction: float) -> None:
+        if progress:
+            progress(stage, float(fraction))
+
+    _ = lm.fingerprint  # the model's identity for caches, taken before anything else
+    with torch.inference_mode(False):
+        if request.target_true is None:
+            request = EditRequest(request.subject, request.prompt, request.target, model_answer(lm, request.text) or None)
+        report("templates", 0.0)
+        templates = context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
+        lap("templates")
+        stats = None
+        if hp.mom2_adjustment:
+            report("statistics", 0.0)
+            stats = key_stats(lm, layer, spec, progress=report)
+            lap("statistics")
+        report("keys", 0.0)
+        rows = build_rows(lm, request, templates, hp.kl_prompt)
+        runner = SuffixRunner(lm, rows.ids, rows.lookups, layer)
+        lap("keys")
+        result = _optimise(lm, runner, rows, hp, report)
+        lap("optimise")
+
+        report("update", 0.0)
+        n_rw = rows.n_rewrite
+        k_star = result.keys[:n_rw].mean(0)  # (d_in,) float64
+        v_base = result.values[:n_rw].mean(0)  # W k* + b (the layer is affine)
+        if hp.variant == "original":
+            k_ref, v_base = result.keys[0], result.values[0]  # the bare prompt's key, as in the paper's code
+        else:
+            k_ref = k_star
+        direction = stats.solve(k_star, ridge=hp.stats_ridge) if stats is not None else k_star.clone()
+        u = direction / direction.norm()
+        denominator = float(u @ k_ref)
+        if not np.isfinite(denominator) or abs(denominator) < 1e-12:
+            raise ValueError(
+                "The key k* is (nearly) orthogonal to C⁻¹k*, so no rank-one update can write this fact at layer "
+                f"{layer}; try another layer or the 'r-rome' variant."
+            )
+        delta = result.delta.double()
+        v = delta / denominator  # ΔW k_ref = v (u·k_ref) = δ
+        lap("update")
+    timings["total"] = round(time.perf_counter() - start, 4)
+    info = {
+        "steps": result.steps, "loss": result.loss, "nll": result.nll, "kl": result.kl,
+        "target_prob_before": result.prob_before, "target_prob_after": result.prob_after,
+        "delta_norm": float(delta.norm()), "value_norm": float(result.values[0].norm()),
+        "key_norm": float(k_star.norm()), "denominator": denominator, "templates": len(templates),
+        "stats_tokens": stats.count if stats is not None else 0,
+    }
+    edit = Edit(
+        request=request, layer=layer, module=lm.module_name("down_proj", layer),
+        u=u.float().cpu().numpy(), v=v.float().cpu().numpy(),
+        key=k_ref.float().cpu().numpy(), value=(v_base + delta).float().cpu().numpy(),
+        variant=hp.variant, model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info,
+        hparams=hp.to_dict(),
+    )
+    log.info("ROME edit %s in %.1f s (%d steps, p(target) %.3f -> %.3f)", edit.describe(), timings["total"],
+             result.steps, result.prob_before, result.prob_after)
+    return edit

@@ -1,0 +1,253 @@
+"""How well an edit took, in the CounterFact sense (Meng et al., 2022, §3.3 and appendix).
+
+For each prompt, the new object o* and the old object oᶜ are scored by the
+mean log-probability of their tokens after the prompt (teacher-forced, so
+multi-token objects count fully). Then
+
+* efficacy (ES): on the rewrite prompt, the fraction where P(o*) > P(oᶜ);
+* paraphrase (PS): the same on paraphrases of the prompt;
+* neighbourhood (NS): on prompts about *other* subjects whose true object is
+  oᶜ, the fraction where P(oᶜ) > P(o*) still;
+* magnitudes (EM, PM, NM): the mean probability differences;
+* S: the harmonic mean of ES, PS and NS;
+* fluency: the n-gram entropy of generated text (a drop means repetition).
+
+Call :func:`score_edit` outside and inside ``applied(...)`` for before/after.
+
+Example::
+
+    before = score_edit(lm, edit.request, paraphrases=["Where is the Eiffel Tower? It is in"],
+                        neighbours=["The Louvre is located in the city of"])
+    with applied(lm, [edit]):
+        after = score_edit(lm, edit.request, paraphrases=[...], neighbours=[...])
+    before.summary()["ES"], after.summary()["ES"]        # 0.0, 1.0
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tracing.hooks import Hook, hooks, main_tensor
+from tracing.models import LoadedModel
+from tracing.tokens import continuation_ids
+
+from .edit import EditRequest
+
+KINDS = ("rewrite", "paraphrase", "neighbour")
+
+
+@dataclass(frozen=True, eq=False)
+class EditScores:
+    """Per-prompt log-probabilities of the new and old objects, and the CounterFact scores they give.
+
+    ``logp_new``/``logp_old``: (prompts,) mean token log-probabilities.
+    """
+
+    prompts: tuple[str, ...]
+    kinds: tuple[str, ...]  # "rewrite" | "paraphrase" | "neighbour", one per prompt
+    logp_new: np.ndarray  # (prompts,)
+    logp_old: np.ndarray  # (prompts,)
+    target: str
+    target_true: str
+
+    @property
+    def prob_new(self) -> np.ndarray:
+        return np.exp(self.logp_new)
+
+    @property
+    def prob_old(self) -> np.ndarray:
+        return np.exp(self.logp_old)
+
+    @property
+    def success(self) -> np.ndarray:
+        """(prompts,) bool: o* beats oᶜ on rewrite/paraphrase prompts, oᶜ beats o* on neighbours."""
+        neighbour = np.array([k == "neighbour" for k in self.kinds], dtype=bool)
+        return np.where(neighbour, self.logp_old > self.logp_new, self.logp_new > self.logp_old)
+
+    def _mean(self, kind: str, values: np.ndarray) -> float:
+        mask = np.array([k == kind for k in self.kinds], dtype=bool)
+        return float(values[mask].mean()) if mask.any() else float("nan")
+
+    @property
+    def efficacy(self) -> float:
+        return self._mean("rewrite", self.success.astype(float))
+
+    @property
+    def paraphrase(self) -> float:
+        return self._mean("paraphrase", self.success.astype(float))
+
+    @property
+    def neighbourhood(self) -> float:
+        return self._mean("neighbour", self.success.astype(float))
+
+    @property
+    def score(self) -> float:
+        """S: the harmonic mean of the available ES, PS, NS."""
+        return harmonic_mean([self.efficacy, self.paraphrase, self.neighbourhood])
+
+    def summary(self) -> dict[str, float]:
+        """ES, PS, NS, S and the magnitudes EM, PM, NM (probability differences)."""
+        diff = self.prob_new - self.prob_old
+        return {
+            "ES": self.efficacy, "PS": self.paraphrase, "NS": self.neighbourhood, "S": self.score,
+            "EM": self._mean("rewrite", diff), "PM": self._mean("paraphrase", diff),
+            "NM": self._mean("neighbour", -diff),
+        }
+
+    def rows(self) -> list[dict]:
+        """One dict per prompt: kind, prompt, p(new), p(old), success."""
+        return [
+            {"kind": k, "prompt": p, "p_new": float(a), "p_old": float(b), "success": bool(s)}
+            for k, p, a, b, s in zip(self.kinds, self.prompts, self.prob_new, self.prob_old, self.success)
+        ]
+
+    def to_dict(self) -> dict:
+        return {"prompts": list(self.prompts), "kinds": list(self.kinds), "logp_new": self.logp_new.tolist(),
+                "logp_old": self.logp_old.tolist(), "target": self.target, "target_true": self.target_true,
+                "summary": _json_floats(self.summary())}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EditScores":
+        return cls(prompts=tuple(data["prompts"]), kinds=tuple(data["kinds"]),
+                   logp_new=np.asarray(data["logp_new"], dtype=np.float64),
+                   logp_old=np.asarray(data["logp_old"], dtype=np.float64),
+                   target=data["target"], target_true=data["target_true"])
+
+
+def _json_floats(values: dict) -> dict:
+    """NaN -> None so the dict is strict JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of the non-NaN values (0 if any is 0, NaN if none)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan")
+    if min(vals) <= 0:
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def continuation_logprobs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int = 32) -> np.ndarray:
+    """Mean token log-probability of each continuation after its prompt: (pairs,) float64.
+
+    Example::
+
+        continuation_logprobs(lm, [("The Eiffel Tower is located in the city of", "Paris")])   # [-0.36]
+    """
+    rows, spans = [], []
+    for prompt, continuation in pairs:
+        head = lm.tokenizer(prompt)["input_ids"]
+        tail = continuation_ids(lm.tokenizer, prompt, continuation)
+        rows.append(head + tail)
+        spans.append((len(head), len(tail)))
+    out = np.empty(len(rows), dtype=np.float64)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(main_tensor(output))
+
+    with torch.inference_mode(), hooks(lm.model, Hook(lm.spec.final_norm, keep)):
+        for i in range(0, len(rows), batch_rows):
+            chunk = rows[i : i + batch_rows]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=lm.device)
+            for r, row in enumerate(chunk):
+                ids[r, : len(row)] = torch.tensor(row, device=lm.device)  # right padding: causal = exact
+            captured.clear()
+            lm.model(ids, logits_to_keep=1)
+            normed = captured[0]  # (rows, width, d_model)
+            sel_rows, sel_pos, sel_tok, owner = [], [], [], []
+            for r, row in enumerate(chunk):
+                n_head, n_tail = spans[i + r]
+                for t in range(n_tail):
+                    sel_rows.append(r)
+                    sel_pos.append(n_head - 1 + t)
+                    sel_tok.append(row[n_head + t])
+                    owner.append(r)
+            index_rows = torch.tensor(sel_rows, device=normed.device)
+            index_pos = torch.tensor(sel_pos, device=normed.device)
+            logits = lm.unembed(normed[index_rows, index_pos]).float()  # (picked, vocab)
+            logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(sel_tok, device=lm.device)[:, None])[:, 0]
+            sums = torch.zeros(len(chunk), dtype=torch.float64).index_add(0, torch.tensor(owner), logp.double().cpu())
+            for r in range(len(chunk)):
+                out[i + r] = float(sums[r]) / spans[i + r][1]
+    return out
+
+
+def _fill(prompt: str, subject: str) -> str:
+    return prompt.replace("{}", subject, 1) if "{}" in prompt else prompt
+
+
+def score_edit(
+    lm: LoadedModel,
+    request: EditRequest,
+    paraphrases: Sequence[str] = (),
+    neighbours: Sequence[str] = (),
+    *,
+    rewrite: bool = True,
+) -> EditScores:
+    """Score the model (edited or not) on the request's rewrite prompt, paraphrases and neighbours.
+
+    Paraphrases and neighbours are full prompts; a ``{}`` in them is replaced
+    by the request's subject. ``request.target_true`` (the old object) must be
+    set: ``compute_edit`` fills it in ``edit.request``.
+    """
+    request.validate()
+    if request.target_true is None:
+        raise ValueError(
+            "Scoring needs the old object: set EditRequest.target_true (for example 'Paris'), or pass "
+            "edit.request, which compute_edit fills with the unedited model's answer."
+        )
+    subject = request.subject.strip()
+    prompts, kinds = [], []
+    if rewrite:
+        prompts.append(request.text)
+        kinds.append("rewrite")
+    for kind, group in (("paraphrase", paraphrases), ("neighbour", neighbours)):
+        if isinstance(group, str):
+            raise ValueError(f"{kind} prompts must be a list of strings, not one string.")
+        for prompt in group:
+            if not isinstance(prompt, str) or not prompt.strip():
+                continue
+            prompts.append(_fill(prompt.strip(), subject))
+            kinds.append(kind)
+    if not prompts:
+        raise ValueError("Nothing to score: give the rewrite prompt, paraphrases or neighbours.")
+    pairs = [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
+    logp = continuation_logprobs(lm, pairs)
+    n = len(prompts)
+    return EditScores(prompts=tuple(prompts), kinds=tuple(kinds), logp_new=logp[:n], logp_old=logp[n:],
+                      target=request.target, target_true=request.target_true)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """Weighted mean of the n-gram entropies (bits) of one text, as in the ROME/MEMIT fluency metric."""
+    words = _WORD.findall(text.lower())
+    values = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            values.append(0.0)
+            continue
+        freqs = np.array(list(grams.values()), dtype=np.float64) / total
+        values.append(w * float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(values))
+
+
+def fluency(texts: Sequence[str]) -> float:
+    """Mean n-gram entropy over texts (NaN for none)."""
+    return float(np.mean([ngram_entropy(t) for t in texts])) if texts else float("nan")
