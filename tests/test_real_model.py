@@ -1,0 +1,70 @@
+"""End-to-end behaviour on the real embedded model (SmolLM2-135M-Instruct, 30 layers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracing import TraceConfig, predict, trace, trace_reference
+
+pytestmark = pytest.mark.real_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+
+
+def test_default_model_knows_the_eiffel_tower(real_lm):
+    assert real_lm.n_layers == 30 and real_lm.spec.down_proj == "mlp.down_proj"
+    top, p = predict(real_lm, PROMPT, k=1)[0]
+    assert top == " Paris" and p == pytest.approx(0.70, abs=0.02)
+
+
+def test_fast_engine_equals_oracle_on_the_default_model(real_lm):
+    # The last subject token and the last token: the cells the paper's findings are about.
+    config = TraceConfig(samples=10, tokens=(3, 9))
+    fast = trace(real_lm, PROMPT, SUBJECT, config=config)
+    slow = trace_reference(real_lm, PROMPT, SUBJECT, config=config)
+    for a, b in zip(fast, slow):
+        assert a.answer == " Paris" and a.high_score == pytest.approx(0.70, abs=0.02)
+        assert a.low_score < 0.1
+        assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5, a.kind
+        assert abs(a.low_score - b.low_score) <= 1e-5 and abs(a.high_score - b.high_score) <= 1e-5
+    hidden = fast[0]
+    assert hidden.scores[9, -1] == pytest.approx(hidden.high_score, abs=1e-5)
+
+
+def test_cli_writes_json_and_html(tmp_path):
+    out, page = tmp_path / "trace.json", tmp_path / "trace.html"
+    cmd = [
+        sys.executable, "-m", "tracing", "--prompt", PROMPT, "--subject", SUBJECT, "--kinds", "mlp",
+        "--samples", "3", "--tokens", "subject_last", "--json", str(out), "--html", str(page), "--quiet",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    data = json.loads(out.read_text())
+    assert set(data) == {"model", "prompt", "subject", "results", "seconds"}
+    (result,) = data["results"]
+    assert {"kind", "tokens", "subject_range", "answer", "high_score", "low_score", "scores"} <= set(result)
+    assert result["kind"] == "mlp" and len(result["scores"]) == 10 and len(result["scores"][0]) == 30
+    assert "plotly" in page.read_text().lower()
+
+
+def test_cli_reports_bad_input_without_a_traceback():
+    cmd = [sys.executable, "-m", "tracing", "--prompt", PROMPT, "--subject", "Big Ben", "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "does not appear in the prompt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_model_offline_is_a_clear_error():
+    cmd = [sys.executable, "-m", "tracing", "--prompt", PROMPT, "--subject", SUBJECT, "--model", "no-such-org/no-such-model"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Could not load model 'no-such-org/no-such-model'" in done.stderr and "Traceback" not in done.stderr
