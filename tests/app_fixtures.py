@@ -1,0 +1,51 @@
+"""Shared by the app tests: a tiny-model engine, quick settings, and a launched page."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from app import Engine, build_demo, launch
+from tracing.presets import load_presets
+
+from conftest import make_tiny
+from editing_fixtures import TINY_HPARAMS, private_cache
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+# App.trace(prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision, fast, edits)
+QUICK = dict(samples=2, noise=3.0, window=2, corruption="gaussian", metric="prob", contrast="", seed=1,
+             precision="auto", fast=True)
+# App.edit(subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed, edits)
+EDIT = dict(subject="The Eiffel Tower", relation="{} is located in the city of", target="Rome", old="Paris", layer=1,
+            paraphrases="The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in",
+            neighbours="The Louvre is located in the city of\nNotre-Dame is located in the city of",
+            max_new_tokens=5, sample=False, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tokenizer, device):
+    """An engine over a tiny random Llama with the shipped presets and fast ROME settings (private cache)."""
+    with private_cache(tmp_path_factory.mktemp("app-cache")):
+        lm = make_tiny("llama", tokenizer, device)
+        yield Engine(lm, presets=load_presets().presets, presets_model="test", hparams=TINY_HPARAMS,
+                     workdir=tmp_path_factory.mktemp("app-files"))
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    """The page for ``engine``, launched in this process; yields its URL."""
+    demo = build_demo(engine)
+    port = free_port()
+    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -1,0 +1,354 @@
+"""The app's handlers, called directly on a tiny random model: tracing, editing, history, files, errors.
+
+Every test that touches the model also checks that it is left bitwise as it
+was (every parameter and buffer) and that no hook and no lock is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import app as app_module
+from app import App, build_demo, history_rows, model_card
+from editing import EditRequest, compute_edit, load_edits, save_edits
+from tracing import TraceResult
+from tracing.hooks import active_hook_count
+
+from app_fixtures import EDIT, PROMPT, QUICK, SUBJECT, engine  # noqa: F401 - engine is a fixture
+from conftest import make_tiny
+from editing_fixtures import TINY_HPARAMS, changed, snapshot
+
+
+def no_progress(*args, **kwargs):
+    pass
+
+
+def run(gen) -> list:
+    """All the updates a streaming handler yields."""
+    return list(gen)
+
+
+@pytest.fixture
+def app(engine):
+    """The handlers, with a check afterwards that the shared model is untouched and free."""
+    saved = snapshot(engine.lm.model)
+    yield App(engine)
+    assert changed(engine.lm.model, saved) == []
+    assert active_hook_count(engine.lm.model) == 0
+    assert not engine.lock.locked()
+
+
+def trace(app, edits=None, prompt=PROMPT, subject=SUBJECT, answer="", **changes):
+    settings = {**QUICK, **changes}
+    return run(app.trace(prompt, subject, answer, *settings.values(), edits or [], progress=no_progress))
+
+
+def edit(app, edits=None, **changes):
+    fields = {**EDIT, **changes}
+    return run(app.edit(*fields.values(), edits or [], progress=no_progress))
+
+
+@pytest.fixture(scope="module")
+def one_edit(engine):
+    request = EditRequest(SUBJECT, "{} is located in the city of", "Rome", "Paris")
+    return compute_edit(engine.lm, request, layer=1, hparams=TINY_HPARAMS)
+
+
+# --- tracing -----------------------------------------------------------------------
+
+
+def test_trace_streams_kind_by_kind_then_exports(app):
+    updates = trace(app)
+    assert len(updates) >= 4  # prediction, then hidden, mlp, attn figures
+    final = updates[-1]
+    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, layer, state = final
+    assert all(isinstance(f, go.Figure) for f in (hidden, mlp, attn))
+    assert "Impact of restoring MLP" in mlp.layout.title.text
+    # Before the end, later figures are still empty: results arrive kind by kind.
+    figures_seen = [sum(isinstance(u[i], go.Figure) for i in (1, 2, 3)) for u in updates]
+    assert figures_seen == sorted(figures_seen) and figures_seen[0] < 3
+    assert "Model's next token" in prediction and "corrupted" in prediction
+    data = json.loads(Path(json_btn.value["path"]).read_text())
+    results = [TraceResult.from_dict(d) for d in data["results"]]
+    assert [r.kind for r in results] == ["hidden", "mlp", "attn"]
+    rows = list(csv.DictReader(Path(csv_btn.value["path"]).open()))
+    assert len(rows) == 3 * len(results[0].tokens) * app.engine.lm.n_layers
+    mlp_result = results[1]
+    assert layer == int(np.nanargmax(mlp_result.scores[mlp_result.subject_range[1] - 1]))
+    assert f"layer <b>{layer}</b>" in layer_html
+    assert state == {"prompt": PROMPT, "subject": SUBJECT, "answer": results[0].answer, "layer": layer}
+
+
+def test_expected_answer_is_traced(app):
+    final = trace(app, answer="Paris")[-1]
+    assert "Paris" in final[0]
+    assert final[8]["answer"] == " Paris"
+
+
+def test_trace_sees_only_the_visitors_edits(app, one_edit):
+    plain = trace(app)[-1]
+    edited = trace(app, edits=[one_edit])[-1]
+    again = trace(app)[-1]
+    z = lambda fig: np.asarray(fig.data[0].z, dtype=float)  # noqa: E731
+    assert not np.allclose(z(plain[2]), z(edited[2]), equal_nan=True)  # the edit changes the trace ...
+    np.testing.assert_array_equal(z(plain[2]), z(again[2]))  # ... only while it is applied
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(prompt=""), "Enter a prompt"),
+        (dict(subject=" "), "Enter the subject"),
+        (dict(subject="Big Ben"), "does not occur in the prompt"),
+        (dict(prompt="word " * 200 + "The Eiffel Tower is in"), "tokens long"),
+        (dict(samples=0), "samples must be at least 1"),
+        (dict(metric="logit_diff"), "contrast"),
+        (dict(noise=0.0), "noise must be positive"),
+    ],
+)
+def test_trace_bad_input_is_a_message(app, changes, message):
+    with pytest.raises(gr.Error, match=message):
+        trace(app, **changes)
+
+
+def test_failure_mid_trace_restores_everything(app, one_edit, monkeypatch):
+    real = app_module.iter_trace
+
+    def failing(*args, **kwargs):
+        iterator = real(*args, **kwargs)
+        yield next(iterator)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(app_module, "iter_trace", failing)
+    with pytest.raises(gr.Error, match="simulated crash.*restored"):
+        trace(app, edits=[one_edit])
+    # the `app` fixture checks weights, hooks and lock
+
+
+def test_to_edit_carries_the_traced_fact(app):
+    state = trace(app)[-1][8]
+    subject, relation, old, layer, tabs = app.to_edit(state, 0)
+    assert (subject, relation, layer) == (SUBJECT, "{} is located in the city of", state["layer"])
+    assert old == state["answer"].strip()
+    with pytest.raises(gr.Error, match="Trace a fact first"):
+        app.to_edit(None, 0)
+
+
+# --- editing -----------------------------------------------------------------------
+
+
+def test_edit_compares_before_and_after_and_keeps_history(app):
+    updates = edit(app)
+    before, final = updates[0], updates[-1]
+    assert "editing…" in before[0]  # the before column appears first
+    comparison, scores, details, edits, history, export_btn, status = final
+    assert len(edits) == 1 and edits[0].request.target == "Rome" and edits[0].layer == 1
+    kinds = [row["kind"] for row in details["rows"]]
+    assert kinds == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]
+    for row in details["rows"]:
+        assert row["before"] is not None and row["after"] is not None
+        assert 0 <= row["p_new_before"] <= 1 and 0 <= row["p_old_after"] <= 1
+    rewrite = details["rows"][0]
+    assert rewrite["p_new_after"] > rewrite["p_new_before"]  # ROME raised p(new object) on the rewrite prompt
+    assert details["norm"] == pytest.approx(edits[0].norm) and details["layer"] == 1
+    assert comparison.count('<tr data-kind=') == 5 and 'class="after"' in comparison
+    assert "Efficacy" in scores and "‖ΔW‖" in scores
+    assert history == [[1, SUBJECT, "{} is located in the city of", "Rome", "Paris", 1, round(edits[0].norm, 3)]]
+    assert "1 edit active" in status
+    exported = load_edits(export_btn.value["path"])
+    assert [e.request for e in exported] == [edits[0].request]
+    np.testing.assert_array_equal(exported[0].u, edits[0].u)
+
+
+def test_second_edit_builds_on_the_first_then_undo_and_reset(app, one_edit):
+    final = edit(app, edits=[one_edit], subject="Michael Jordan", relation="{} plays the sport of",
+                 target="baseball", old="basketball", paraphrases="", neighbours="")[-1]
+    edits = final[3]
+    assert [e.request.target for e in edits] == ["Rome", "baseball"]
+    assert final[2]["rows"][0]["kind"] == "rewrite" and len(final[2]["rows"]) == 1
+    edits, history, export_btn, status = app.undo(edits)
+    assert [e.request.target for e in edits] == ["Rome"] and len(history) == 1
+    edits, history, export_btn, status = app.reset(edits)
+    assert edits == [] and history == [] and export_btn.interactive is False
+    assert "original model" in status
+    with pytest.raises(gr.Error, match="no edit to undo"):
+        app.undo([])
+
+
+def test_missing_old_object_is_the_models_answer(app):
+    final = edit(app, old="", paraphrases="", neighbours="")[-1]
+    request = final[3][0].request
+    assert request.target_true and request.target_true != "Rome"
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(relation="The Eiffel Tower is located in"), "no {} placeholder"),
+        (dict(relation="{} and {} are in"), "placeholders"),
+        (dict(target="  "), "new target is empty"),
+        (dict(subject=""), "subject is empty"),
+        (dict(layer=99), "between 0 and 3"),
+        (dict(old="rome"), "same as the old one"),
+        (dict(paraphrases="word " * 200), "tokens"),
+    ],
+)
+def test_edit_bad_input_is_a_message(app, changes, message):
+    with pytest.raises(gr.Error, match=message):
+        edit(app, **changes)
+
+
+# --- edit files ------------------------------------------------------------------------
+
+
+def test_import_round_trip(app, one_edit, tmp_path):
+    path = save_edits([one_edit], tmp_path / "mine.safetensors")
+    edits, history, export_btn, status = app.import_edits(str(path), [])
+    assert len(edits) == 1 and edits[0].request == one_edit.request
+    edits, *_ = app.import_edits(str(path), edits)
+    assert len(edits) == 2
+
+
+def test_import_rejects_bad_files(app, one_edit, tmp_path, tokenizer, device):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(gr.Error, match="not a readable edits file"):
+        app.import_edits(str(junk), [])
+    pickled = tmp_path / "edits.pt"
+    torch.save({"u": torch.zeros(3)}, pickled)
+    with pytest.raises(gr.Error, match="pickle files are never loaded"):
+        app.import_edits(str(pickled), [])
+    with pytest.raises(gr.Error, match="Choose an edits file"):
+        app.import_edits(None, [])
+    # An edit made for another model (other shapes) must not touch this one.
+    other = make_tiny("gpt2", tokenizer, device)
+    foreign = compute_edit(other, EditRequest(SUBJECT, "{} is located in", "Rome", "Paris"), layer=1,
+                           hparams=TINY_HPARAMS)
+    path = save_edits([foreign], tmp_path / "foreign.safetensors")
+    with pytest.raises(gr.Error, match="another"):
+        app.import_edits(str(path), [one_edit])
+
+
+# --- free prompt, presets, page ----------------------------------------------------
+
+
+def test_compare_original_and_edited(app, one_edit):
+    alone = app.compare("The Eiffel Tower is in", 4, False, 0, [])
+    assert "no edits yet" in alone
+    both = app.compare("The Eiffel Tower is in", 4, False, 0, [one_edit])
+    assert both.count("<td") == 3
+    with pytest.raises(gr.Error, match="Enter a prompt"):
+        app.compare(" ", 4, False, 0, [])
+
+
+def test_presets_fill_both_panels(app):
+    presets = app.engine.presets
+    assert len(presets) >= 10
+    for i, preset in enumerate(presets):
+        values = app.preset_values(i)
+        prompt, subject, answer, e_subject, relation, target, old, para, neigh = values
+        assert subject in prompt and relation.replace("{}", e_subject) == prompt
+        assert target == preset.counterfactual and old == answer == preset.attribute
+        assert len(para.splitlines()) == 2 and len(neigh.splitlines()) == 2
+    with pytest.raises(gr.Error, match="Choose one of"):
+        app.preset_values(len(presets))
+
+
+def test_subject_suggestion_keeps_a_valid_subject(app):
+    assert app.suggest_subject("The Eiffel Tower is located in", "") == "The Eiffel Tower"
+    assert app.suggest_subject("The Eiffel Tower is located in", "Eiffel") == "Eiffel"
+    assert app.suggest_subject("Paris is the capital of", "Eiffel") == "Paris"
+
+
+def test_retrace_values(app):
+    prompt, subject, answer, tabs = app.retrace_values("The Eiffel Tower", "{} is in", "Rome")
+    assert (prompt, subject, answer) == ("The Eiffel Tower is in", "The Eiffel Tower", "Rome")
+    with pytest.raises(ValueError, match="placeholder"):
+        app.retrace_values("The Eiffel Tower", "is in", "Rome")
+
+
+def test_model_card_and_history_rows(engine, one_edit):
+    card = model_card(engine)
+    assert engine.lm.name in card and "4 layers" in card and "parameters" in card
+    assert history_rows([one_edit])[0][:4] == [1, SUBJECT, "{} is located in the city of", "Rome"]
+
+
+def test_page_wires_named_model_events(engine):
+    demo = build_demo(engine)
+    fns = {fn.api_name: fn for fn in demo.fns.values()}
+    assert {"trace", "edit", "undo", "reset", "import_edits", "compare", "preset"} <= set(fns)
+    for name in ("trace", "edit", "compare", "import_edits"):
+        assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == 1
+
+
+# --- the model lock ---------------------------------------------------------------------
+
+
+def test_stream_restores_weights_when_work_fails(engine, one_edit):
+    saved = snapshot(engine.lm.model)
+
+    def work(lm, emit):
+        assert changed(lm.model, saved)  # the edit is applied while the work runs
+        emit("started")
+        raise KeyError("boom")
+
+    items = []
+    with pytest.raises(KeyError, match="boom"):
+        for item in engine.stream([one_edit], work):
+            items.append(item)
+    assert items == ["started"]
+    assert changed(engine.lm.model, saved) == [] and not engine.lock.locked()
+
+
+def test_stream_stops_and_restores_when_the_visitor_leaves(engine, one_edit):
+    saved = snapshot(engine.lm.model)
+    reached = threading.Event()
+
+    def work(lm, emit):
+        for i in range(1000):
+            emit(i)
+            time.sleep(0.01)
+        reached.set()  # never: the consumer leaves after the first item
+
+    stream = engine.stream([one_edit], work)
+    assert next(stream) == 0
+    stream.close()  # what happens when a request is cancelled
+    deadline = time.time() + 10
+    while engine.lock.locked() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine.lock.locked() and not reached.is_set()
+    assert changed(engine.lm.model, saved) == []
+
+
+def test_requests_wait_for_the_model(engine, one_edit):
+    """Two streams at once: the second only starts once the first has restored the weights."""
+    saved = snapshot(engine.lm.model)
+    log = []
+
+    def slow(lm, emit):
+        log.append(("a-start", not changed(lm.model, saved)))
+        time.sleep(0.3)
+        log.append(("a-end", None))
+        emit("a")
+
+    def check(lm, emit):
+        log.append(("b-start", not changed(lm.model, saved)))  # b has no edits: must see the original
+        emit("b")
+
+    t = threading.Thread(target=lambda: list(engine.stream([one_edit], slow)))
+    t.start()
+    time.sleep(0.05)
+    assert list(engine.stream([], check)) == ["b"]
+    t.join()
+    assert [entry[0] for entry in log] == ["a-start", "a-end", "b-start"]
+    assert log[0][1] is False and log[2][1] is True

@@ -1,0 +1,77 @@
+"""The launched page through its API (gradio_client): a preset traced, edited and undone, and two visitors
+at once - one edits, the other's traces and generations stay those of the original model.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from gradio_client import Client
+
+from app_fixtures import EDIT, QUICK, engine, served  # noqa: F401 - fixtures
+from editing_fixtures import changed, snapshot
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def trace(client: Client, prompt: str, subject: str, answer: str = "") -> tuple:
+    return client.predict(prompt, subject, answer, *QUICK.values(), api_name="/trace")
+
+
+def heatmap_values(out: tuple) -> list:
+    """The z values of the three figures a /trace call returns."""
+    return [json.loads(plot["plot"])["data"][0]["z"] for plot in out[1:4]]
+
+
+def edit(client: Client, subject, relation, target, old, paraphrases, neighbours) -> tuple:
+    return client.predict(subject, relation, target, old, EDIT["layer"], paraphrases, neighbours,
+                          EDIT["max_new_tokens"], False, 0, api_name="/edit")
+
+
+def test_trace_a_preset_then_edit_and_undo(served):
+    demo, url = served
+    assert demo._queue.max_size == 16  # a full queue turns visitors away instead of piling up work
+    client = Client(url, verbose=False)
+    prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(0, api_name="/preset")
+    out = trace(client, prompt, subject, answer)
+    assert all(plot["type"] == "plotly" for plot in out[1:4])
+    exported = json.load(open(out[4]["value"]))  # a DownloadButton update: enabled, with its file
+    assert [r["kind"] for r in exported["results"]] == ["hidden", "mlp", "attn"]
+    assert 0 <= out[7] < 4  # the suggested edit layer
+
+    comparison, scores, details, history, export, status = edit(client, e_subject, relation, target, old, para, neigh)
+    assert [row["kind"] for row in details["rows"]] == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]
+    assert history["data"][0][1:4] == [e_subject, relation, target]
+    assert export["value"].endswith(".safetensors") and export["interactive"]
+    assert "1 edit active" in status
+
+    history, export, status = client.predict(api_name="/undo")
+    assert history["data"] == [] and "original model" in status
+
+
+def test_two_visitors_one_edits_the_other_sees_the_original(served, engine):
+    demo, url = served
+    saved = snapshot(engine.lm.model)
+    editor, watcher = Client(url, verbose=False), Client(url, verbose=False)
+    prompt = "The Eiffel Tower is located in the city of"
+    baseline_trace = heatmap_values(trace(watcher, prompt, "The Eiffel Tower"))
+    baseline_text = watcher.predict(prompt, 6, False, 0, api_name="/compare")
+
+    def watch():
+        return heatmap_values(trace(watcher, prompt, "The Eiffel Tower")), watcher.predict(
+            prompt, 6, False, 0, api_name="/compare")
+
+    with ThreadPoolExecutor(2) as pool:
+        edited = pool.submit(edit, editor, "The Eiffel Tower", "{} is located in the city of", "Rome", "Paris", "", "")
+        watched = pool.submit(watch)
+        edited, watched = edited.result(), watched.result()
+    assert edited[3]["data"][0][3] == "Rome"
+    assert watched == (baseline_trace, baseline_text)
+    # Later requests of the watcher still see the original; the editor sees its edit.
+    assert heatmap_values(trace(watcher, prompt, "The Eiffel Tower")) == baseline_trace
+    assert heatmap_values(trace(editor, prompt, "The Eiffel Tower")) != baseline_trace
+    editor_text = editor.predict(prompt, 6, False, 0, api_name="/compare")
+    assert "no edits yet" in baseline_text and "no edits yet" not in editor_text
+    assert changed(engine.lm.model, saved) == []
