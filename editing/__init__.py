@@ -24,7 +24,18 @@ from .hparams import ROMEHyperParams, load_hparams
 from .rome import compute_edit, model_answer
 from .sampling import generate
 from .scores import EditScores, fluency, score_edit
-from .stats import KeyStats, StatsSpec, ensure_stats, key_stats
+
+_LAZY = {"KeyStats", "StatsSpec", "ensure_stats", "key_stats"}  # from .stats, imported on first use so that
+# `python -m editing.stats` does not find its own module already imported
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import stats
+
+        return getattr(stats, name)
+    raise AttributeError(f"module 'editing' has no attribute {name!r}")
+
 
 __all__ = [
     "Edit", "EditRequest", "EditScores", "EditStack", "KeyStats", "ROMEHyperParams", "StatsSpec", "applied",

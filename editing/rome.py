@@ -53,7 +53,6 @@ from tracing.tokens import continuation_ids, encode_prompt
 from .edit import Edit, EditRequest
 from .hparams import ROMEHyperParams, load_hparams
 from .sampling import decode
-from .stats import StatsSpec, key_stats
 from .templates import context_templates
 
 log = logging.getLogger(__name__)
@@ -330,7 +329,7 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperP
         prob_after = prob
         loss_value, nll_value, kl_value = float(loss.detach()), float(nll.detach()), float(kl.detach())
         log.debug("step %d: loss %.4f = nll %.4f + kl %.4f + decay %.4f; p(target) %.3f",
-                  step, loss_value, nll_value, kl_value, float(decay), prob)
+                  step, loss_value, nll_value, kl_value, float(decay.detach()), prob)
         if progress:
             progress("optimising", (step + 1) / steps)
         if loss_value < hp.early_stop_loss or step == steps - 1:
@@ -359,7 +358,8 @@ def model_answer(lm: LoadedModel, prompt: str, max_new_tokens: int = 6) -> str:
     """The model's own short greedy answer to ``prompt`` (used as the old object when none is given)."""
     ids = lm.tokenizer(prompt)["input_ids"]
     new = decode(lm, [ids], max_new_tokens)[0]
-    return _first_phrase(lm.tokenizer.decode(new, skip_special_tokens=True))
+    text = lm.tokenizer.decode(new, skip_special_tokens=True)
+    return _first_phrase(text) or " ".join(text.split()[:1])
 
 
 def check_layer(lm: LoadedModel, layer: int) -> int:
@@ -395,6 +395,8 @@ def compute_edit(
     answer if it was missing. Raises ValueError for invalid input, before any
     work.
     """
+    from .stats import StatsSpec, key_stats  # here, so that `python -m editing.stats` runs cleanly
+
     if not isinstance(request, EditRequest):
         raise ValueError("compute_edit needs an EditRequest(subject, prompt, target).")
     request.validate()

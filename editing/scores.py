@@ -143,13 +143,25 @@ def continuation_logprobs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], bat
 
         continuation_logprobs(lm, [("The Eiffel Tower is located in the city of", "Paris")])   # [-0.36]
     """
+    return continuation_stats(lm, pairs, batch_rows)[0]
+
+
+def continuation_stats(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per (prompt, continuation): the mean token log-probability (pairs,) and whether greedy decoding gives it (pairs,).
+
+    Rows are right-padded (causal attention makes that exact) and only the
+    positions that predict continuation tokens are unembedded.
+    """
     rows, spans = [], []
     for prompt, continuation in pairs:
         head = lm.tokenizer(prompt)["input_ids"]
         tail = continuation_ids(lm.tokenizer, prompt, continuation)
         rows.append(head + tail)
         spans.append((len(head), len(tail)))
-    out = np.empty(len(rows), dtype=np.float64)
+    mean_logp = np.empty(len(rows), dtype=np.float64)
+    greedy = np.empty(len(rows), dtype=bool)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     captured: list[torch.Tensor] = []
 
@@ -166,22 +178,26 @@ def continuation_logprobs(lm: LoadedModel, pairs: Sequence[tuple[str, str]], bat
             captured.clear()
             lm.model(ids, logits_to_keep=1)
             normed = captured[0]  # (rows, width, d_model)
-            sel_rows, sel_pos, sel_tok, owner = [], [], [], []
+            sel_rows, sel_pos, sel_tok = [], [], []
             for r, row in enumerate(chunk):
                 n_head, n_tail = spans[i + r]
                 for t in range(n_tail):
                     sel_rows.append(r)
                     sel_pos.append(n_head - 1 + t)
                     sel_tok.append(row[n_head + t])
-                    owner.append(r)
             index_rows = torch.tensor(sel_rows, device=normed.device)
             index_pos = torch.tensor(sel_pos, device=normed.device)
+            tokens = torch.tensor(sel_tok, device=normed.device)
             logits = lm.unembed(normed[index_rows, index_pos]).float()  # (picked, vocab)
-            logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(sel_tok, device=lm.device)[:, None])[:, 0]
-            sums = torch.zeros(len(chunk), dtype=torch.float64).index_add(0, torch.tensor(owner), logp.double().cpu())
+            logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].double().cpu()
+            hits = (logits.argmax(-1) == tokens).cpu()
+            owner = torch.tensor(sel_rows)
+            sums = torch.zeros(len(chunk), dtype=torch.float64).index_add(0, owner, logp)
+            misses = torch.zeros(len(chunk), dtype=torch.long).index_add(0, owner, (~hits).long())
             for r in range(len(chunk)):
-                out[i + r] = float(sums[r]) / spans[i + r][1]
-    return out
+                mean_logp[i + r] = float(sums[r]) / spans[i + r][1]
+                greedy[i + r] = int(misses[r]) == 0
+    return mean_logp, greedy
 
 
 def _fill(prompt: str, subject: str) -> str:

@@ -64,7 +64,7 @@ class StatsSpec:
     seed: int = 0  # sampling seed ("model" corpus)
     sample_length: int = 256  # tokens per document
     top_k: int = 0  # sampling top-k, 0 = full distribution ("model" corpus)
-    batch_rows: int = 64  # documents per forward pass
+    batch_rows: int = 64  # documents per forward pass (part of a sampled corpus's identity)
 
     def __post_init__(self):
         if self.n_tokens < 1 or self.sample_length < 2 or self.batch_rows < 1:
@@ -87,7 +87,7 @@ class StatsSpec:
         """A file-name-safe identity of the corpus (contents for files, settings for sampling)."""
         kind, _, rest = self.corpus.partition(":")
         if kind == "model":
-            return f"model-s{self.seed}-k{self.top_k}-len{self.sample_length}"
+            return f"model-s{self.seed}-k{self.top_k}-len{self.sample_length}-b{self.batch_rows}"
         if kind == "file":
             path = Path(rest)
             try:

@@ -1,0 +1,118 @@
+"""``python -m editing``: rewrite one fact with ROME and show generations and scores before and after.
+
+Example::
+
+    python -m editing --subject "The Eiffel Tower" --prompt "{} is located in the city of" --target "Rome" \\
+        --generate "The Eiffel Tower is" "The Louvre is located in the city of" \\
+        --paraphrase "Where is the Eiffel Tower? It is in the city of" \\
+        --neighbour "The Louvre is located in the city of" --save out/eiffel.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from tracing.models import load_model
+
+    from . import EditRequest, applied, compute_edit, generate, load_edits, load_hparams, save_edits, score_edit
+    from .stats import StatsSpec
+
+    parser = argparse.ArgumentParser(prog="python -m editing", description=__doc__.split("\n")[0])
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--prompt", required=True, help="relation prompt with {} for the subject")
+    parser.add_argument("--target", required=True, help="the new object")
+    parser.add_argument("--target-true", default=None, help="the old object (default: the model's own answer)")
+    parser.add_argument("--generate", nargs="*", default=None,
+                        help="prompts to continue before and after (default: the rewrite prompt)")
+    parser.add_argument("--paraphrase", nargs="*", default=[], help="paraphrases of the rewrite prompt")
+    parser.add_argument("--neighbour", nargs="*", default=[], help="prompts about other subjects that must keep the old object")
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--variant", choices=("r-rome", "original"), default=None)
+    parser.add_argument("--hparams", default=None, help="hyperparameter JSON file")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-tokens", type=int, default=None, help="statistics corpus size (default: hyperparameters)")
+    parser.add_argument("--load", nargs="*", default=[], help="edit files to apply first (sequential editing)")
+    parser.add_argument("--save", default=None, help="write the loaded edits plus this one to a .safetensors file")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    try:
+        request = EditRequest(args.subject, args.prompt, args.target, args.target_true)
+        request.validate()
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        hp = load_hparams(lm, path=args.hparams, **({"variant": args.variant} if args.variant else {}))
+        spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
+        previous = [e for path in args.load for e in load_edits(path)]
+        prompts = args.generate if args.generate else [request.text]
+
+        def progress(stage: str, fraction: float) -> None:
+            if args.verbose:
+                print(f"  {stage} {fraction:4.0%}", file=sys.stderr)
+
+        with applied(lm, previous):
+            before_text = generate(lm, prompts, args.max_new_tokens, sample=args.sample, seed=args.seed)
+            edit = compute_edit(lm, request, layer=args.layer, hparams=hp, progress=progress, stats_spec=spec)
+            before = score_edit(lm, edit.request, args.paraphrase, args.neighbour)
+        with applied(lm, [*previous, edit]):
+            after_text = generate(lm, prompts, args.max_new_tokens, sample=args.sample, seed=args.seed)
+            after = score_edit(lm, edit.request, args.paraphrase, args.neighbour)
+        if args.save:
+            save_edits([*previous, edit], args.save)
+    except (ValueError, LookupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.json:
+        print(json.dumps({
+            "edit": edit.metadata(),
+            "generations": [{"prompt": p, "before": a, "after": b} for p, a, b in zip(prompts, before_text, after_text)],
+            "before": before.to_dict(), "after": after.to_dict(),
+        }, indent=1, ensure_ascii=False))
+        return 0
+    print(f"Edit: {edit.describe()}")
+    print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items()))
+    print()
+    for prompt, a, b in zip(prompts, before_text, after_text):
+        print(f"{prompt!r}")
+        print(f"  before: {a!r}")
+        print(f"  after:  {b!r}")
+    print()
+    print(f"{'prompt':<50}{'p(new) before':>15}{'p(new) after':>14}{'p(old) before':>15}{'p(old) after':>14}")
+    for rb, ra in zip(before.rows(), after.rows()):
+        label = f"[{rb['kind'][:5]}] {rb['prompt']}"
+        label = label if len(label) <= 48 else label[:45] + "..."
+        print(f"{label:<50}{rb['p_new']:>15.4f}{ra['p_new']:>14.4f}{rb['p_old']:>15.4f}{ra['p_old']:>14.4f}")
+    print()
+    sb, sa = before.summary(), after.summary()
+    print("          " + "".join(f"{k:>8}" for k in ("ES", "PS", "NS", "S")))
+    print("before    " + "".join(f"{_fmt(sb[k]):>8}" for k in ("ES", "PS", "NS", "S")))
+    print("after     " + "".join(f"{_fmt(sa[k]):>8}" for k in ("ES", "PS", "NS", "S")))
+    if args.save:
+        print(f"\nsaved {len(previous) + 1} edit(s) to {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
