@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .corruption import Corruption, make_corruption
+from .blocks import BlockCall, PrefixCache, capture_calls
 from .hooks import Hook, hooks, main_tensor, replace_main
 from .models import LoadedModel, parse_dtype
 from .result import KINDS, TraceConfig, TraceResult, window_layers
@@ -228,91 +229,6 @@ def trace_reference(
 # The fast engine
 
 
-class _PrefixKV:
-    """A stand-in for a transformers Cache, handed to blocks that we call directly.
-
-    ``update`` prepends the corrupted run's keys and values of the positions
-    before the restored token (``prefix[layer]``: (copies, heads, t, head_dim),
-    gathered per row by ``rows``) and, when recording, keeps the new ones.
-    """
-
-    def __init__(self, prefix=None, rows: torch.Tensor | None = None, record: bool = False):
-        self.prefix, self.rows, self.record = prefix, rows, record
-        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        if self.record:
-            self.recorded[layer_idx] = (key, value)
-        if self.prefix is None or self.prefix[layer_idx][0].shape[-2] == 0:
-            return key, value
-        past_k, past_v = self.prefix[layer_idx]
-        past_k, past_v = past_k[self.rows], past_v[self.rows]  # (rows, heads, t, head_dim)
-        return torch.cat([past_k, key], dim=-2), torch.cat([past_v, value], dim=-2)
-
-
-def _is_cache(value) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(value, (Cache, _PrefixKV))
-
-
-@dataclass(frozen=True)
-class _BlockCall:
-    """The arguments a model passes one block for a given prefix length, minus the hidden states."""
-
-    args: tuple
-    kwargs: dict
-
-    def __call__(self, block, hidden: torch.Tensor, cache: _PrefixKV) -> torch.Tensor:
-        rows = hidden.shape[0]
-
-        def fit(value):
-            if _is_cache(value):
-                return cache
-            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == 1 and rows != 1:
-                return value.expand(rows, *value.shape[1:])
-            if isinstance(value, tuple):
-                return tuple(fit(v) for v in value)
-            return value
-
-        args = tuple(fit(a) for a in self.args)
-        kwargs = {k: fit(v) for k, v in self.kwargs.items() if k != "hidden_states"}
-        if args:
-            return main_tensor(block(hidden, *args, **kwargs))
-        return main_tensor(block(hidden_states=hidden, **kwargs))
-
-
-def _capture_calls(lm: LoadedModel, ids: Sequence[int], start: int) -> tuple[list[_BlockCall], torch.Tensor]:
-    """Record what each block receives when the model runs tokens[start:] after a cached tokens[:start].
-
-    Returns one :class:`_BlockCall` per layer and block 0's input (1, tokens - start, d_model).
-    """
-    model = lm.model
-    calls: list[_BlockCall | None] = [None] * lm.n_layers
-    first: list[torch.Tensor] = []
-
-    def recorder(layer):
-        def record(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if layer == 0:
-                first.append(hidden)
-            calls[layer] = _BlockCall(tuple(args[1:]), dict(kwargs))
-
-        return record
-
-    device = lm.device
-    with torch.inference_mode():
-        base = model.base_model  # no unembedding: only the blocks' arguments matter here
-        past = None
-        if start > 0:
-            past = base(torch.tensor([ids[:start]], device=device), use_cache=True).past_key_values
-        suffix = torch.tensor([ids[start:]], device=device)
-        specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(lm.n_layers)]
-        with hooks(model, *specs):
-            base(suffix, past_key_values=past, use_cache=True)
-    return calls, first[0]
-
-
 class _FastTracer:
     """Clean and corrupted runs once, then restored rows batched layer by layer."""
 
@@ -323,18 +239,18 @@ class _FastTracer:
         self.n_layers = lm.n_layers
         self.n_tokens = len(setup.enc)
         self.copies = setup.corruption.copies
-        self.calls: dict[int, list[_BlockCall]] = {}
+        self.calls: dict[int, list[BlockCall]] = {}
         with torch.inference_mode():
             self._base_runs()
 
-    def calls_for(self, start: int) -> list[_BlockCall]:
+    def calls_for(self, start: int) -> list[BlockCall]:
         if start not in self.calls:
-            self.calls[start] = _capture_calls(self.lm, self.setup.enc.ids, start)[0]
+            self.calls[start] = capture_calls(self.lm, self.setup.enc.ids, start)[0]
         return self.calls[start]
 
     def _base_runs(self) -> None:
         lm, setup = self.lm, self.setup
-        calls, clean_in = _capture_calls(lm, setup.enc.ids, 0)
+        calls, clean_in = capture_calls(lm, setup.enc.ids, 0)
         self.calls[0] = calls
 
         # Clean run: keep every block output and every MLP / attention output.
@@ -348,12 +264,12 @@ class _FastTracer:
 
         specs = [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(self.n_layers)]
         with hooks(lm.model, *specs):
-            final = self._run_layers(clean_in, 0, 0, _PrefixKV())
+            final = self._run_layers(clean_in, 0, 0, PrefixCache())
         self.high = float(setup.score(self._logits(final))[0])
 
         # Corrupted run: keep every block's input and every layer's keys and values.
         corrupt_in = self._corrupted_input()
-        recorder = _PrefixKV(record=True)
+        recorder = PrefixCache(record=True)
         self.corrupt_in: list[torch.Tensor] = []  # n_layers + 1 entries of (copies, tokens, d_model)
         final = self._run_layers(corrupt_in, 0, 0, recorder, keep_inputs=self.corrupt_in)
         self.corrupt_in.append(final)
@@ -385,7 +301,7 @@ class _FastTracer:
             pass
         return captured[0]
 
-    def _run_layers(self, hidden, first_layer: int, start: int, cache: _PrefixKV, keep_inputs=None):
+    def _run_layers(self, hidden, first_layer: int, start: int, cache: PrefixCache, keep_inputs=None):
         calls = self.calls_for(start)
         for j in range(first_layer, self.n_layers):
             if keep_inputs is not None:
@@ -450,7 +366,7 @@ class _FastTracer:
             if patch:
                 index = torch.tensor([n * copies + s for n in patch for s in range(copies)], device=self.lm.device)
                 specs.append(self._patch_hook(kind, j, token, index))
-            cache = _PrefixKV(prefix, rows=sample.repeat(len(active)))
+            cache = PrefixCache(prefix, rows=sample.repeat(len(active)))
             with hooks(self.lm.model, *specs):
                 hidden = calls[j](self.lm.block(j), hidden, cache)
         scores = self.setup.score(self._logits(hidden)).reshape(len(active), copies).mean(1)
