@@ -153,16 +153,28 @@ def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache[layer][0], cache[layer][1]
 
 
+class _Stop(Exception):
+    """Ends a forward pass from inside a hook once what was needed is recorded."""
+
+
+def _uniform_layers(lm: LoadedModel) -> bool:
+    """Whether every block receives the same call arguments (no per-layer attention types)."""
+    types = getattr(lm.config, "layer_types", None)
+    return not types or len(set(types)) <= 1
+
+
 class SuffixRunner:
     """Blocks ``layer``..L-1 over each row's positions from its lookup token on, earlier positions cached.
 
-    Built with two passes under ``no_grad``: the full (right-padded) rows give
+    Built under ``no_grad``: one pass over the full (right-padded) rows gives
     every layer's keys and values, of which each row keeps those before its
-    lookup token (left-padded to a common length and masked); then the
-    suffixes run once through the model with that cache to record what each
-    block receives (positions, masks) and block ``layer``'s input. :meth:`run`
-    then calls the blocks directly; hooks on these blocks see tensors of shape
-    (rows, S, ·), where suffix index 0 is each row's lookup token.
+    lookup token (left-padded to a common length and masked), and block
+    ``layer``'s input at the suffix positions. A second call of the model on
+    the suffixes with that cache records what the blocks receive (positions,
+    masks); it stops at the first block when every block gets the same
+    arguments. :meth:`run` then calls the blocks directly; hooks on them see
+    tensors of shape (rows, S, ·), where suffix index 0 is each row's lookup
+    token.
     """
 
     def __init__(self, lm: LoadedModel, rows: Sequence[Sequence[int]], lookups: Sequence[int], layer: int):
@@ -174,11 +186,16 @@ class SuffixRunner:
         ids = torch.full((n, max(lengths)), pad, dtype=torch.long, device=device)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row, device=device)
-        with torch.no_grad():
+        block_in: list[torch.Tensor] = []
+
+        def grab_input(module, args, kwargs):
+            block_in.append(args[0] if args else kwargs["hidden_states"])
+
+        with torch.no_grad(), hooks(lm.model, Hook(lm.module_name("hidden", layer), grab_input, pre=True)):
             cache = lm.model(ids, use_cache=True, logits_to_keep=1).past_key_values  # right padding: causal = exact
 
         prefix_len = max(lookups)
-        self.width = max(n_tok - lk for n_tok, lk in zip(lengths, lookups))  # S
+        self.width = width = max(n_tok - lk for n_tok, lk in zip(lengths, lookups))  # S
         prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         full_prefix = []
         for j in range(lm.n_layers):
@@ -194,36 +211,45 @@ class SuffixRunner:
                 prefix[j] = (pk, pv)
         del cache
         self.prefix = prefix
+        # Block `layer`'s input at each row's suffix positions (clamped into the padded row beyond its end).
+        gather = torch.tensor(lookups, device=device)[:, None] + torch.arange(width, device=device)
+        gather = gather.clamp(max=ids.shape[1] - 1)
+        self.hidden_in = block_in[0].gather(1, gather[:, :, None].expand(-1, -1, block_in[0].shape[-1])).detach()
 
-        suffix = torch.full((n, self.width), pad, dtype=torch.long, device=device)
+        suffix = torch.full((n, width), pad, dtype=torch.long, device=device)
         for r, (row, lk) in enumerate(zip(rows, lookups)):
             suffix[r, : len(row) - lk] = torch.tensor(row[lk:], device=device)
-        mask = torch.ones((n, prefix_len + self.width), dtype=torch.long, device=device)
+        mask = torch.ones((n, prefix_len + width), dtype=torch.long, device=device)
         for r, lk in enumerate(lookups):
             mask[r, : prefix_len - lk] = 0
-        positions = torch.tensor(lookups, device=device)[:, None] + torch.arange(self.width, device=device)
+        positions = torch.tensor(lookups, device=device)[:, None] + torch.arange(width, device=device)
 
+        uniform = _uniform_layers(lm)
         self.calls: dict[int, tuple[tuple, dict]] = {}
-        captured: list[torch.Tensor] = []
 
         def recorder(j):
             def record(module, args, kwargs):
-                if j == layer:
-                    captured.append(args[0] if args else kwargs["hidden_states"])
                 self.calls[j] = (tuple(args[1:]), dict(kwargs))
+                if uniform:
+                    raise _Stop
 
             return record
 
-        specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(layer, lm.n_layers)]
+        first = 0 if uniform else layer
+        specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(first, lm.n_layers)]
         kwargs = {}
         if prefix_len > 0:
             from transformers import DynamicCache
 
-            kwargs = dict(attention_mask=mask, use_cache=True,
-                          past_key_values=DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in full_prefix]))
-        with torch.no_grad(), hooks(lm.model, *specs):
-            lm.model(suffix, position_ids=positions, logits_to_keep=1, **kwargs)
-        self.hidden_in = captured[0].detach()  # (n, S, d_model)
+            data = full_prefix if uniform else [(k.clone(), v.clone()) for k, v in full_prefix]  # stopped: unchanged
+            kwargs = dict(attention_mask=mask, use_cache=True, past_key_values=DynamicCache(ddp_cache_data=data))
+        try:
+            with torch.no_grad(), hooks(lm.model, *specs):
+                lm.model(suffix, position_ids=positions, logits_to_keep=1, **kwargs)
+        except _Stop:
+            pass
+        if uniform:
+            self.calls = {j: self.calls[0] for j in range(layer, lm.n_layers)}
         self.lengths = [n_tok - lk for n_tok, lk in zip(lengths, lookups)]
 
     def run(self, *extra: Hook) -> torch.Tensor:

@@ -65,6 +65,8 @@ class StatsSpec:
     sample_length: int = 256  # tokens per document
     top_k: int = 0  # sampling top-k, 0 = full distribution ("model" corpus)
     batch_rows: int = 64  # documents per forward pass (part of a sampled corpus's identity)
+    model_key: str | None = None  # cache under this model identity instead of lm.fingerprint (e.g. a bf16 copy
+    # reusing its fp32 original's statistics)
 
     def __post_init__(self):
         if self.n_tokens < 1 or self.sample_length < 2 or self.batch_rows < 1:
@@ -142,7 +144,7 @@ class KeyStats:
 
 def stats_dir(lm: LoadedModel, spec: StatsSpec) -> Path:
     """Where one model's statistics for one corpus live."""
-    return cache_dir() / "stats" / lm.fingerprint / f"{spec.corpus_key()}-{spec.n_tokens}"
+    return cache_dir() / "stats" / (spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}"
 
 
 def stats_path(lm: LoadedModel, layer: int, spec: StatsSpec) -> Path:
@@ -393,7 +395,7 @@ def ensure_stats(
         _prefill_corpus(lm, ids, missing, moments, spec.batch_rows, progress)
     seconds = time.perf_counter() - t0
     meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus,
-                   "spec": json.dumps(spec.__dict__), "seconds": f"{seconds:.1f}"}
+                   "spec": json.dumps({k: v for k, v in spec.__dict__.items() if k != "model_key"}), "seconds": f"{seconds:.1f}"}
     if sampled or not corpus_file.exists():
         _save_atomic(corpus_file, {"ids": ids.astype(np.int32)}, meta_common)
     for layer in missing:

@@ -1,0 +1,126 @@
+"""Seconds per ROME edit on this machine (statistics cached), and the one-time statistics cost.
+
+Example::
+
+    .venv/bin/python benchmarks/edit_speed.py                      # fp32, default layer, 5 edits
+    .venv/bin/python benchmarks/edit_speed.py --dtypes fp32 bf16 --threads 1 2 --edits 3
+
+The one-time cost is the time recorded when the cached statistics were
+computed (or, with ``--measure-stats N``, a fresh N-token corpus sampled into a
+temporary cache now, with its throughput). bf16 runs reuse the fp32 model's
+statistics and report whether the edits still take (p(new) > p(old)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from editing import EditRequest, applied, compute_edit, load_hparams, score_edit  # noqa: E402
+from editing.evaluate import read_cases, request_of  # noqa: E402
+from editing.stats import StatsSpec, ensure_stats, stats_path  # noqa: E402
+from tracing.models import load_model  # noqa: E402
+
+
+def stats_cost(lm, layer, spec) -> tuple[float, str]:
+    """Seconds the cached statistics took to compute (from their file), computing them now if missing."""
+    path = stats_path(lm, layer, spec)
+    if not path.exists():
+        t0 = time.perf_counter()
+        ensure_stats(lm, [layer], spec)
+        return time.perf_counter() - t0, "measured now"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    return float(meta.get("seconds", "nan")), f"recorded in {path.name} when computed"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--edits", type=int, default=5, help="edits per setting (cases from the CounterFact set)")
+    parser.add_argument("--cases", default=str(ROOT / "assets" / "counterfact_smollm2.json"))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()])
+    parser.add_argument("--measure-stats", type=int, default=0, metavar="TOKENS",
+                        help="also sample a fresh corpus of this many tokens in a temporary cache and time it")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    base = load_model(args.model, dtype="fp32")
+    hp = load_hparams(base)
+    layer = args.layer if args.layer is not None else hp.edit_layer(base.n_layers)
+    spec = StatsSpec.from_hparams(hp, model_key=base.fingerprint)
+    seconds, how = stats_cost(base, layer, spec)
+    report = {"model": base.name, "layer": layer, "cpu_count": os.cpu_count(),
+              "stats": {"tokens": spec.n_tokens, "seconds": seconds, "source": how}, "runs": []}
+    print(f"{base.name}, layer {layer}, {os.cpu_count()} CPU(s)")
+    print(f"one-time statistics: {seconds:.0f} s for {spec.n_tokens} sampled tokens ({how})")
+
+    if args.measure_stats:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = os.environ.get("LOCATE_EDIT_CACHE")
+            os.environ["LOCATE_EDIT_CACHE"] = tmp
+            try:
+                fresh = StatsSpec.from_hparams(hp, n_tokens=args.measure_stats)
+                t0 = time.perf_counter()
+                ensure_stats(base, [layer], fresh)
+                took = time.perf_counter() - t0
+            finally:
+                if old is None:
+                    os.environ.pop("LOCATE_EDIT_CACHE")
+                else:
+                    os.environ["LOCATE_EDIT_CACHE"] = old
+        rate = args.measure_stats / took
+        report["stats"]["fresh"] = {"tokens": args.measure_stats, "seconds": took, "tokens_per_s": rate,
+                                    "threads": torch.get_num_threads()}
+        print(f"fresh corpus now: {args.measure_stats} tokens in {took:.1f} s ({rate:.0f} tokens/s, "
+              f"{torch.get_num_threads()} thread(s)) -> {spec.n_tokens / rate:.0f} s for {spec.n_tokens}")
+
+    cases = read_cases(args.cases)[: args.edits]
+    requests = [request_of(c) for c in cases]
+    models = {"fp32": base}
+    for dtype in args.dtypes:
+        if dtype not in models:
+            models[dtype] = load_model(args.model, dtype=dtype)
+    print(f"\n{'dtype':<6}{'threads':>8}{'edits':>6}{'mean s':>9}{'median s':>10}{'steps':>7}{'took':>7}")
+    for dtype in args.dtypes:
+        lm = models[dtype]
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            compute_edit(lm, requests[0], layer=layer, hparams=hp, stats_spec=spec)  # warm-up (templates, caches)
+            times, steps, took = [], [], 0
+            for request in requests:
+                t0 = time.perf_counter()
+                edit = compute_edit(lm, request, layer=layer, hparams=hp, stats_spec=spec)
+                times.append(time.perf_counter() - t0)
+                steps.append(edit.info["steps"])
+                with applied(lm, [edit]):
+                    after = score_edit(lm, request)
+                took += int(after.efficacy == 1.0)
+            run = {"dtype": dtype, "threads": threads, "edits": len(times), "mean_s": statistics.mean(times),
+                   "median_s": statistics.median(times), "steps": statistics.mean(steps), "took": took,
+                   "times": times}
+            report["runs"].append(run)
+            print(f"{dtype:<6}{threads:>8}{len(times):>6}{run['mean_s']:>9.1f}{run['median_s']:>10.1f}"
+                  f"{run['steps']:>7.1f}{took:>5}/{len(times)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

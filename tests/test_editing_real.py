@@ -1,0 +1,62 @@
+"""ROME on the real embedded model (SmolLM2-135M-Instruct): the Eiffel Tower moves to Rome, and back.
+
+Statistics come from a reduced corpus (4k sampled tokens) in a private cache,
+so the test does not depend on, or fill, the user's cache; the product default
+is 100k tokens (``python -m editing.stats``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from editing_fixtures import changed, private_cache, snapshot
+
+from editing import EditRequest, EditStack, applied, compute_edit, generate, load_hparams, score_edit
+from editing.stats import StatsSpec
+
+pytestmark = pytest.mark.real_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASE = "Where is the Eiffel Tower? It is in the city of"
+NEIGHBOUR = "The Louvre is located in the city of"
+SPEC = StatsSpec(n_tokens=4096, sample_length=64, batch_rows=64)
+
+
+@pytest.fixture(scope="module")
+def eiffel(real_lm, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # faster than two threads on a small shared CPU
+    try:
+        with private_cache(tmp_path_factory.mktemp("le-real-cache")):
+            request = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome")
+            yield compute_edit(real_lm, request, stats_spec=SPEC)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_edit_moves_the_eiffel_tower_to_rome_and_undo_brings_paris_back(real_lm, eiffel):
+    saved = snapshot(real_lm.model)
+    assert eiffel.layer == load_hparams(real_lm).edit_layer(real_lm.n_layers)
+    assert eiffel.request.target_true == "Paris"
+    before = generate(real_lm, [PROMPT, PARAPHRASE, NEIGHBOUR], max_new_tokens=4)
+    assert all(text.strip().startswith("Paris") for text in before)
+    stack = EditStack(real_lm)
+    stack.push(eiffel)
+    after = generate(real_lm, [PROMPT, PARAPHRASE, NEIGHBOUR], max_new_tokens=4)
+    assert after[0].strip().startswith("Rome"), after
+    assert after[1].strip().startswith("Rome"), after
+    assert after[2].strip().startswith("Paris"), after
+    assert stack.undo() is eiffel
+    assert generate(real_lm, [PROMPT], max_new_tokens=4)[0].strip().startswith("Paris")
+    assert changed(real_lm.model, saved) == []
+
+
+def test_scores_before_and_after(real_lm, eiffel):
+    kwargs = dict(paraphrases=[PARAPHRASE], neighbours=[NEIGHBOUR, "Notre-Dame de Paris is located in the city of"])
+    before = score_edit(real_lm, eiffel.request, **kwargs)
+    with applied(real_lm, [eiffel]):
+        after = score_edit(real_lm, eiffel.request, **kwargs)
+    assert before.summary()["ES"] == 0.0 and before.summary()["NS"] == 1.0
+    assert after.summary()["ES"] == 1.0 and after.summary()["PS"] == 1.0 and after.summary()["NS"] == 1.0
+    assert after.prob_new[0] > 0.5 > after.prob_old[0]
+    assert eiffel.info["target_prob_after"] > 0.5 and eiffel.norm > 0
