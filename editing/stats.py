@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 _FACTORS: dict[tuple, torch.Tensor] = {}  # Cholesky factors keyed by (stats file, mtime, ridge, device)
 _FACTORS_MAX = 8
+CHUNK_ROWS = 4096  # keys buffered per layer before one fp32 product is added to the fp64 sum
 
 
 @dataclass(frozen=True)
@@ -200,12 +201,12 @@ def _load_corpus(path: Path) -> np.ndarray | None:
 class _Moments:
     """Running sums of k kᵀ per layer: fp32 products of buffered chunks, added into fp64."""
 
-    def __init__(self, layers: Sequence[int], chunk: int = 4096):
+    def __init__(self, layers: Sequence[int], chunk: int | None = None):
         self.sums: dict[int, torch.Tensor] = {}
         self.counts = {layer: 0 for layer in layers}
         self.buffers: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         self.buffered = {layer: 0 for layer in layers}
-        self.chunk = chunk
+        self.chunk = chunk or CHUNK_ROWS
 
     def add(self, layer: int, keys: torch.Tensor) -> None:
         keys = keys.detach().reshape(-1, keys.shape[-1]).float()  # (n, d_in)
@@ -220,10 +221,8 @@ class _Moments:
         x = torch.cat(self.buffers[layer])  # (n, d_in)
         self.buffers[layer], self.buffered[layer] = [], 0
         product = (x.T @ x).double()  # (d_in, d_in)
-        if layer in self.sums:
-            self.sums[layer] += product
-        else:
-            self.sums[layer] = product
+        # Out of place: the sums may be inference tensors (made inside a decoding loop) used outside it.
+        self.sums[layer] = self.sums[layer] + product if layer in self.sums else product
         self.counts[layer] += x.shape[0]
 
     def result(self, layer: int) -> tuple[np.ndarray, int]:
@@ -254,18 +253,34 @@ class _Stop(Exception):
 
 
 def _sample_corpus(lm: LoadedModel, spec: StatsSpec, moments: _Moments, layers: Sequence[int],
-                   progress: Progress | None) -> np.ndarray:
-    """Sample the corpus in batches with a KV cache, accumulating the keys of ``layers``; return ids (rows, L+1)."""
+                   progress: Progress | None, partial: Path) -> tuple[np.ndarray, int]:
+    """Sample the corpus in batches with a KV cache, accumulating the keys of ``layers`` on the fly.
+
+    Returns the ids (rows, L+1) and how many leading rows were sampled by an
+    earlier, interrupted run (their keys still need a prefill pass). After
+    every batch the ids so far and the generator's state are saved to
+    ``partial`` (atomically), so an interrupted run resumes where it stopped
+    and samples exactly the same corpus.
+    """
     length = spec.sample_length
     rows = math.ceil(spec.n_tokens / length)
     batches = math.ceil(rows / spec.batch_rows)
     per_batch = math.ceil(rows / batches)
     generator = torch.Generator(device=lm.device).manual_seed(int(spec.seed))
     start = start_token_id(lm.tokenizer)
+    corpus: list[np.ndarray] = []
+    first_batch = 0
+    resumed = _load_partial(partial, spec)
+    if resumed is not None:
+        ids_done, generator_state, first_batch = resumed
+        generator.set_state(torch.from_numpy(generator_state))
+        corpus.append(ids_done)
+        log.info("Resuming the statistics corpus after %d of %d documents", ids_done.shape[0], rows)
+    resumed_rows = sum(c.shape[0] for c in corpus)
+    done_rows = resumed_rows
     state = {"skip": False}
-    corpus, done_rows = [], 0
     t0 = time.perf_counter()
-    for batch in range(batches):
+    for batch in range(first_batch, batches):
         n = min(per_batch, rows - done_rows)
         calls = {"n": 0}
 
@@ -286,9 +301,35 @@ def _sample_corpus(lm: LoadedModel, spec: StatsSpec, moments: _Moments, layers: 
         ids[:, 1:] = np.array([row[:length] for row in new], dtype=np.int64)
         corpus.append(ids)
         done_rows += n
+        if batch < batches - 1:
+            _save_atomic(partial, {"ids": np.concatenate(corpus).astype(np.int32),
+                                   "generator": generator.get_state().cpu().numpy()},
+                         {"spec": _spec_json(spec), "next_batch": str(batch + 1)})
         elapsed = time.perf_counter() - t0
         log.info("Sampled %d/%d documents (%d tokens) in %.0f s", done_rows, rows, done_rows * length, elapsed)
-    return np.concatenate(corpus)
+    return np.concatenate(corpus), resumed_rows
+
+
+def _spec_json(spec: StatsSpec) -> str:
+    return json.dumps({k: v for k, v in spec.__dict__.items() if k != "model_key"}, sort_keys=True)
+
+
+def _load_partial(path: Path, spec: StatsSpec) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(ids so far, generator state, next batch) of an interrupted sampling run with the same spec, or None."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            ids, state = f.get_tensor("ids").astype(np.int64), f.get_tensor("generator")
+        if meta.get("spec") != _spec_json(spec):
+            return None
+        return ids, state, int(meta["next_batch"])
+    except Exception as exc:
+        log.warning("Ignoring unreadable partial corpus %s (%s)", path, exc)
+        return None
 
 
 def _text_corpus(lm: LoadedModel, spec: StatsSpec) -> np.ndarray:
@@ -384,9 +425,15 @@ def ensure_stats(
     moments = _Moments(missing)
     ids = _load_corpus(corpus_file)
     sampled = False
+    meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus, "spec": _spec_json(spec)}
     if ids is None and spec.corpus == "model":
         log.info("Sampling a %d-token statistics corpus from %s for layers %s (one time)", spec.n_tokens, lm.name, missing)
-        ids = _sample_corpus(lm, spec, moments, missing, progress)
+        partial = folder / "corpus.partial.safetensors"
+        ids, resumed_rows = _sample_corpus(lm, spec, moments, missing, progress, partial)
+        _save_atomic(corpus_file, {"ids": ids.astype(np.int32)}, meta_common)
+        if resumed_rows:
+            _prefill_corpus(lm, ids[:resumed_rows], missing, moments, spec.batch_rows, None)
+        partial.unlink(missing_ok=True)
         sampled = True
     else:
         if ids is None:
@@ -394,9 +441,8 @@ def ensure_stats(
         log.info("Computing key statistics of layers %s over %d tokens", missing, ids.shape[0] * (ids.shape[1] - 1))
         _prefill_corpus(lm, ids, missing, moments, spec.batch_rows, progress)
     seconds = time.perf_counter() - t0
-    meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus,
-                   "spec": json.dumps({k: v for k, v in spec.__dict__.items() if k != "model_key"}), "seconds": f"{seconds:.1f}"}
-    if sampled or not corpus_file.exists():
+    meta_common["seconds"] = f"{seconds:.1f}"
+    if not sampled and not corpus_file.exists():
         _save_atomic(corpus_file, {"ids": ids.astype(np.int32)}, meta_common)
     for layer in missing:
         mom2, count = moments.result(layer)

@@ -441,19 +441,29 @@ def test_statistics_are_cached_and_agree_between_sampling_and_recomputation(cach
     assert torch.allclose(torch.from_numpy(sampled.mom2) @ sampled.solve(k), k, atol=1e-6 * float(k.norm()) * 1e3)
 
 
-def test_interrupted_statistics_leave_no_files(cache, tokenizer, device):
+def test_interrupted_sampling_resumes_to_the_same_statistics(cache, tokenizer, device, tmp_path, monkeypatch):
+    import editing.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "CHUNK_ROWS", 50)  # flush inside the decoding loop as a long run does
     lm = make_tiny("gpt2", tokenizer, device, seed=6)
-    spec = StatsSpec(n_tokens=400, sample_length=20, batch_rows=5, seed=11)
+    spec = StatsSpec(n_tokens=400, sample_length=20, batch_rows=5, seed=11)  # 4 batches of 5 documents
 
     def interrupt(stage, fraction):
-        if fraction > 0.4:
+        if fraction > 0.6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         key_stats(lm, 1, spec, progress=interrupt)
     folder = stats_dir(lm, spec)
-    assert not folder.exists() or list(folder.iterdir()) == []
-    assert key_stats(lm, 1, spec).count == 400
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus.partial.safetensors"]  # no stats, no temp files
+    resumed = key_stats(lm, 1, spec)
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus.safetensors", "layer1.safetensors"]
+    with private_cache(tmp_path / "fresh"):
+        fresh = key_stats(lm, 1, spec)
+        fresh_ids = stats_module._load_corpus(stats_dir(lm, spec) / "corpus.safetensors")
+    assert np.array_equal(stats_module._load_corpus(folder / "corpus.safetensors"), fresh_ids)
+    assert resumed.count == fresh.count == 400
+    assert np.allclose(resumed.mom2, fresh.mom2, rtol=1e-4, atol=1e-6 * np.abs(fresh.mom2).max())
 
 
 def test_statistics_from_a_text_file(cache, tokenizer, device, tmp_path):
