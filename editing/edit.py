@@ -105,8 +105,9 @@ class Edit:
 
     Shapes: ``u`` (d_in,) unit vector C⁻¹k*/‖C⁻¹k*‖; ``v`` (d_out,);
     ``key`` k* (d_in,) and ``value`` v* (d_out,), the pair the edited layer maps
-    (``W' k* + b = v*``). ``timings`` holds seconds per stage, ``info`` the
-    optimisation's diagnostics.
+    (``W' k* + b = v*``). ``timings`` holds seconds per stage (answer,
+    templates, statistics, keys, optimise, update, other), which add up to
+    :attr:`seconds`; ``info`` the optimisation's diagnostics.
     """
 
     request: EditRequest
@@ -122,6 +123,11 @@ class Edit:
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     hparams: dict = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of :func:`compute_edit` (the stages in ``timings`` add up to it)."""
+        return float(sum(self.timings.values()))
 
     @property
     def norm(self) -> float:

@@ -42,6 +42,7 @@ class ROMEHyperParams:
     kl_factor: float = 0.0625  # weight of the essence-drift KL term
     kl_prompt: str = "{} is a"  # the KL term's prompt, {} = subject
     early_stop_loss: float = 0.05  # stop once the total loss is below this
+    early_stop_nll: float = 0.0  # also stop once the NLL term alone is below this (0: off, as in the paper)
     # Context templates: (tokens, count) pairs of texts sampled from the model, prepended to the prompt
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     context_top_k: int = 5  # top-k sampling of the templates
@@ -69,7 +70,7 @@ class ROMEHyperParams:
             problems.append("v_num_grad_steps must be at least 1")
         if self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             problems.append("v_lr and clamp_norm_factor must be positive")
-        if self.v_weight_decay < 0 or self.kl_factor < 0 or self.stats_ridge < 0:
+        if self.v_weight_decay < 0 or self.kl_factor < 0 or self.stats_ridge < 0 or self.early_stop_nll < 0:
             problems.append("v_weight_decay, kl_factor and stats_ridge must not be negative")
         if self.kl_prompt.count("{}") != 1:
             problems.append(f"kl_prompt needs exactly one {{}} for the subject, got {self.kl_prompt!r}")

@@ -358,7 +358,7 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperP
                   step, loss_value, nll_value, kl_value, float(decay.detach()), prob)
         if progress:
             progress("optimising", (step + 1) / steps)
-        if loss_value < hp.early_stop_loss or step == steps - 1:
+        if loss_value < hp.early_stop_loss or nll_value < hp.early_stop_nll or step == steps - 1:
             break
         loss.backward()
         optimiser.step()
@@ -450,6 +450,7 @@ def compute_edit(
     with torch.inference_mode(False):
         if request.target_true is None:
             request = EditRequest(request.subject, request.prompt, request.target, model_answer(lm, request.text) or None)
+            lap("answer")
         report("templates", 0.0)
         templates = context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
         lap("templates")
@@ -484,7 +485,7 @@ def compute_edit(
         delta = result.delta.double()
         v = delta / denominator  # ΔW k_ref = v (u·k_ref) = δ
         lap("update")
-    timings["total"] = round(time.perf_counter() - start, 4)
+    timings["other"] = round(max(0.0, time.perf_counter() - start - sum(timings.values())), 4)
     info = {
         "steps": result.steps, "loss": result.loss, "nll": result.nll, "kl": result.kl,
         "target_prob_before": result.prob_before, "target_prob_after": result.prob_after,
@@ -499,6 +500,6 @@ def compute_edit(
         variant=hp.variant, model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info,
         hparams=hp.to_dict(),
     )
-    log.info("ROME edit %s in %.1f s (%d steps, p(target) %.3f -> %.3f)", edit.describe(), timings["total"],
+    log.info("ROME edit %s in %.1f s (%d steps, p(target) %.3f -> %.3f)", edit.describe(), edit.seconds,
              result.steps, result.prob_before, result.prob_after)
     return edit
