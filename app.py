@@ -45,10 +45,12 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 
 import editing
-from editing import (EditRequest, applied, compute_edit, generate, load_edits, load_hparams, model_answer, save_edits,
-                     score_edit)
+from editing import (EditRequest, StatsSpec, applied, compute_edit, ensure_stats, generate, load_edits, load_hparams,
+                     model_answer, save_edits, score_edit)
+from editing.templates import context_templates
 from tracing import KINDS, LoadedModel, TraceConfig, TraceResult, iter_trace, load_model, predict
 from tracing.models import DEFAULT_MODEL
 from tracing.plots import heatmap, results_json, scores_csv
@@ -316,7 +318,8 @@ def layer_card(layer: int, mlp: TraceResult, default_layer: int) -> str:
     return (
         f'<div class="le-card" id="layer-suggestion">The MLP effect at the last subject token '
         f'<code>{_esc(token)}</code> peaks at layer <b>{layer}</b> (score {_fmt_p(mlp.scores[mlp.subject_range[1] - 1, layer])}). '
-        f'Use it as the edit layer, or keep the hyperparameters\' layer {default_layer}.</div>'
+        f'<b>Edit this fact →</b> carries it to the edit panel as the edit layer (the hyperparameters\' '
+        f'default is layer {default_layer}; pick any).</div>'
     )
 
 
@@ -419,6 +422,23 @@ def scores_card(outcome: EditOutcome) -> str:
     )
 
 
+# Stages of an edit request: (start, end) of the progress bar, and what the visitor reads.
+EDIT_STAGES = {
+    "statistics": (0.0, 0.4, "Key statistics of this layer (once per layer, then cached)"),
+    "before": (0.4, 0.45, "Generating and scoring before the edit"),
+    "templates": (0.45, 0.5, "Context templates"),
+    "keys": (0.5, 0.55, "Computing the subject's key k*"),
+    "optimising": (0.55, 0.9, "Optimising the new value v*"),
+    "update": (0.9, 0.92, "Writing the rank-one update"),
+    "after": (0.92, 1.0, "Generating and scoring after the edit"),
+}
+
+
+def _stage_progress(stage: str, fraction: float) -> float:
+    start, end, _ = EDIT_STAGES.get(stage, (0.0, 1.0, stage))
+    return start + (end - start) * min(max(float(fraction), 0.0), 1.0)
+
+
 def history_rows(edits: Sequence[editing.Edit]) -> list[list]:
     """One table row per edit of the visitor, oldest first."""
     return [
@@ -455,6 +475,14 @@ class App:
 
     # -- presets and small helpers ------------------------------------------------
 
+    def model_info(self) -> dict:
+        """The loaded model and the app's defaults, for API clients."""
+        lm = self.engine.lm
+        return {"model": lm.name, "parameters": lm.n_params, "layers": lm.n_layers, "device": str(lm.device),
+                "dtype": str(lm.dtype).replace("torch.", ""), "default_edit_layer": self.engine.default_layer,
+                "presets": [p.label for p in self.engine.presets], "presets_model": self.engine.presets_model,
+                "notice": self.engine.notice}
+
     def preset_values(self, index: int | None) -> tuple:
         """Fill both panels from preset ``index``: trace prompt, subject, answer; edit fields and test prompts."""
         presets = self.engine.presets
@@ -490,7 +518,7 @@ class App:
         edits: list | None,
         progress=gr.Progress(),
     ) -> Iterator[tuple]:
-        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, layer, trace state).
+        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, trace state).
 
         Figures appear kind by kind. ``fast`` traces only the subject's and the
         last token's rows (the others stay blank).
@@ -539,7 +567,7 @@ class App:
                 figures[result.kind] = heatmap(result)
             if len(results) < len(KINDS):
                 yield (prediction_card(top, results[0] if results else None, answer), figures["hidden"],
-                       figures["mlp"], figures["attn"], no_file, no_file, gr.skip(), gr.skip(), gr.skip())
+                       figures["mlp"], figures["attn"], no_file, no_file, gr.skip(), gr.skip())
 
         mlp = next(r for r in results if r.kind == "mlp")
         layer = suggested_layer(mlp)
@@ -552,7 +580,7 @@ class App:
         yield (prediction_card(top, results[0], answer), figures["hidden"], figures["mlp"], figures["attn"],
                gr.DownloadButton(value=str(json_path), interactive=True),
                gr.DownloadButton(value=str(csv_path), interactive=True),
-               layer_card(layer, mlp, self.engine.default_layer), layer, state)
+               layer_card(layer, mlp, self.engine.default_layer), state)
 
     def to_edit(self, state: dict | None, edit_layer: int) -> tuple:
         """Carry the traced fact to the edit panel: subject, relation prompt, old object, layer; switch tabs."""
@@ -599,6 +627,17 @@ class App:
         para, neigh = _lines(paraphrases), _lines(neighbours)
         max_new_tokens = int(max_new_tokens)
 
+        hp = self.engine.hparams
+
+        def prepare(lm: LoadedModel, emit) -> None:
+            # Shared, cached inputs of every edit, computed on the original weights (never on a visitor's
+            # edited model, so the caches stay right for everyone): context templates and key statistics.
+            with torch.inference_mode():
+                context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
+                if hp.mom2_adjustment:
+                    ensure_stats(lm, [layer], StatsSpec.from_hparams(hp),
+                                 progress=lambda stage, fraction: emit(("stage", "statistics", fraction)))
+
         def work(lm: LoadedModel, emit) -> None:
             req = request
             if req.target_true is None:  # the old object: what the (visitor's) model says now
@@ -607,24 +646,27 @@ class App:
                     raise ValueError("The model gives no answer to the rewrite prompt; enter the old object.")
                 req = EditRequest(req.subject, req.prompt, req.target, answer)
                 req.validate()
-            emit(("stage", "Generating before the edit", 0.02))
+            emit(("stage", "before", 0.0))
             scores_before = score_edit(lm, req, paraphrases=para, neighbours=neigh)
             prompts = list(zip(scores_before.kinds, scores_before.prompts))  # "{}" filled with the subject
             texts = list(scores_before.prompts)
             before = generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed))
             emit(("before", EditOutcome(req, prompts, before, scores_before=scores_before)))
-            new = compute_edit(lm, req, layer=layer, hparams=self.engine.hparams,
-                               progress=lambda stage, fraction: emit(("stage", stage, 0.1 + 0.8 * float(fraction))))
-            emit(("stage", "Generating after the edit", 0.92))
+            new = compute_edit(lm, req, layer=layer, hparams=hp,
+                               progress=lambda stage, fraction: emit(("stage", stage, fraction)))
+            emit(("stage", "after", 0.0))
             with applied(lm, [new]):
                 after = generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed))
                 scores_after = score_edit(lm, req, paraphrases=para, neighbours=neigh)
             emit(("after", EditOutcome(req, prompts, before, after, scores_before, scores_after, new)))
 
         progress(0.0, desc="Waiting for the model")
+        for _, stage, fraction in self.engine.stream([], prepare):
+            progress(_stage_progress(stage, fraction), desc=EDIT_STAGES[stage][2])
         for item in self.engine.stream(edits, work):
             if item[0] == "stage":
-                progress(item[2], desc=item[1])
+                if item[1] != "statistics":  # ready since `prepare`: compute_edit only loads them
+                    progress(_stage_progress(item[1], item[2]), desc=EDIT_STAGES.get(item[1], (0, 0, item[1]))[2])
                 continue
             outcome = item[1]
             if item[0] == "before":
@@ -905,8 +947,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         # -- wiring --------------------------------------------------------------------
         trace_inputs = [prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed,
                         precision, fast, edits_state]
-        trace_outputs = [prediction, plot_hidden, plot_mlp, plot_attn, json_btn, csv_btn, layer_html, e_layer,
-                         trace_state]
+        trace_outputs = [prediction, plot_hidden, plot_mlp, plot_attn, json_btn, csv_btn, layer_html, trace_state]
         trace_event = trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
         stop_btn.click(None, None, None, cancels=[trace_event])
         prompt.change(app.suggest_subject, [prompt, subject], subject, queue=False, api_visibility="private")
@@ -926,6 +967,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                        api_name="compare", **model_events)
         retrace_btn.click(app.retrace_values, [e_subject, e_relation, e_target], [prompt, subject, answer, tabs],
                           api_name="retrace_values").then(trace_fn, trace_inputs, trace_outputs, **model_events)
+        info = gr.JSON(visible=False)
+        gr.Button(visible=False).click(app.model_info, None, info, api_name="model_info")
         if presets:
             preset_set.click(app.preset_values, preset_set,
                              [prompt, subject, answer, e_subject, e_relation, e_target, e_old, e_para, e_neigh],

@@ -20,12 +20,11 @@ import torch
 
 import app as app_module
 from app import App, build_demo, history_rows, model_card
-from editing import EditRequest, compute_edit, load_edits, save_edits
+from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
 from tracing import TraceResult
 from tracing.hooks import active_hook_count
 
 from app_fixtures import EDIT, PROMPT, QUICK, SUBJECT, engine  # noqa: F401 - engine is a fixture
-from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, changed, snapshot
 
 
@@ -71,7 +70,7 @@ def test_trace_streams_kind_by_kind_then_exports(app):
     updates = trace(app)
     assert len(updates) >= 4  # prediction, then hidden, mlp, attn figures
     final = updates[-1]
-    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, layer, state = final
+    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, state = final
     assert all(isinstance(f, go.Figure) for f in (hidden, mlp, attn))
     assert "Impact of restoring MLP" in mlp.layout.title.text
     # Before the end, later figures are still empty: results arrive kind by kind.
@@ -84,7 +83,7 @@ def test_trace_streams_kind_by_kind_then_exports(app):
     rows = list(csv.DictReader(Path(csv_btn.value["path"]).open()))
     assert len(rows) == 3 * len(results[0].tokens) * app.engine.lm.n_layers
     mlp_result = results[1]
-    assert layer == int(np.nanargmax(mlp_result.scores[mlp_result.subject_range[1] - 1]))
+    layer = int(np.nanargmax(mlp_result.scores[mlp_result.subject_range[1] - 1]))
     assert f"layer <b>{layer}</b>" in layer_html
     assert state == {"prompt": PROMPT, "subject": SUBJECT, "answer": results[0].answer, "layer": layer}
 
@@ -92,7 +91,7 @@ def test_trace_streams_kind_by_kind_then_exports(app):
 def test_expected_answer_is_traced(app):
     final = trace(app, answer="Paris")[-1]
     assert "Paris" in final[0]
-    assert final[8]["answer"] == " Paris"
+    assert final[7]["answer"] == " Paris"
 
 
 def test_trace_sees_only_the_visitors_edits(app, one_edit):
@@ -136,7 +135,7 @@ def test_failure_mid_trace_restores_everything(app, one_edit, monkeypatch):
 
 
 def test_to_edit_carries_the_traced_fact(app):
-    state = trace(app)[-1][8]
+    state = trace(app)[-1][7]
     subject, relation, old, layer, tabs = app.to_edit(state, 0)
     assert (subject, relation, layer) == (SUBJECT, "{} is located in the city of", state["layer"])
     assert old == state["answer"].strip()
@@ -219,7 +218,7 @@ def test_import_round_trip(app, one_edit, tmp_path):
     assert len(edits) == 2
 
 
-def test_import_rejects_bad_files(app, one_edit, tmp_path, tokenizer, device):
+def test_import_rejects_bad_files(app, one_edit, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(gr.Error, match="not a readable edits file"):
@@ -231,9 +230,8 @@ def test_import_rejects_bad_files(app, one_edit, tmp_path, tokenizer, device):
     with pytest.raises(gr.Error, match="Choose an edits file"):
         app.import_edits(None, [])
     # An edit made for another model (other shapes) must not touch this one.
-    other = make_tiny("gpt2", tokenizer, device)
-    foreign = compute_edit(other, EditRequest(SUBJECT, "{} is located in", "Rome", "Paris"), layer=1,
-                           hparams=TINY_HPARAMS)
+    foreign = Edit(request=one_edit.request, layer=1, module=one_edit.module, u=np.ones(7, np.float32),
+                   v=np.ones(5, np.float32), key=np.ones(7, np.float32), value=np.ones(5, np.float32))
     path = save_edits([foreign], tmp_path / "foreign.safetensors")
     with pytest.raises(gr.Error, match="another"):
         app.import_edits(str(path), [one_edit])

@@ -34,12 +34,14 @@ def test_trace_a_preset_then_edit_and_undo(served):
     demo, url = served
     assert demo._queue.max_size == 16  # a full queue turns visitors away instead of piling up work
     client = Client(url, verbose=False)
+    info = client.predict(api_name="/model_info")
+    assert info["layers"] == 4 and info["default_edit_layer"] == 1 and len(info["presets"]) == 12
     prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(0, api_name="/preset")
     out = trace(client, prompt, subject, answer)
     assert all(plot["type"] == "plotly" for plot in out[1:4])
     exported = json.load(open(out[4]["value"]))  # a DownloadButton update: enabled, with its file
     assert [r["kind"] for r in exported["results"]] == ["hidden", "mlp", "attn"]
-    assert 0 <= out[7] < 4  # the suggested edit layer
+    assert "peaks at layer" in out[6]  # the suggested edit layer
 
     comparison, scores, details, history, export, status = edit(client, e_subject, relation, target, old, para, neigh)
     assert [row["kind"] for row in details["rows"]] == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]

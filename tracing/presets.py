@@ -36,7 +36,9 @@ import torch
 
 from .corruption import ASSETS, known_facts
 from .models import LoadedModel, load_model
+from .result import TraceConfig
 from .tokens import continuation_ids, encode_prompt
+from .trace import trace
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Preset:
     prompt: str  # the traced prompt, e.g. "The capital of Egypt is"
     attribute: str  # the true object, e.g. "Cairo"
     probability: float  # the model's p(first token of attribute | prompt)
+    corrupted: float  # the same with the subject's embeddings noised (the trace's low score, paper settings)
     rewrite_prompt: str  # prompt with "{}" for the subject
     counterfactual: str  # the new object to write, from the same relation
     paraphrases: tuple[str, ...]  # other prompts of the relation about the subject (complete sentences)
@@ -173,6 +176,7 @@ def find_presets(
     max_tokens: int = 12,
     per_relation: int = 1,
     exclude_relations: Sequence[str] = CLASSROOM_EXCLUDED,
+    max_corrupted_ratio: float = 0.5,
 ) -> list[Preset]:
     """Choose ``n`` well-known facts the model knows, spread over relations, each with an edit to try.
 
@@ -184,7 +188,10 @@ def find_presets(
     attribute with probability ≥ ``min_probability``, its prompt has at most
     ``max_tokens`` tokens (traces stay quick), and the known facts provide a
     counterfactual, two paraphrases and two neighbours (see :class:`Preset`).
-    Relations in ``exclude_relations`` and prompts with a negation are skipped.
+    Relations in ``exclude_relations`` and prompts with a negation are skipped,
+    and so are facts whose answer survives the corruption of the subject
+    (corrupted p > ``max_corrupted_ratio`` × clean p): their heatmaps would
+    show little.
     Facts are ranked by log p(answer) plus :func:`subject_familiarity`, so
     confident facts about famous subjects come first; relations take turns (at
     most ``per_relation`` each per round) in order of their best fact.
@@ -231,7 +238,8 @@ def find_presets(
                 fact, p = queues[relation].pop(0)
                 if fact["subject"] in seen_subjects:
                     continue
-                preset = _complete(lm, fact, p, templates[relation], objects[relation], by_object)
+                preset = _complete(lm, fact, p, templates[relation], objects[relation], by_object,
+                                   max_corrupted_ratio)
                 if preset is not None:
                     chosen.append(preset)
                     seen_subjects.add(fact["subject"])
@@ -248,6 +256,7 @@ def _complete(
     templates: list[str],
     objects: Counter,
     by_object: dict,
+    max_corrupted_ratio: float = 1.0,
 ) -> Preset | None:
     """Add a counterfactual, paraphrases and neighbours to a known fact, or None if one is missing."""
     subject, attribute, prompt = fact["subject"], fact["attribute"], fact["prompt"]
@@ -279,6 +288,13 @@ def _complete(
     unlikely = [o for o, p in zip(alternatives, probs) if p < min(0.05, probability / 10)]
     if not unlikely:
         return None
+
+    # The subject must matter: corrupting it (as the trace does) should remove much of the answer.
+    enc = encode_prompt(lm.tokenizer, prompt, subject)
+    (low,) = trace(lm, prompt, subject, answer=attribute, kinds=("hidden",),
+                   config=TraceConfig(tokens=(len(enc) - 1,)))
+    if low.low_score > max_corrupted_ratio * low.high_score:
+        return None
     return Preset(
         known_id=int(fact["known_id"]),
         relation_id=fact["relation_id"],
@@ -286,6 +302,7 @@ def _complete(
         prompt=prompt,
         attribute=attribute,
         probability=round(float(probability), 4),
+        corrupted=round(float(low.low_score), 4),
         rewrite_prompt=rewrite,
         counterfactual=unlikely[0],
         paraphrases=tuple(paraphrases),
@@ -368,9 +385,12 @@ def guess_subject(prompt: str, facts: Iterable[dict] | None = None) -> str:
             j = i
             while j + 1 < len(words):
                 nxt = words[j + 1][0]
+                if text[words[j][2] : words[j + 1][1]].strip():
+                    break  # punctuation between the words ends the name
                 if nxt[:1].isupper() or nxt[:1].isdigit():
                     j += 1
-                elif nxt.lower() in _CONNECTORS and j + 2 < len(words) and words[j + 2][0][:1].isupper():
+                elif (nxt.lower() in _CONNECTORS and j + 2 < len(words) and words[j + 2][0][:1].isupper()
+                      and not text[words[j + 1][2] : words[j + 2][1]].strip()):
                     j += 2
                 else:
                     break
@@ -396,14 +416,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=12, help="how many presets (default 12)")
     parser.add_argument("--min-probability", type=float, default=0.2, help="least p(answer) of a chosen fact")
     parser.add_argument("--max-tokens", type=int, default=12, help="longest prompt, in tokens")
+    parser.add_argument("--max-corrupted-ratio", type=float, default=0.5,
+                        help="skip facts whose corrupted p(answer) exceeds this fraction of the clean one")
     parser.add_argument("--out", default=str(PRESETS_PATH), help="where to write the JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     lm = load_model(args.model)
-    presets = find_presets(lm, n=args.n, min_probability=args.min_probability, max_tokens=args.max_tokens)
+    presets = find_presets(lm, n=args.n, min_probability=args.min_probability, max_tokens=args.max_tokens,
+                           max_corrupted_ratio=args.max_corrupted_ratio)
     path = save_presets(presets, lm, args.out)
     for p in presets:
-        print(f"{p.probability:5.2f}  {p.prompt!r} -> {p.attribute!r}; edit to {p.counterfactual!r}")
+        print(f"{p.probability:5.2f} -> {p.corrupted:5.2f}  {p.prompt!r} -> {p.attribute!r}; edit to {p.counterfactual!r}")
     print(f"Wrote {len(presets)} presets to {path}")
 
 

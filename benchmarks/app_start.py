@@ -1,0 +1,128 @@
+"""Start-up and response times of the app, as a visitor meets them.
+
+    .venv/bin/python benchmarks/app_start.py               # cold and warm start, preset trace and edit
+    .venv/bin/python benchmarks/app_start.py --skip-cold --preset 3
+
+* cold start: ``python app.py`` with an empty cache directory (the embedded
+  GGUF is dequantised and converted again) until the page answers;
+* warm start: the same with the normal cache;
+* then, through the warm server's API (gradio_client), the preset's trace with
+  the paper's settings (and the quick trace: subject and last token only),
+  and the preset's edit with its before/after generations and scores. The key
+  statistics of an edit layer are computed on its first edit ever and cached;
+  the edit's own timings say how long each stage took.
+
+Aims on 2 CPU cores: warm start <= 15 s, preset trace <= 30 s, preset edit <= 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(env: dict, timeout: float = 900) -> tuple[subprocess.Popen, str, float]:
+    """Start ``python app.py``; return the process, its URL and the seconds until the page answered."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"app.py exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return proc, url, time.perf_counter() - started
+        except OSError:
+            pass
+        if time.perf_counter() - started > timeout:
+            proc.kill()
+            raise SystemExit(f"app.py did not serve a page within {timeout} s")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", type=int, default=0, help="index of the shipped preset to trace and edit")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold start (it converts the model again)")
+    parser.add_argument("--skip-full-trace", action="store_true", help="only the quick trace")
+    args = parser.parse_args()
+    from gradio_client import Client
+
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    figures: dict[str, object] = {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
+
+    if not args.skip_cold:
+        with tempfile.TemporaryDirectory(prefix="le-cold-") as cache:
+            proc, _, seconds = start({**env, "LOCATE_EDIT_CACHE": cache})
+            stop(proc)
+        figures["cold_start_s"] = round(seconds, 1)
+        print(f"cold start (model converted, empty cache): {seconds:6.1f} s", flush=True)
+
+    proc, url, seconds = start(env)
+    figures["warm_start_s"] = round(seconds, 1)
+    print(f"warm start to a served page:               {seconds:6.1f} s   (aim <= 15 s)", flush=True)
+    try:
+        client = Client(url, verbose=False)
+        prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(
+            args.preset, api_name="/preset")
+        print(f"preset {args.preset}: {prompt!r} -> {answer!r}, edit to {target!r}", flush=True)
+        modes = [("quick", True)] + ([] if args.skip_full_trace else [("paper", False)])
+        for mode, quick in modes:
+            started = time.perf_counter()
+            client.predict(prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", quick,
+                           api_name="/trace")
+            seconds = time.perf_counter() - started
+            figures[f"trace_{mode}_s"] = round(seconds, 1)
+            aim = "   (aim <= 30 s)" if mode == "paper" else ""
+            print(f"preset trace, {mode + ' settings:':16s}          {seconds:6.1f} s{aim}", flush=True)
+
+        started = time.perf_counter()
+        out = client.predict(e_subject, relation, target, old, client.predict(api_name="/model_info")["default_edit_layer"], para,
+                             neigh, 16, False, 0, api_name="/edit")
+        seconds = time.perf_counter() - started
+        details = out[2]
+        figures["edit_s"] = round(seconds, 1)
+        figures["edit_timings_s"] = details.get("timings", {})
+        rewrite = details["rows"][0]
+        figures["edit_rewrite_after"] = rewrite["after"]
+        print(f"preset edit (generations, scores, ROME):   {seconds:6.1f} s   (aim <= 15 s)", flush=True)
+        print(f"  ROME stages: {json.dumps(details.get('timings', {}))}", flush=True)
+        print(f"  rewrite prompt after the edit: {rewrite['prompt']!r} ->{rewrite['after']!r}", flush=True)
+
+        started = time.perf_counter()
+        client.predict(api_name="/undo")
+        figures["undo_s"] = round(time.perf_counter() - started, 2)
+    finally:
+        stop(proc)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The page in a real browser: headless Chromium (Debian package) driven by Playwright, the real model.
+
+Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
+and waits for the three heatmaps, applies the preset's edit, checks that the
+rewrite prompt's generation now contains the new object (and did not before),
+undoes it, and saves screenshots. Set ``LOCATE_EDIT_SCREENSHOTS=assets`` to
+refresh the README's screenshot (``assets/screenshot.png``); otherwise they go
+to pytest's temporary directory.
+
+In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tracing.presets import load_presets
+
+from app_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = 0  # the first shipped preset
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.real_model
+
+
+def chromium() -> str:
+    path = os.environ.get("LOCATE_EDIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    reason = "Chromium is not installed (apt-get install -y chromium, or `make browser`)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; CI must run the browser test.")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def page_url():
+    """``python app.py`` on a free port; yields its URL, stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("app.py did not serve the page within 300 s")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    folder = Path(os.environ.get("LOCATE_EDIT_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_trace_edit_undo_in_a_browser(page_url, shots):
+    executable = chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    preset = load_presets().presets[PRESET]
+    new = preset.counterfactual.lower()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(page_url)
+            expect(page.locator("#model-card")).to_contain_text("SmolLM2-135M-Instruct", timeout=60_000)
+
+            # A preset fills both panels.
+            page.locator("#presets").get_by_text(preset.label, exact=True).click()
+            expect(page.locator("#trace-prompt textarea")).to_have_value(preset.prompt)
+            expect(page.locator("#trace-subject textarea")).to_have_value(preset.subject)
+
+            # Trace (quick: the subject's and the last token's rows) and wait for the three heatmaps.
+            page.get_by_text("Advanced settings").click()
+            page.get_by_label("Quick trace", exact=False).check()
+            page.locator("#trace-button").click()
+            for kind in ("hidden", "mlp", "attn"):
+                expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible(timeout=900_000)
+            expect(page.locator("#trace-scores")).to_contain_text(preset.attribute)
+            expect(page.locator("#layer-suggestion")).to_contain_text("peaks at layer")
+            expect(page.locator("#plot-mlp")).to_contain_text("Impact of restoring MLP")
+            page.get_by_text("Advanced settings").click()  # fold it again for the screenshot
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots / "screenshot.png"), full_page=True)
+
+            # Edit with the preset's counterfactual.
+            page.get_by_role("tab", name="② Rewrite the fact").click()
+            expect(page.locator("#edit-target textarea")).to_have_value(preset.counterfactual)
+            page.locator("#edit-button").click()
+            rewrite = page.locator('#edit-comparison tr[data-kind="rewrite"]')
+            expect(rewrite.locator("td.after mark.le-new").first).to_be_visible(timeout=1_800_000)
+            before, after = rewrite.locator("td.before").inner_text(), rewrite.locator("td.after").inner_text()
+            assert new in after.lower(), after
+            assert new not in before.lower(), before
+            expect(page.locator("#edit-status")).to_contain_text("1 edit active")
+            expect(page.locator("#edit-scores")).to_contain_text("Efficacy")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots / "screenshot-edit.png"), full_page=True)
+
+            # Undo.
+            page.locator("#undo-button").click()
+            expect(page.locator("#edit-status")).to_contain_text("original model", timeout=60_000)
+            page.screenshot(path=str(shots / "screenshot-undo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (shots / "screenshot.png").stat().st_size > 10_000
