@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -59,7 +60,6 @@ from tracing.result import CORRUPTIONS, METRICS, PRECISIONS
 
 log = logging.getLogger("locate-edit.app")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 MODEL_ENV = "LOCATE_EDIT_MODEL"
 DEVICE_ENV, DTYPE_ENV = "LOCATE_EDIT_DEVICE", "LOCATE_EDIT_DTYPE"
@@ -150,8 +150,18 @@ class Engine:
             out.append(value)
         return out[0] if out else None
 
-    def export_path(self, stem: str, suffix: str) -> Path:
-        """A fresh file path for a download (its own folder, so names never collide between visitors)."""
+    def export_path(self, stem: str, suffix: str, keep_s: float = 3600) -> Path:
+        """A fresh file path for a download (its own folder, so names never collide between visitors).
+
+        Downloads older than ``keep_s`` seconds are removed on the way.
+        """
+        now = time.time()
+        for old in self.workdir.glob("x-*"):
+            try:
+                if now - old.stat().st_mtime > keep_s:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
         folder = Path(tempfile.mkdtemp(prefix="x-", dir=self.workdir))
         slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "export"
         return folder / f"{slug}{suffix}"
@@ -206,7 +216,7 @@ def _esc(text: object) -> str:
 def _fmt_p(p: float | None) -> str:
     if p is None or not np.isfinite(p):
         return "–"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return f"{p:.3f}" if abs(p) >= 0.001 or p == 0 else f"{p:.1e}"
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -260,14 +270,18 @@ def _lines(text: str | None) -> list[str]:
 
 
 def _highlight(text: str, new: str, old: str | None) -> str:
-    """HTML of a generation with the new object marked green and the old one red."""
-    out = _esc(text)
-    for word, cls in ((new, "le-new"), (old, "le-old")):
-        word = (word or "").strip()
-        if word:
-            out = re.sub(re.escape(_esc(word)), lambda m: f'<mark class="{cls}">{m.group(0)}</mark>', out,
-                         flags=re.IGNORECASE)
-    return out
+    """HTML of a generation with the new object marked green and the old one red (case-insensitive)."""
+    classes = {w.strip().lower(): cls for w, cls in ((old, "le-old"), (new, "le-new")) if w and w.strip()}
+    if not classes:
+        return _esc(text)
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(classes, key=len, reverse=True)), re.IGNORECASE)
+    out, pos = [], 0
+    for match in pattern.finditer(text):
+        out.append(_esc(text[pos : match.start()]))
+        out.append(f'<mark class="{classes[match.group(0).lower()]}">{_esc(match.group(0))}</mark>')
+        pos = match.end()
+    out.append(_esc(text[pos:]))
+    return "".join(out)
 
 
 def model_card(engine: Engine) -> str:
@@ -293,13 +307,13 @@ def prediction_card(top: list[tuple[str, float]], result: TraceResult | None, ex
             f'<div class="le-small">then {others}</div>']
     if result is not None:
         settings = result.settings
-        how = {"gaussian": "Gaussian noise", "uniform": "uniform noise", "subject": "another subject"}.get(
-            settings.get("corruption", "gaussian"), "noise")
+        how = {"gaussian": "Gaussian noise on the subject", "uniform": "uniform noise on the subject",
+               "subject": "the subject swapped for others"}.get(settings.get("corruption", "gaussian"), "noise")
         unit = "p" if result.metric == "prob" else result.metric
         rows.append(
             f'<div class="le-big" id="trace-scores">Traced answer <code>{_esc(result.answer)}</code>: '
             f'clean {unit} = <b>{_fmt_p(result.high_score)}</b> → corrupted {unit} = <b>{_fmt_p(result.low_score)}</b>'
-            f' <span class="le-small">(subject replaced by {how}, {settings.get("copies", settings.get("samples"))} '
+            f' <span class="le-small">({how}, {settings.get("copies", settings.get("samples"))} '
             f'samples)</span></div>'
         )
         if expected and expected.strip() and result.answer.strip() != best.strip():
@@ -737,6 +751,7 @@ class App:
                 f'<th>With your edits</th></tr><tr><td class="le-prompt">{_esc(prompt)}</td>'
                 f'<td class="before">{_highlight(original, new, old)}</td><td class="after">{right}</td></tr></table>')
 
+    @_user_errors
     def retrace_values(self, subject: str, relation: str, target: str) -> tuple:
         """Fill the trace panel with the edited fact (prompt, subject, new object) and switch to it."""
         request = self._request(subject, relation, target or "?", "")
@@ -789,9 +804,11 @@ CSS = """
 .le-notice {margin-top: 6px; padding: 8px 12px; border-radius: 8px; background: #fef3c7; color: #78350f;}
 .le-big {font-size: 1.05em; margin: 2px 0;}
 .le-small {font-size: 0.85em; color: var(--body-text-color-subdued);}
-.le-compare {width: 100%; border-collapse: collapse; font-size: 0.92em;}
-.le-compare th {text-align: left; padding: 6px 8px; border-bottom: 2px solid var(--border-color-primary);}
-.le-compare td {padding: 6px 8px; border-bottom: 1px solid var(--border-color-primary); vertical-align: top;}
+.le-compare {width: 100%; border-collapse: collapse; font-size: 0.92em; border: none !important;}
+.le-compare th {text-align: left; padding: 6px 8px; border: none !important;
+                border-bottom: 2px solid var(--border-color-primary) !important;}
+.le-compare td {padding: 6px 8px; vertical-align: top; border: none !important;
+                border-bottom: 1px solid var(--border-color-primary) !important;}
 .le-compare td.le-prompt {font-weight: 600; width: 24%;}
 .le-compare td.before, .le-compare td.after {width: 26%;}
 .le-tag {font-size: 0.78em; padding: 1px 8px; border-radius: 999px; white-space: nowrap;}
@@ -828,7 +845,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
     presets = engine.presets
     model_events = dict(concurrency_id="model", concurrency_limit=1)
 
-    with gr.Blocks(title="locate-edit: trace and rewrite facts in a language model") as demo:
+    with gr.Blocks(title="locate-edit: trace and rewrite facts in a language model", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
         edits_state = gr.State([])
         trace_state = gr.State(None)
 
@@ -949,8 +967,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                         precision, fast, edits_state]
         trace_outputs = [prediction, plot_hidden, plot_mlp, plot_attn, json_btn, csv_btn, layer_html, trace_state]
         trace_event = trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
-        stop_btn.click(None, None, None, cancels=[trace_event])
-        prompt.change(app.suggest_subject, [prompt, subject], subject, queue=False, api_visibility="private")
+        prompt.input(app.suggest_subject, [prompt, subject], subject, queue=False, api_visibility="private")
         to_edit_btn.click(app.to_edit, [trace_state, e_layer], [e_subject, e_relation, e_old, e_layer, tabs],
                           queue=False, api_visibility="private")
 
@@ -965,8 +982,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
                           **model_events)
         free_btn.click(compare_fn, [free_prompt, max_new, sample, g_seed, edits_state], free_out,
                        api_name="compare", **model_events)
-        retrace_btn.click(app.retrace_values, [e_subject, e_relation, e_target], [prompt, subject, answer, tabs],
-                          api_name="retrace_values").then(trace_fn, trace_inputs, trace_outputs, **model_events)
+        retrace_event = retrace_btn.click(
+            app.retrace_values, [e_subject, e_relation, e_target], [prompt, subject, answer, tabs],
+            api_name="retrace_values",
+        ).success(trace_fn, trace_inputs, trace_outputs, api_visibility="private", **model_events)
+        stop_btn.click(None, None, None, cancels=[trace_event, retrace_event])
         info = gr.JSON(visible=False)
         gr.Button(visible=False).click(app.model_info, None, info, api_name="model_info")
         if presets:

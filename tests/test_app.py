@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import app as app_module
-from app import App, build_demo, history_rows, model_card
+from app import App, build_demo, create_engine, history_rows, model_card
 from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
 from tracing import TraceResult
+from tracing.models import DEFAULT_MODEL
 from tracing.hooks import active_hook_count
 
 from app_fixtures import EDIT, PROMPT, QUICK, SUBJECT, engine  # noqa: F401 - engine is a fixture
@@ -271,8 +272,17 @@ def test_subject_suggestion_keeps_a_valid_subject(app):
 def test_retrace_values(app):
     prompt, subject, answer, tabs = app.retrace_values("The Eiffel Tower", "{} is in", "Rome")
     assert (prompt, subject, answer) == ("The Eiffel Tower is in", "The Eiffel Tower", "Rome")
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(gr.Error, match="placeholder"):
         app.retrace_values("The Eiffel Tower", "is in", "Rome")
+
+
+@pytest.mark.real_model
+def test_a_model_that_cannot_be_loaded_falls_back_with_a_notice(tmp_path):
+    engine = create_engine(str(tmp_path / "no-such-model"))
+    assert engine.lm.name == DEFAULT_MODEL and "Could not load model" in engine.notice
+    assert "Could not load model" in model_card(engine)
+    with pytest.raises(ValueError, match="Could not load model"):
+        create_engine(str(tmp_path / "no-such-model"), fallback=False)
 
 
 def test_model_card_and_history_rows(engine, one_edit):
@@ -350,3 +360,13 @@ def test_requests_wait_for_the_model(engine, one_edit):
     t.join()
     assert [entry[0] for entry in log] == ["a-start", "a-end", "b-start"]
     assert log[0][1] is False and log[2][1] is True
+
+
+def test_highlight_marks_objects_once_and_escapes():
+    from app import _highlight
+
+    assert _highlight("Rome, not Paris <b>", "Rome", "Paris") == (
+        '<mark class="le-new">Rome</mark>, not <mark class="le-old">Paris</mark> &lt;b&gt;')
+    # An object that is also a word of the markup is never matched inside it.
+    assert _highlight("the new class", "new", "class").count("<mark") == 2
+    assert _highlight("plain", "", None) == "plain"

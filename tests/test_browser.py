@@ -3,8 +3,10 @@
 Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
 and waits for the three heatmaps, applies the preset's edit, checks that the
 rewrite prompt's generation now contains the new object (and did not before),
-undoes it, and saves screenshots. Set ``LOCATE_EDIT_SCREENSHOTS=assets`` to
-refresh the README's screenshot (``assets/screenshot.png``); otherwise they go
+undoes it, and saves screenshots. The trace is the quick one (the subject's
+and the last token's rows) to keep the test short. Set
+``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
+(``assets/screenshot.png``, then with a full trace); otherwise screenshots go
 to pytest's temporary directory.
 
 In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
@@ -100,9 +102,10 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             expect(page.locator("#trace-prompt textarea")).to_have_value(preset.prompt)
             expect(page.locator("#trace-subject textarea")).to_have_value(preset.subject)
 
-            # Trace (quick: the subject's and the last token's rows) and wait for the three heatmaps.
+            # Trace and wait for the three heatmaps.
             page.get_by_text("Advanced settings").click()
-            page.get_by_label("Quick trace", exact=False).check()
+            if not os.environ.get("LOCATE_EDIT_SCREENSHOTS"):
+                page.get_by_label("Quick trace", exact=False).check()
             page.locator("#trace-button").click()
             for kind in ("hidden", "mlp", "attn"):
                 expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible(timeout=900_000)

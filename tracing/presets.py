@@ -271,11 +271,15 @@ def _complete(
     ranked = sorted(zip(others, probs, top), key=lambda opt: (not opt[2], -opt[1]))
     paraphrases = [text for text, _, _ in ranked[:2]]
 
-    # Neighbours: other subjects of the relation with the same object (those the model knows first).
-    neighbours = [
-        f["prompt"] for f in by_object[fact["relation_id"], attribute]
+    # Neighbours: other subjects of the relation with the same object; unrelated names (no shared word) first,
+    # then those the model knows, most confident first.
+    words = set(subject.lower().split())
+    others = [
+        f for f in by_object[fact["relation_id"], attribute]
         if f["subject"] != subject and subject not in f["prompt"] and f["subject"] not in prompt
-    ][:2]
+    ]
+    others.sort(key=lambda f: bool(words & set(f["subject"].lower().split())))  # stable sort keeps the rest
+    neighbours = [f["prompt"] for f in others][:2]
     if len(neighbours) < 2:
         return None
 
