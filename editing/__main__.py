@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tracing.models import load_model
 
     from . import EditRequest, applied, compute_edit, generate, load_edits, load_hparams, save_edits, score_edit
+    from .hparams import VARIANTS
     from .stats import StatsSpec
 
     parser = argparse.ArgumentParser(prog="python -m editing", description=__doc__.split("\n")[0])
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paraphrase", nargs="*", default=[], help="paraphrases of the rewrite prompt")
     parser.add_argument("--neighbour", nargs="*", default=[], help="prompts about other subjects that must keep the old object")
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--variant", choices=("r-rome", "original"), default=None)
+    parser.add_argument("--variant", choices=VARIANTS, default=None)
     parser.add_argument("--hparams", default=None, help="hyperparameter JSON file")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)

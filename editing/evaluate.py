@@ -29,7 +29,7 @@ import numpy as np
 from tracing.models import LoadedModel
 
 from .edit import EditRequest, applied
-from .hparams import ROMEHyperParams
+from .hparams import VARIANTS, ROMEHyperParams
 from .rome import compute_edit
 from .sampling import generate
 from .scores import fluency, harmonic_mean, score_edit
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M)")
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: hyperparameters)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases")
-    parser.add_argument("--variant", choices=("r-rome", "original"), default=None)
+    parser.add_argument("--variant", choices=VARIANTS, default=None)
     parser.add_argument("--hparams", default=None, help="a hyperparameter JSON file instead of assets/hparams")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override one hyperparameter, e.g. --set v_num_grad_steps=10")

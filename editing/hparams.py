@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "assets" / "hparams"
-VARIANTS = ("r-rome", "original")
+VARIANTS = ("r-rome", "original", "exact")
 _META_KEYS = ("description", "match")
 
 
@@ -48,7 +48,8 @@ class ROMEHyperParams:
     context_top_k: int = 5  # top-k sampling of the templates
     context_seed: int = 0
     # The update
-    variant: str = "r-rome"  # "r-rome": one averaged key k* throughout; "original": the paper code's bare-prompt key
+    variant: str = "r-rome"  # "r-rome": one averaged key k* throughout; "original": the paper code's bare-prompt key;
+    # "exact": r-rome, with each prompt's δ scaled during the optimisation as the update will scale it
     mom2_adjustment: bool = True  # use C^-1 k*; False: plain k* direction (no statistics)
     stats_ridge: float = 0.0  # C + ridge * mean(diag C) * I before solving
     # Key statistics C = E[k k^T]

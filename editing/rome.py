@@ -19,6 +19,12 @@ that the layers above turn into the fact. To write a new fact:
    2024, "Rebuilding ROME"); ``"original"`` reproduces the paper code, whose
    residual and denominator use the bare prompt's key although the direction
    uses the averaged one — updates that can blow up over sequential edits.
+   ``"exact"`` makes step 2 honest about step 3: a rank-one update adds
+   ``δ (uᵀkᵢ)/(uᵀk₀)`` (u = C⁻¹k*/‖C⁻¹k*‖, k₀ the bare prompt's key) at a
+   prompt whose key is kᵢ, not the same δ everywhere, so during the
+   optimisation each prompt gets exactly that. δ is the change at the bare
+   prompt (the one the user wrote; the clamp and decay refer to it), and what
+   is optimised is what the edited model does on every templated prompt.
 
 Speed: the templated prompts share everything before the subject's last token,
 which δ cannot change, so their keys and values are computed once; the
@@ -272,6 +278,32 @@ class SuffixRunner:
                 hidden = main_tensor(self.lm.block(j)(hidden, *args, **kwargs))
         return hidden
 
+    def lookup_io(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edited down-projection's input and output at each row's lookup token: (rows, d_in), (rows, d_out), float64.
+
+        Runs block ``layer`` only; neither depends on the edit.
+        """
+        found: dict[str, torch.Tensor] = {}
+
+        class _Done(Exception):
+            pass
+
+        def grab(module, args, output):
+            found["keys"] = args[0][:, 0].detach().double()
+            found["values"] = main_tensor(output)[:, 0].detach().double()
+            raise _Done
+
+        args, kwargs = self.calls[self.layer]
+        cache = _PrefixCache(self.prefix)
+        args = tuple(cache if _is_cache(a) else a for a in args)
+        kwargs = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items() if k != "hidden_states"}
+        try:
+            with torch.no_grad(), hooks(self.lm.model, Hook(self.lm.module_name("down_proj", self.layer), grab)):
+                self.lm.block(self.layer)(self.hidden_in, *args, **kwargs)
+        except _Done:
+            pass
+        return found["keys"], found["values"]
+
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 logits (picked, vocab) at suffix ``positions`` of ``rows`` only."""
         picked = hidden[rows, positions]  # (picked, d_model)
@@ -285,8 +317,6 @@ class SuffixRunner:
 @dataclass
 class _Optimised:
     delta: torch.Tensor  # (d_model,) float32
-    keys: torch.Tensor  # (rows, d_in) float64: the down-projection's inputs at the lookup tokens
-    values: torch.Tensor  # (rows, d_out) float64: its original outputs there
     steps: int
     loss: float
     nll: float
@@ -295,9 +325,14 @@ class _Optimised:
     prob_after: float
 
 
-def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperParams,
-              progress: Progress | None) -> _Optimised:
-    """Find δ by Adam (paper eq. 4 as in the original code: NLL + KL + decay, clamped)."""
+def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperParams, target_init: torch.Tensor,
+              scales: torch.Tensor, progress: Progress | None) -> _Optimised:
+    """Find δ by Adam (paper eq. 4 as in the original code: NLL + KL + decay, clamped).
+
+    Row r's lookup output gets ``scales[r] * δ`` (all ones except for the
+    "exact" variant); ``target_init`` (d_out,) is the bare prompt's original
+    value, which sets the decay's and the clamp's scale.
+    """
     device = lm.device
     n_rw = rows.n_rewrite
     # Gather indices: every (row, target position) of the rewrite rows, then the KL row's last position.
@@ -319,14 +354,12 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperP
     d_model = runner.hidden_in.shape[-1]
     delta = torch.zeros(d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
-    record: dict[str, torch.Tensor] = {}
+    scales = scales.to(device=device, dtype=torch.float32)[:, None, None]  # (rows, 1, 1)
+    target_init = target_init.float()
 
     def add_delta(module, args, output):
         out = main_tensor(output)  # (rows, S, d_model)
-        if "keys" not in record:
-            record["keys"] = args[0][:, 0].detach().double()
-            record["values"] = out[:, 0].detach().double()
-        first = out[:, :1] + delta.to(out.dtype)
+        first = out[:, :1] + (scales * delta).to(out.dtype)
         return replace_main(output, torch.cat([first, out[:, 1:]], dim=1))
 
     hook = Hook(lm.module_name("down_proj", runner.layer), add_delta)
@@ -346,7 +379,6 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperP
         if kl_init is None:
             kl_init = kl_logp.detach().clone()
         kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-        target_init = record["values"][0].float()
         decay = hp.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
         loss = nll + kl + decay
         prob = float(per_row.detach().exp().mean())
@@ -366,7 +398,7 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: _Rows, hp: ROMEHyperP
             max_norm = hp.clamp_norm_factor * target_init.norm()
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return _Optimised(delta=delta.detach().clone(), keys=record["keys"], values=record["values"], steps=step + 1,
+    return _Optimised(delta=delta.detach().clone(), steps=step + 1,
                       loss=loss_value, nll=nll_value, kl=kl_value, prob_before=prob_before, prob_after=prob_after)
 
 
@@ -462,26 +494,29 @@ def compute_edit(
         report("keys", 0.0)
         rows = build_rows(lm, request, templates, hp.kl_prompt)
         runner = SuffixRunner(lm, rows.ids, rows.lookups, layer)
-        lap("keys")
-        result = _optimise(lm, runner, rows, hp, report)
-        lap("optimise")
-
-        report("update", 0.0)
+        keys, values = runner.lookup_io()  # (rows, d_in), (rows, d_out) float64; the KL row is last
         n_rw = rows.n_rewrite
-        k_star = result.keys[:n_rw].mean(0)  # (d_in,) float64
-        v_base = result.values[:n_rw].mean(0)  # W k* + b (the layer is affine)
-        if hp.variant == "original":
-            k_ref, v_base = result.keys[0], result.values[0]  # the bare prompt's key, as in the paper's code
+        k_star = keys[:n_rw].mean(0)  # (d_in,): k*, averaged over the templates
+        v_base = values[:n_rw].mean(0)  # W k* + b (the layer is affine)
+        if hp.variant in ("original", "exact"):
+            k_ref, v_base = keys[0], values[0]  # the bare prompt's key (the paper's code; exact: δ is its change)
         else:
             k_ref = k_star
         direction = stats.solve(k_star, ridge=hp.stats_ridge) if stats is not None else k_star.clone()
-        u = direction / direction.norm()
+        u = direction / direction.norm()  # (d_in,) unit
         denominator = float(u @ k_ref)
         if not np.isfinite(denominator) or abs(denominator) < 1e-12:
             raise ValueError(
                 "The key k* is (nearly) orthogonal to C⁻¹k*, so no rank-one update can write this fact at layer "
-                f"{layer}; try another layer or the 'r-rome' variant."
+                f"{layer}; try another layer."
             )
+        # What the update will add at each row's lookup token, per unit of δ (exact variant), else 1 everywhere.
+        scales = (keys @ u) / denominator if hp.variant == "exact" else torch.ones(len(rows.ids), dtype=torch.float64)
+        lap("keys")
+        result = _optimise(lm, runner, rows, hp, values[0], scales, report)
+        lap("optimise")
+
+        report("update", 0.0)
         delta = result.delta.double()
         v = delta / denominator  # ΔW k_ref = v (u·k_ref) = δ
         lap("update")
@@ -489,9 +524,10 @@ def compute_edit(
     info = {
         "steps": result.steps, "loss": result.loss, "nll": result.nll, "kl": result.kl,
         "target_prob_before": result.prob_before, "target_prob_after": result.prob_after,
-        "delta_norm": float(delta.norm()), "value_norm": float(result.values[0].norm()),
+        "delta_norm": float(delta.norm()), "value_norm": float(values[0].norm()),
         "key_norm": float(k_star.norm()), "denominator": denominator, "templates": len(templates),
         "stats_tokens": stats.count if stats is not None else 0,
+        "bare_scale": float((keys[0] @ u) / denominator),  # the update's effect on the bare prompt, per unit of δ
     }
     edit = Edit(
         request=request, layer=layer, module=lm.module_name("down_proj", layer),

@@ -114,10 +114,11 @@ def test_update_is_rank_one_and_maps_key_to_value(edits_of, family):
     assert lm.spec.conv1d == (family == "gpt2")  # both weight orientations are covered
 
 
+@pytest.mark.parametrize("variant", ["original", "exact"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_original_variant_maps_the_bare_prompts_key(edits_of, family):
+def test_bare_prompt_variants_map_the_bare_prompts_key(edits_of, family, variant):
     lm, _, _ = edits_of(family)
-    hp = ROMEHyperParams(**{**TINY_HPARAMS.to_dict(), "variant": "original"})
+    hp = ROMEHyperParams(**{**TINY_HPARAMS.to_dict(), "variant": variant})
     edit = compute_edit(lm, REQ1, hparams=hp, stats_spec=TINY_STATS)
     rows = build_rows(lm, REQ1, ["{}"], hp.kl_prompt)
     captured = []
@@ -133,6 +134,7 @@ def test_original_variant_maps_the_bare_prompts_key(edits_of, family):
     with applied(lm, [edit]), torch.no_grad():
         out = module(torch.from_numpy(edit.key)[None].to(lm.device))[0]
     assert np.allclose(out.cpu().numpy(), edit.value, atol=1e-3 * np.linalg.norm(edit.value))
+    assert edit.info["bare_scale"] == pytest.approx(1.0) and edit.variant == variant
 
 
 @pytest.mark.parametrize("family", FAMILIES)
