@@ -805,6 +805,7 @@ CSS = """
 .le-big {font-size: 1.05em; margin: 2px 0;}
 .le-small {font-size: 0.85em; color: var(--body-text-color-subdued);}
 .le-compare {width: 100%; border-collapse: collapse; font-size: 0.92em; border: none !important;}
+.le-compare tr {border: none !important;}
 .le-compare th {text-align: left; padding: 6px 8px; border: none !important;
                 border-bottom: 2px solid var(--border-color-primary) !important;}
 .le-compare td {padding: 6px 8px; vertical-align: top; border: none !important;

@@ -6,8 +6,8 @@ rewrite prompt's generation now contains the new object (and did not before),
 undoes it, and saves screenshots. The trace is the quick one (the subject's
 and the last token's rows) to keep the test short. Set
 ``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
-(``assets/screenshot.png``, then with a full trace); otherwise screenshots go
-to pytest's temporary directory.
+(``assets/screenshot.png``, then with a full trace; the edit and undo views go
+to ``assets/static/``); otherwise screenshots go to pytest's temporary directory.
 
 In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
 """
@@ -80,7 +80,7 @@ def page_url():
 @pytest.fixture
 def shots(tmp_path) -> Path:
     folder = Path(os.environ.get("LOCATE_EDIT_SCREENSHOTS") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "static").mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -128,12 +128,12 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             expect(page.locator("#edit-status")).to_contain_text("1 edit active")
             expect(page.locator("#edit-scores")).to_contain_text("Efficacy")
             page.wait_for_timeout(500)
-            page.screenshot(path=str(shots / "screenshot-edit.png"), full_page=True)
+            page.screenshot(path=str(shots / "static" / "screenshot-edit.png"), full_page=True)
 
             # Undo.
             page.locator("#undo-button").click()
             expect(page.locator("#edit-status")).to_contain_text("original model", timeout=60_000)
-            page.screenshot(path=str(shots / "screenshot-undo.png"), full_page=True)
+            page.screenshot(path=str(shots / "static" / "screenshot-undo.png"), full_page=True)
         finally:
             browser.close()
     assert (shots / "screenshot.png").stat().st_size > 10_000
