@@ -572,6 +572,7 @@ class App:
                 _, done, total = item
                 kind = KINDS[min(len(KINDS) - 1, (done - 1) * len(KINDS) // max(total, 1))]
                 progress((done, total), desc=f"Tracing: restoring {kind} states", unit="token sweeps")
+                yield (gr.skip(),) * 8  # hands control back to the server, so that Stop takes effect promptly
                 continue
             if item[0] == "top":
                 top = item[1]
@@ -677,10 +678,12 @@ class App:
         progress(0.0, desc="Waiting for the model")
         for _, stage, fraction in self.engine.stream([], prepare):
             progress(_stage_progress(stage, fraction), desc=EDIT_STAGES[stage][2])
+            yield (gr.skip(),) * 7  # hands control back to the server, so that Stop takes effect promptly
         for item in self.engine.stream(edits, work):
             if item[0] == "stage":
                 if item[1] != "statistics":  # ready since `prepare`: compute_edit only loads them
                     progress(_stage_progress(item[1], item[2]), desc=EDIT_STAGES.get(item[1], (0, 0, item[1]))[2])
+                yield (gr.skip(),) * 7
                 continue
             outcome = item[1]
             if item[0] == "before":
@@ -939,7 +942,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
                                 max_new = gr.Slider(4, 60, value=16, step=1, label="New tokens")
                                 sample = gr.Checkbox(False, label="Sample (seeded) instead of greedy")
                                 g_seed = gr.Number(0, label="Sampling seed", precision=0)
-                        edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-button")
+                        with gr.Row():
+                            edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-button")
+                            edit_stop = gr.Button("Stop", variant="stop", scale=0)
                     with gr.Column(scale=2, elem_classes="le-help"):
                         gr.Markdown(EDIT_HELP)
                 comparison = gr.HTML(elem_id="comparison")
@@ -975,8 +980,10 @@ def build_demo(engine: Engine) -> gr.Blocks:
         edit_fields = [e_subject, e_relation, e_target, e_old, e_layer, e_para, e_neigh, max_new, sample, g_seed,
                        edits_state]
         history_outputs = [edits_state, history, export_btn, status]
-        edit_btn.click(edit_fn, edit_fields, [comparison, scores, details, edits_state, history, export_btn, status],
-                       api_name="edit", **model_events)
+        edit_event = edit_btn.click(edit_fn, edit_fields,
+                                    [comparison, scores, details, edits_state, history, export_btn, status],
+                                    api_name="edit", **model_events)
+        edit_stop.click(None, None, None, cancels=[edit_event])
         undo_btn.click(app.undo, edits_state, history_outputs, api_name="undo")
         reset_btn.click(app.reset, edits_state, history_outputs, api_name="reset")
         import_btn.upload(app.import_edits, [import_btn, edits_state], history_outputs, api_name="import_edits",

@@ -5,6 +5,8 @@ at once - one edits, the other's traces and generations stay those of the origin
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,3 +79,37 @@ def test_two_visitors_one_edits_the_other_sees_the_original(served, engine):
     editor_text = editor.predict(prompt, 6, False, 0, api_name="/compare")
     assert "no edits yet" in baseline_text and "no edits yet" not in editor_text
     assert changed(engine.lm.model, saved) == []
+
+
+def test_a_cancelled_request_restores_the_model(served, engine, monkeypatch):
+    """Stop pressed mid-trace: the work stops at its next progress report and the weights come back."""
+    import app as app_module
+
+    demo, url = served
+    client = Client(url, verbose=False)
+    edit(client, "The Eiffel Tower", "{} is located in the city of", "Rome", "Paris", "", "")  # this visitor edits
+    saved = snapshot(engine.lm.model)
+    started, reports = threading.Event(), []
+
+    def endless_trace(lm, *args, progress=None, **kwargs):
+        reports.append(changed(lm.model, saved))  # the visitor's edit is applied while the work runs
+        started.set()
+        for step in range(10_000):
+            progress(step, 10_000)
+            time.sleep(0.05)
+        yield from ()
+
+    monkeypatch.setattr(app_module, "iter_trace", endless_trace)
+    job = client.submit("The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *QUICK.values(),
+                        api_name="/trace")
+    assert started.wait(60)
+    time.sleep(0.5)
+    job.cancel()
+    deadline = time.time() + 30
+    while engine.lock.locked() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.lock.locked(), "the cancelled work still holds the model"
+    assert reports[0] and changed(engine.lm.model, saved) == []
+    # The page still works for this visitor afterwards.
+    monkeypatch.undo()
+    assert client.predict("The Eiffel Tower is in", 4, False, 0, api_name="/compare")
