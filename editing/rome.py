@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tracing.hooks import Hook, hooks, main_tensor, replace_main
+from tracing.blocks import BlockCall, PrefixCache, record_calls
+from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
 from tracing.models import LoadedModel
 from tracing.tokens import continuation_ids, encode_prompt
 
@@ -133,25 +134,6 @@ def build_rows(lm: LoadedModel, request: EditRequest, templates: Sequence[str], 
 # Running only the layers and positions δ can change
 
 
-def _is_cache(value) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(value, (Cache, _PrefixCache))
-
-
-class _PrefixCache:
-    """Stands in for a transformers Cache in direct block calls: prepends fixed keys/values, stores nothing."""
-
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.prefix = prefix  # layer -> (rows, kv_heads, P, head_dim) each
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        past = self.prefix.get(layer_idx)
-        if past is None or past[0].shape[-2] == 0:
-            return key, value
-        return torch.cat([past[0], key], dim=-2), torch.cat([past[1], value], dim=-2)
-
-
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values (rows, kv_heads, tokens, head_dim) of one layer of a transformers cache."""
     if hasattr(cache, "layers"):
@@ -159,8 +141,8 @@ def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache[layer][0], cache[layer][1]
 
 
-class _Stop(Exception):
-    """Ends a forward pass from inside a hook once what was needed is recorded."""
+def _stop(module, args, kwargs):
+    raise StopForward
 
 
 def _uniform_layers(lm: LoadedModel) -> bool:
@@ -231,51 +213,28 @@ class SuffixRunner:
         positions = torch.tensor(lookups, device=device)[:, None] + torch.arange(width, device=device)
 
         uniform = _uniform_layers(lm)
-        self.calls: dict[int, tuple[tuple, dict]] = {}
-
-        def recorder(j):
-            def record(module, args, kwargs):
-                self.calls[j] = (tuple(args[1:]), dict(kwargs))
-                if uniform:
-                    raise _Stop
-
-            return record
-
         first = 0 if uniform else layer
-        specs = [Hook(lm.module_name("hidden", j), recorder(j), pre=True) for j in range(first, lm.n_layers)]
+        specs, calls, _ = record_calls(lm, first)
+        if uniform:  # block 0's arguments are every block's: stop right after recording them
+            specs.append(Hook(lm.module_name("hidden", 0), _stop, pre=True))
         kwargs = {}
         if prefix_len > 0:
             from transformers import DynamicCache
 
             data = full_prefix if uniform else [(k.clone(), v.clone()) for k, v in full_prefix]  # stopped: unchanged
             kwargs = dict(attention_mask=mask, use_cache=True, past_key_values=DynamicCache(ddp_cache_data=data))
-        try:
-            with torch.no_grad(), hooks(lm.model, *specs):
-                lm.model(suffix, position_ids=positions, logits_to_keep=1, **kwargs)
-        except _Stop:
-            pass
-        if uniform:
-            self.calls = {j: self.calls[0] for j in range(layer, lm.n_layers)}
+        with torch.no_grad(), hooks(lm.model, *specs):
+            until_stopped(lm.model, suffix, position_ids=positions, logits_to_keep=1, **kwargs)
+        self.calls: dict[int, BlockCall] = {j: calls[0] if uniform else calls[j] for j in range(layer, lm.n_layers)}
         self.lengths = [n_tok - lk for n_tok, lk in zip(lengths, lookups)]
 
     def run(self, *extra: Hook) -> torch.Tensor:
         """Final hidden states (rows, S, d_model) before the final norm, with ``extra`` hooks active."""
-        cache = _PrefixCache(self.prefix)
+        cache = PrefixCache(self.prefix)
         hidden = self.hidden_in
-
-        def fit(value):
-            if _is_cache(value):
-                return cache
-            if isinstance(value, tuple):
-                return tuple(fit(x) for x in value)
-            return value
-
         with hooks(self.lm.model, *extra):
             for j in range(self.layer, self.lm.n_layers):
-                args, kwargs = self.calls[j]
-                args = tuple(fit(a) for a in args)
-                kwargs = {k: fit(v) for k, v in kwargs.items() if k != "hidden_states"}
-                hidden = main_tensor(self.lm.block(j)(hidden, *args, **kwargs))
+                hidden = self.calls[j](self.lm.block(j), hidden, cache)
         return hidden
 
     def lookup_io(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,23 +244,14 @@ class SuffixRunner:
         """
         found: dict[str, torch.Tensor] = {}
 
-        class _Done(Exception):
-            pass
-
         def grab(module, args, output):
             found["keys"] = args[0][:, 0].detach().double()
             found["values"] = main_tensor(output)[:, 0].detach().double()
-            raise _Done
+            raise StopForward
 
-        args, kwargs = self.calls[self.layer]
-        cache = _PrefixCache(self.prefix)
-        args = tuple(cache if _is_cache(a) else a for a in args)
-        kwargs = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items() if k != "hidden_states"}
-        try:
-            with torch.no_grad(), hooks(self.lm.model, Hook(self.lm.module_name("down_proj", self.layer), grab)):
-                self.lm.block(self.layer)(self.hidden_in, *args, **kwargs)
-        except _Done:
-            pass
+        block = self.lm.block(self.layer)
+        with torch.no_grad(), hooks(self.lm.model, Hook(self.lm.module_name("down_proj", self.layer), grab)):
+            until_stopped(self.calls[self.layer], block, self.hidden_in, PrefixCache(self.prefix))
         return found["keys"], found["values"]
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

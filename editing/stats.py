@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracing.hooks import Hook, hooks
+from tracing.hooks import Hook, StopForward, hooks, until_stopped
 from tracing.models import LoadedModel, cache_dir
 
 from .hparams import ROMEHyperParams
@@ -242,14 +242,10 @@ def _key_hook(lm: LoadedModel, layer: int, moments: _Moments, skip_first: bool, 
         x = args[0] if args else kwargs["input"]  # (rows, tokens, d_in)
         moments.add(layer, x[:, 1:] if skip_first else x)
         if state.get("stop_after") == layer:
-            raise _Stop
+            raise StopForward
         return None
 
     return Hook(lm.module_name("down_proj", layer), record, pre=True)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the last needed layer is done."""
 
 
 def _sample_corpus(lm: LoadedModel, spec: StatsSpec, moments: _Moments, layers: Sequence[int],
@@ -390,10 +386,7 @@ def _prefill_corpus(lm: LoadedModel, ids: np.ndarray, layers: Sequence[int], mom
     with torch.inference_mode(), hooks(lm.model, *specs):
         for i in range(0, rows, batch_rows):
             batch = torch.from_numpy(ids[i : i + batch_rows]).to(lm.device)  # (rows, L + 1)
-            try:
-                lm.model(batch, use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
+            until_stopped(lm.model, batch, use_cache=False, logits_to_keep=1)
             if progress:
                 progress("statistics", min(1.0, (i + batch_rows) / rows))
 

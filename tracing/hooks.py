@@ -65,6 +65,18 @@ def replace_main(output, tensor: torch.Tensor):
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what was needed is recorded; see :func:`until_stopped`."""
+
+
+def until_stopped(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None when a hook ended it early with :class:`StopForward`."""
+    try:
+        return fn(*args, **kwargs)
+    except StopForward:
+        return None
+
+
 def active_hook_count(model: nn.Module) -> int:
     """How many forward hooks and pre-hooks are registered anywhere in the model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

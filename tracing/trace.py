@@ -40,7 +40,7 @@ import torch
 
 from .corruption import Corruption, make_corruption
 from .blocks import BlockCall, PrefixCache, capture_calls
-from .hooks import Hook, hooks, main_tensor, replace_main
+from .hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
 from .models import LoadedModel, parse_dtype
 from .result import KINDS, TraceConfig, TraceResult, window_layers
 from .tokens import EncodedPrompt, continuation_ids, encode_prompt
@@ -281,24 +281,18 @@ class _FastTracer:
         """Block 0's input (copies, tokens, d_model) with the subject's embeddings corrupted."""
         captured: list[torch.Tensor] = []
 
-        class _Stop(Exception):
-            pass
-
         def corrupt(module, args, output):
             output = output.expand(self.copies, -1, -1).clone()
             return self.setup.corruption.embeddings(output)
 
         def grab(module, args, kwargs):
             captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
+            raise StopForward
 
         ids = self.setup.input_ids
         specs = [Hook(self.lm.spec.embed, corrupt), Hook(self.lm.module_name("hidden", 0), grab, pre=True)]
-        try:
-            with hooks(self.lm.model, *specs):
-                self.lm.model.base_model(ids, use_cache=False)
-        except _Stop:
-            pass
+        with hooks(self.lm.model, *specs):
+            until_stopped(self.lm.model.base_model, ids, use_cache=False)
         return captured[0]
 
     def _run_layers(self, hidden, first_layer: int, start: int, cache: PrefixCache, keep_inputs=None):
