@@ -12,7 +12,10 @@ second moment are cached on disk under ``cache_dir()/stats/<model
 fingerprint>/<corpus>-<tokens>/``, written atomically, so an interrupted run
 leaves no corrupt file. While the corpus is sampled, the keys of the requested
 layers are accumulated on the fly (no second pass); other layers later run the
-cached corpus through the model up to that layer only.
+cached corpus through the model up to that layer only. Sampling is the slow
+part (minutes on a CPU), so the embedded default model's 100k-token corpus
+ships in ``assets/stats/`` (400 KB of token ids, made with ``--ship``): on a
+fresh machine a layer's statistics then cost one pass over it up to that layer.
 
 Example::
 
@@ -34,6 +37,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 
 from tracing.hooks import Hook, StopForward, hooks, until_stopped
+from tracing.corruption import ASSETS
 from tracing.models import LoadedModel, cache_dir
 
 from .hparams import ROMEHyperParams
@@ -53,6 +58,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 _FACTORS: dict[tuple, torch.Tensor] = {}  # Cholesky factors keyed by (stats file, mtime, ridge, device)
 _FACTORS_MAX = 8
+SHIPPED = ASSETS / "stats"
 CHUNK_ROWS = 4096  # keys buffered per layer before one fp32 product is added to the fp64 sum
 
 
@@ -146,6 +152,11 @@ class KeyStats:
 def stats_dir(lm: LoadedModel, spec: StatsSpec) -> Path:
     """Where one model's statistics for one corpus live."""
     return cache_dir() / "stats" / (spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}"
+
+
+def shipped_corpus_path(lm: LoadedModel, spec: StatsSpec) -> Path:
+    """Where the project ships a sampled corpus (the default model's, made by ``python -m editing.stats --ship``)."""
+    return SHIPPED / (spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}" / "corpus.safetensors"
 
 
 def stats_path(lm: LoadedModel, layer: int, spec: StatsSpec) -> Path:
@@ -417,6 +428,8 @@ def ensure_stats(
     t0 = time.perf_counter()
     moments = _Moments(missing)
     ids = _load_corpus(corpus_file)
+    if ids is None and spec.corpus == "model":
+        ids = _load_corpus(shipped_corpus_path(lm, spec))  # sampled once by the project, so only a prefill is left
     sampled = False
     meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus, "spec": _spec_json(spec)}
     if ids is None and spec.corpus == "model":
@@ -486,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--ship", action="store_true",
+                        help="also copy the sampled corpus into assets/stats/ to ship it with the project")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -517,6 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for layer, stats in sorted(result.items()):
         print(f"layer {layer}: {stats.count} tokens, {stats.path}")
     print(f"done in {seconds:.1f} s (corpus {spec.corpus}, {spec.n_tokens} tokens)")
+    if args.ship:
+        if spec.corpus != "model":
+            parser.error("--ship is for the sampled corpus ('model'); text corpora are not shipped")
+        target = shipped_corpus_path(lm, spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stats_dir(lm, spec) / "corpus.safetensors", target)
+        print(f"shipped the corpus as {target.relative_to(ASSETS.parent)}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -468,6 +469,28 @@ def test_interrupted_sampling_resumes_to_the_same_statistics(cache, tokenizer, d
     assert np.array_equal(stats_module._load_corpus(folder / "corpus.safetensors"), fresh_ids)
     assert resumed.count == fresh.count == 400
     assert np.allclose(resumed.mom2, fresh.mom2, rtol=1e-4, atol=1e-6 * np.abs(fresh.mom2).max())
+
+
+def test_a_shipped_corpus_replaces_sampling_on_a_fresh_machine(cache, tokenizer, device, tmp_path, monkeypatch):
+    import editing.stats as stats_module
+
+    lm = make_tiny("qwen2", tokenizer, device, seed=8)
+    spec = StatsSpec(n_tokens=200, sample_length=20, batch_rows=10, seed=3)
+    sampled = key_stats(lm, 1, spec)
+    monkeypatch.setattr(stats_module, "SHIPPED", tmp_path / "assets-stats")
+    shipped = stats_module.shipped_corpus_path(lm, spec)
+    shipped.parent.mkdir(parents=True)
+    shutil.copyfile(stats_dir(lm, spec) / "corpus.safetensors", shipped)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the corpus ships")
+
+    monkeypatch.setattr(stats_module, "_sample_corpus", no_sampling)
+    with private_cache(tmp_path / "fresh"):  # a machine that never ran this model
+        fresh = key_stats(lm, 1, spec)
+        assert (stats_dir(lm, spec) / "corpus.safetensors").is_file()  # cached for the next layers
+    assert fresh.count == sampled.count
+    assert np.allclose(fresh.mom2, sampled.mom2, rtol=1e-4, atol=1e-6 * np.abs(sampled.mom2).max())
 
 
 def test_statistics_from_a_text_file(cache, tokenizer, device, tmp_path):

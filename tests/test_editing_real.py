@@ -60,3 +60,14 @@ def test_scores_before_and_after(real_lm, eiffel):
     assert after.summary()["ES"] == 1.0 and after.summary()["PS"] == 1.0 and after.summary()["NS"] == 1.0
     assert after.prob_new[0] > 0.5 > after.prob_old[0]
     assert eiffel.info["target_prob_after"] > 0.5 and eiffel.norm > 0
+
+
+def test_the_default_models_sampled_corpus_ships_with_the_project(real_lm):
+    """Without it a fresh machine samples 100k tokens (minutes) before its first edit; a changed fingerprint
+    (e.g. a transformers upgrade renaming parameters) would silently lose it."""
+    from editing.stats import _load_corpus, shipped_corpus_path
+
+    spec = StatsSpec.from_hparams(load_hparams(real_lm))
+    ids = _load_corpus(shipped_corpus_path(real_lm, spec))
+    assert ids is not None, f"missing {shipped_corpus_path(real_lm, spec)}: run python -m editing.stats --ship"
+    assert ids.shape[0] * (ids.shape[1] - 1) >= spec.n_tokens and ids.max() < real_lm.config.vocab_size

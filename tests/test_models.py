@@ -25,6 +25,17 @@ def test_load_local_directory_in_a_chosen_dtype(tmp_path, tokenizer):
     assert lm.fingerprint == load_model(str(tmp_path), device="cpu", dtype="bf16").fingerprint
 
 
+def test_fingerprint_follows_weights_not_the_library_version(tokenizer):
+    """Caches (noise scale, key statistics, the shipped corpus) survive a transformers upgrade, not a new weight."""
+    a, b = (make_tiny("llama", tokenizer, torch.device("cpu")) for _ in range(2))
+    b.config.transformers_version = "0.0.1"
+    assert a.fingerprint == b.fingerprint
+    c = make_tiny("llama", tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        c.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert c.fingerprint != a.fingerprint
+
+
 def test_unsupported_local_architecture(tmp_path):
     transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64).save_pretrained(tmp_path)

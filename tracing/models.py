@@ -213,10 +213,13 @@ class LoadedModel:
     def fingerprint(self) -> str:
         """A short key for this model's identity, for on-disk caches.
 
-        Hashes the config and a slice of every parameter, so two models with the
-        same name but different weights get different keys.
+        Hashes the config (less the transformers version that wrote it) and a
+        slice of every parameter, so two models with the same name but
+        different weights get different keys, and a library upgrade keeps them.
         """
-        digest = hashlib.sha256(self.config.to_json_string(use_diff=False).encode())
+        config = self.config.to_dict()
+        config.pop("transformers_version", None)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in self.model.state_dict().items():
             flat = param.detach().reshape(-1)
             digest.update(name.encode() + str(tuple(param.shape)).encode())
