@@ -26,9 +26,10 @@ def test_load_local_directory_in_a_chosen_dtype(tmp_path, tokenizer):
 
 
 def test_fingerprint_follows_weights_not_the_library_version(tokenizer):
-    """Caches (noise scale, key statistics, the shipped corpus) survive a transformers upgrade, not a new weight."""
+    """Caches (noise scale, key statistics, the shipped corpus) survive a copy elsewhere and a transformers upgrade,
+    not a changed weight."""
     a, b = (make_tiny("llama", tokenizer, torch.device("cpu")) for _ in range(2))
-    b.config.transformers_version = "0.0.1"
+    b.config.transformers_version, b.config._name_or_path = "0.0.1", "/another/copy"
     assert a.fingerprint == b.fingerprint
     c = make_tiny("llama", tokenizer, torch.device("cpu"))
     with torch.no_grad():
@@ -50,10 +51,18 @@ def test_missing_default_package_says_how_to_install(monkeypatch):
         default_gguf_path()
 
 
-def test_default_cache_is_keyed_by_the_source_file(tmp_path, monkeypatch):
+def test_default_cache_is_keyed_by_the_source_files_contents(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
     target = converted_default_dir()
     assert target.parent == tmp_path / "models" and target.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    copy = tmp_path / "elsewhere" / "copy.gguf"  # another checkout's venv: same bytes, other path and mtime
+    copy.parent.mkdir()
+    copy.write_bytes(models.default_gguf_path().read_bytes())
+    assert converted_default_dir(copy).name.split("-")[-1] == target.name.split("-")[-1]
+    changed = bytearray(copy.read_bytes())
+    changed[-1] ^= 0xFF
+    copy.write_bytes(bytes(changed))
+    assert converted_default_dir(copy).name.split("-")[-1] != target.name.split("-")[-1]
 
 
 @pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)])

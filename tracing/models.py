@@ -213,12 +213,14 @@ class LoadedModel:
     def fingerprint(self) -> str:
         """A short key for this model's identity, for on-disk caches.
 
-        Hashes the config (less the transformers version that wrote it) and a
-        slice of every parameter, so two models with the same name but
-        different weights get different keys, and a library upgrade keeps them.
+        Hashes the config (less where it was loaded from and the transformers
+        version that wrote it) and a slice of every parameter, so two models
+        with the same name but different weights get different keys, while a
+        copy in another folder or a library upgrade keeps them.
         """
         config = self.config.to_dict()
-        config.pop("transformers_version", None)
+        for key in ("_name_or_path", "transformers_version"):
+            config.pop(key, None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in self.model.state_dict().items():
             flat = param.detach().reshape(-1)
@@ -274,11 +276,22 @@ def default_gguf_path() -> Path:
 
 
 def converted_default_dir(gguf: Path | None = None) -> Path:
-    """Where the dequantised default model is cached, keyed by the GGUF file's path, size and mtime."""
+    """Where the dequantised default model is cached, keyed by the GGUF file's contents and the converter.
+
+    The key reads the file's size and its first and last MiB (not its path or
+    mtime), so every checkout and virtual environment shares one conversion;
+    the transformers version is part of it because that library dequantises.
+    """
+    import transformers
+
     gguf = gguf or default_gguf_path()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{size}|{transformers.__version__}|".encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
 
 
 def ensure_default_converted() -> Path:
