@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ log = logging.getLogger("locate-edit.app")
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 MODEL_ENV = "LOCATE_EDIT_MODEL"
+MEMO_SIZE = 64  # results of the unedited model kept for the next visitors (traces, generations, edits)
 DEVICE_ENV, DTYPE_ENV = "LOCATE_EDIT_DEVICE", "LOCATE_EDIT_DTYPE"
 PAPER = "https://arxiv.org/abs/2202.05262"
 
@@ -105,6 +107,31 @@ class Engine:
         self.notice = notice
         self.lock = threading.Lock()
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="locate-edit-"))
+        self._memo: OrderedDict = OrderedDict()
+
+    def memo(self, key, compute: Callable[[], object]):
+        """``compute()`` once per ``key`` for the *unedited* model, then remembered (the last MEMO_SIZE keys).
+
+        Traces, generations, scores and edits of the original weights are
+        deterministic (greedy or seeded), so in a class where everyone clicks
+        the same preset only the first visitor waits for them. Call it with the
+        model held (inside :meth:`stream`'s work) and no edits applied.
+        """
+        value = self.recall(key)
+        return self.remember(key, compute()) if value is None else value
+
+    def recall(self, key):
+        """What :meth:`memo` or :meth:`remember` kept for ``key``, else None."""
+        if key not in self._memo:
+            return None
+        self._memo.move_to_end(key)
+        return self._memo[key]
+
+    def remember(self, key, value):
+        self._memo[key] = value
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return value
 
     def stream(self, edits: Sequence[editing.Edit], work: Callable[[LoadedModel, Callable], None]) -> Iterator:
         """Run ``work(lm, emit)`` with ``edits`` applied, holding the model; yield what it emits.
@@ -559,11 +586,21 @@ class App:
 
         def work(lm: LoadedModel, emit) -> None:
             emit(("top", predict(lm, prompt, k=5)))
+            key = ("trace", prompt, subject.strip(), answer, config)
+            done = None if edits else self.engine.recall(key)
+            if done is not None:
+                for result in done:
+                    emit(("result", result))
+                return
+            results = []
             for result in iter_trace(
                 lm, prompt, subject.strip(), answer=answer, config=config,
                 progress=lambda done, total: emit(("progress", done, total)),
             ):
+                results.append(result)
                 emit(("result", result))
+            if not edits:
+                self.engine.remember(key, results)
 
         top: list[tuple[str, float]] = []
         figures: dict[str, object] = {kind: None for kind in KINDS}
@@ -657,6 +694,9 @@ class App:
                                  progress=lambda stage, fraction: emit(("stage", "statistics", fraction)))
 
         def work(lm: LoadedModel, emit) -> None:
+            def once(key, compute):  # the unedited model's results are shared between visitors
+                return compute() if edits else self.engine.memo(key, compute)
+
             req = request
             if req.target_true is None:  # the old object: what the (visitor's) model says now
                 answer = model_answer(lm, req.text) or predict(lm, req.text, k=1)[0][0].strip()
@@ -665,17 +705,24 @@ class App:
                 req = EditRequest(req.subject, req.prompt, req.target, answer)
                 req.validate()
             emit(("stage", "before", 0.0))
-            scores_before = score_edit(lm, req, paraphrases=para, neighbours=neigh)
+            scores_before = once(("scores", req, tuple(para), tuple(neigh)),
+                                 lambda: score_edit(lm, req, paraphrases=para, neighbours=neigh))
             prompts = list(zip(scores_before.kinds, scores_before.prompts))  # "{}" filled with the subject
             texts = list(scores_before.prompts)
-            before = generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed))
+            before = once(("generate", tuple(texts), max_new_tokens, bool(sample), int(seed)),
+                          lambda: generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed)))
             emit(("before", EditOutcome(req, prompts, before, scores_before=scores_before)))
-            new = compute_edit(lm, req, layer=layer, hparams=hp,
-                               progress=lambda stage, fraction: emit(("stage", stage, fraction)))
+            new = once(("edit", req, layer), lambda: compute_edit(
+                lm, req, layer=layer, hparams=hp, progress=lambda stage, fraction: emit(("stage", stage, fraction))))
             emit(("stage", "after", 0.0))
-            with applied(lm, [new]):
-                after = generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed))
-                scores_after = score_edit(lm, req, paraphrases=para, neighbours=neigh)
+
+            def after_edit():
+                with applied(lm, [new]):
+                    return (generate(lm, texts, max_new_tokens=max_new_tokens, sample=sample, seed=int(seed)),
+                            score_edit(lm, req, paraphrases=para, neighbours=neigh))
+
+            after, scores_after = once(("after", req, layer, tuple(texts), tuple(para), tuple(neigh), max_new_tokens,
+                                        bool(sample), int(seed)), after_edit)
             emit(("after", EditOutcome(req, prompts, before, after, scores_before, scores_after, new)))
 
         progress(0.0, desc="Waiting for the model")

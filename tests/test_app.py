@@ -173,6 +173,28 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
     np.testing.assert_array_equal(exported[0].u, edits[0].u)
 
 
+def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, one_edit, monkeypatch):
+    first = edit(app)[-1][3][0]  # the first visitor's preset edit, maybe already remembered
+    trace(app)
+    calls = []
+
+    def counted(real):
+        def wrapper(*args, **kwargs):
+            calls.append(real.__name__)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("compute_edit", "iter_trace", "generate", "score_edit"):
+        monkeypatch.setattr(app_module, name, counted(getattr(app_module, name)))
+    again = edit(app)[-1][3][0]  # the next visitors: nothing to compute on the unedited model
+    trace(app)
+    assert calls == [] and np.array_equal(again.u, first.u)
+    edit(app, edits=[one_edit])  # on top of a visitor's edit everything is computed
+    trace(app, edits=[one_edit])
+    assert sorted(set(calls)) == ["compute_edit", "generate", "iter_trace", "score_edit"]
+
+
 def test_second_edit_builds_on_the_first_then_undo_and_reset(app, one_edit):
     final = edit(app, edits=[one_edit], subject="Michael Jordan", relation="{} plays the sport of",
                  target="baseball", old="basketball", paraphrases="", neighbours="")[-1]
