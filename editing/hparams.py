@@ -9,7 +9,7 @@ edit layer is then a fraction of the depth. Unknown keys fail loudly.
 Example::
 
     hp = load_hparams(lm)                     # assets/hparams/smollm2-135m.json for the default model
-    hp.edit_layer(lm.n_layers)                # 9 (say)
+    hp.edit_layer(lm.n_layers)                # 1 (chosen by a layer sweep, see the file)
     hp = load_hparams(lm, v_num_grad_steps=10) # overrides, checked like the file's keys
 """
 
