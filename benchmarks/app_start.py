@@ -95,11 +95,13 @@ def main() -> None:
         prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(
             args.preset, api_name="/preset")
         print(f"preset {args.preset}: {prompt!r} -> {answer!r}, edit to {target!r}", flush=True)
+        def trace_args(quick: bool) -> tuple:  # the paper's settings; quick: subject and last token only
+            return (prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", quick)
+
         modes = [("quick", True)] + ([] if args.skip_full_trace else [("paper", False)])
         for mode, quick in modes:
             started = time.perf_counter()
-            client.predict(prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", quick,
-                           api_name="/trace")
+            client.predict(*trace_args(quick), api_name="/trace")
             seconds = time.perf_counter() - started
             figures[f"trace_{mode}_s"] = round(seconds, 1)
             aim = "   (aim <= 30 s)" if mode == "paper" else ""
@@ -107,7 +109,8 @@ def main() -> None:
 
         started = time.perf_counter()
         layer = client.predict(api_name="/model_info")["default_edit_layer"]
-        out = client.predict(e_subject, relation, target, old, layer, para, neigh, 16, False, 0, api_name="/edit")
+        edit_args = (e_subject, relation, target, old, layer, para, neigh, 16, False, 0)
+        out = client.predict(*edit_args, api_name="/edit")
         seconds = time.perf_counter() - started
         details = out[2]
         figures["edit_s"] = round(seconds, 1)
@@ -125,11 +128,10 @@ def main() -> None:
         # A second visitor (a new session) clicks the same preset: the unedited model's results are shared.
         other = Client(url, verbose=False)
         started = time.perf_counter()
-        other.predict(prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", False,
-                      api_name="/trace")
+        other.predict(*trace_args(False), api_name="/trace")
         figures["next_visitor_trace_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
-        other.predict(e_subject, relation, target, old, layer, para, neigh, 16, False, 0, api_name="/edit")
+        other.predict(*edit_args, api_name="/edit")
         figures["next_visitor_edit_s"] = round(time.perf_counter() - started, 1)
         print(f"the next visitor's same trace and edit:    {figures['next_visitor_trace_s']:6.1f} s, "
               f"{figures['next_visitor_edit_s']:.1f} s", flush=True)

@@ -151,12 +151,17 @@ class KeyStats:
 
 def stats_dir(lm: LoadedModel, spec: StatsSpec) -> Path:
     """Where one model's statistics for one corpus live."""
-    return cache_dir() / "stats" / (spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}"
+    return cache_dir() / "stats" / _folder(lm, spec)
 
 
 def shipped_corpus_path(lm: LoadedModel, spec: StatsSpec) -> Path:
     """Where the project ships a sampled corpus (the default model's, made by ``python -m editing.stats --ship``)."""
-    return SHIPPED / (spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}" / "corpus.safetensors"
+    return SHIPPED / _folder(lm, spec) / "corpus.safetensors"
+
+
+def _folder(lm: LoadedModel, spec: StatsSpec) -> Path:
+    """<model identity>/<corpus>-<tokens>: the same below the cache and below assets/stats/."""
+    return Path(spec.model_key or lm.fingerprint) / f"{spec.corpus_key()}-{spec.n_tokens}"
 
 
 def stats_path(lm: LoadedModel, layer: int, spec: StatsSpec) -> Path:
