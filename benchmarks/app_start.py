@@ -128,7 +128,7 @@ def main() -> None:
         # A second visitor (a new session) clicks the same preset: the unedited model's results are shared.
         other = Client(url, verbose=False)
         started = time.perf_counter()
-        other.predict(*trace_args(False), api_name="/trace")
+        other.predict(*trace_args(modes[-1][1]), api_name="/trace")  # the trace the first visitor ran last
         figures["next_visitor_trace_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         other.predict(*edit_args, api_name="/edit")
