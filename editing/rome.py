@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tracing.blocks import BlockCall, PrefixCache, record_calls
 from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
 from tracing.models import LoadedModel
-from tracing.tokens import continuation_ids, encode_prompt
+from tracing.tokens import check_context, continuation_ids, encode_prompt
 
 from .edit import Edit, EditRequest
 from .hparams import ROMEHyperParams, load_hparams
@@ -123,9 +123,8 @@ def build_rows(lm: LoadedModel, request: EditRequest, templates: Sequence[str], 
     kl_row, kl_lookup = _locate(lm, kl_text, subject, kl_start)
     ids.append(tuple(kl_row))
     lookups.append(kl_lookup)
-    limit = lm.max_length
-    if limit is not None and max(len(r) for r in ids) > limit:
-        raise ValueError(f"The prompt with its target is longer than the model's {limit} tokens; shorten it.")
+    check_context(lm.max_length, max(len(r) for r in ids), "The prompt with its context and target",
+                  "Shorten the prompt or the target.")
     return _Rows(ids=tuple(ids), lookups=tuple(lookups), targets=tuple(targets), target_at=tuple(target_at),
                  kl_at=len(kl_row) - 1, templates=tuple(templates))
 
@@ -365,6 +364,7 @@ def _first_phrase(text: str) -> str:
 def model_answer(lm: LoadedModel, prompt: str, max_new_tokens: int = 6) -> str:
     """The model's own short greedy answer to ``prompt`` (used as the old object when none is given)."""
     ids = lm.tokenizer(prompt)["input_ids"]
+    check_context(lm.max_length, len(ids) + max_new_tokens, "The rewrite prompt with its answer", "Shorten the prompt.")
     new = decode(lm, [ids], max_new_tokens)[0]
     text = lm.tokenizer.decode(new, skip_special_tokens=True)
     return _first_phrase(text) or " ".join(text.split()[:1])

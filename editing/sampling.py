@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tracing.models import LoadedModel
+from tracing.tokens import check_context
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,8 @@ def generate(
         if not prompt or not prompt.strip():
             raise ValueError("A generation prompt is empty; remove it or enter some text.")
         ids = lm.tokenizer(prompt)["input_ids"]
-        if lm.max_length is not None and len(ids) + max_new_tokens > lm.max_length:
-            raise ValueError(
-                f"The prompt {prompt[:40]!r}... is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds "
-                f"the model's {lm.max_length}. Shorten it or ask for fewer tokens."
-            )
+        check_context(lm.max_length, len(ids) + max_new_tokens, f"The prompt {prompt[:40]!r} with {max_new_tokens} new tokens",
+                      "Shorten it or ask for fewer tokens.")
         encoded.append(ids)
     if not encoded:
         return []

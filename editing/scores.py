@@ -36,7 +36,7 @@ import torch
 
 from tracing.hooks import Hook, hooks, main_tensor
 from tracing.models import LoadedModel
-from tracing.tokens import continuation_ids
+from tracing.tokens import check_context, continuation_ids
 
 from .edit import EditRequest
 
@@ -158,6 +158,8 @@ def continuation_stats(
     for prompt, continuation in pairs:
         head = lm.tokenizer(prompt)["input_ids"]
         tail = continuation_ids(lm.tokenizer, prompt, continuation)
+        check_context(lm.max_length, len(head) + len(tail), f"The prompt {prompt[:40]!r} with {continuation[:20]!r}",
+                      "Shorten the prompt or the object.")
         rows.append(head + tail)
         spans.append((len(head), len(tail)))
     mean_logp = np.empty(len(rows), dtype=np.float64)

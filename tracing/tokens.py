@@ -59,6 +59,17 @@ def find_occurrence(text: str, subject: str, occurrence: int = 0) -> int:
     return start
 
 
+def check_context(max_length: int | None, n_tokens: int, what: str = "The prompt", fix: str = "Shorten it.") -> None:
+    """A ValueError before any forward pass when ``n_tokens`` exceed the model's context ``max_length``.
+
+    Models with learned positions (GPT-2) index out of range past their
+    context, which on CUDA is a device-side assert that poisons the process,
+    so every entry point checks first.
+    """
+    if max_length is not None and n_tokens > max_length:
+        raise ValueError(f"{what} is {n_tokens} tokens long; this model takes at most {max_length}. {fix}")
+
+
 def readable_tokens(tokenizer, ids) -> tuple[str, ...]:
     """Each token id as the text it stands for (spaces kept), for labels and JSON."""
     return tuple(tokenizer.decode([i]) for i in ids)
@@ -84,10 +95,7 @@ def encode_prompt(
         raise ValueError("Subject location needs a fast (Rust) tokenizer with offset mappings; load the model's fast tokenizer.")
     enc = tokenizer(prompt, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(
-            f"The prompt is {len(ids)} tokens long; this model takes at most {max_length}. Shorten the prompt."
-        )
+    check_context(max_length, len(ids), fix="Shorten the prompt.")
     special = set(getattr(tokenizer, "all_special_ids", []))
     covered = [
         i

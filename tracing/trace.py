@@ -43,7 +43,7 @@ from .blocks import BlockCall, PrefixCache, capture_calls
 from .hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
 from .models import LoadedModel, parse_dtype
 from .result import KINDS, TraceConfig, TraceResult, window_layers
-from .tokens import EncodedPrompt, continuation_ids, encode_prompt
+from .tokens import EncodedPrompt, check_context, continuation_ids, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,9 @@ def predict(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]
     """The model's top-k next tokens after ``prompt`` with their probabilities."""
     if not prompt or not prompt.strip():
         raise ValueError("The prompt is empty.")
-    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    check_context(lm.max_length, ids.shape[1], fix="Shorten the prompt.")
+    ids = ids.to(lm.device)
     with torch.inference_mode():
         probs = lm.model(ids).logits[0, -1].float().softmax(-1)
     top = probs.topk(k)
