@@ -59,7 +59,7 @@ from editing.templates import context_templates
 from tracing import KINDS, LoadedModel, TraceConfig, TraceResult, iter_trace, load_model, predict
 from tracing.models import DEFAULT_MODEL, DEFAULT_PACKAGE, DEFAULT_REQUIREMENT
 from tracing.plots import heatmap, results_json, scores_csv
-from tracing.presets import PRESETS_PATH, Preset, guess_subject, load_presets
+from editing.presets import PRESETS_PATH, Preset, guess_subject, load_presets
 from tracing.result import CORRUPTIONS, METRICS, PRECISIONS
 
 log = logging.getLogger("locate-edit.app")

@@ -14,12 +14,16 @@ Example::
 
 Modules: :mod:`editing.rome` (the method), :mod:`editing.stats` (key
 statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
-reversible application, files), :mod:`editing.scores` (CounterFact-style
-scores), :mod:`editing.evaluate` (``python -m editing.evaluate``),
-:mod:`editing.cases` (building an evaluation set from known facts).
+reversible application, files), :mod:`editing.compare` (an edit with
+generations and scores before and after: ``python -m editing`` and the page),
+:mod:`editing.scores` (CounterFact-style scores), :mod:`editing.evaluate`
+(``python -m editing.evaluate``), :mod:`editing.cases` (building an evaluation
+set from known facts), :mod:`editing.presets` (the page's preset facts).
 """
 
-from .edit import Edit, EditRequest, EditStack, applied, load_edits, save_edits
+from .edit import (Edit, EditRequest, EditStack, applied, check_edits, is_edited, load_edits, original_weights,
+                   save_edits)
+from .compare import EditComparison, edit_and_compare
 from .hparams import ROMEHyperParams, load_hparams
 from .rome import compute_edit, model_answer
 from .sampling import generate
@@ -38,7 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Edit", "EditRequest", "EditScores", "EditStack", "KeyStats", "ROMEHyperParams", "StatsSpec", "applied",
-    "compute_edit", "ensure_stats", "fluency", "generate", "key_stats", "load_edits", "load_hparams",
-    "model_answer", "save_edits", "score_edit",
+    "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack", "KeyStats", "ROMEHyperParams", "StatsSpec", "applied",
+    "check_edits", "compute_edit", "edit_and_compare", "ensure_stats", "fluency", "generate", "is_edited", "key_stats", "load_edits",
+    "load_hparams", "model_answer", "original_weights", "save_edits", "score_edit",
 ]

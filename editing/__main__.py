@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tracing.models import load_model
 
-    from . import EditRequest, applied, compute_edit, generate, load_edits, load_hparams, save_edits, score_edit
+    from . import EditRequest, check_edits, load_edits, load_hparams, save_edits
+    from .compare import edit_and_compare
     from .hparams import VARIANTS
     from .stats import StatsSpec
 
@@ -66,19 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         hp = load_hparams(lm, path=args.hparams, **({"variant": args.variant} if args.variant else {}))
         spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
         previous = [e for path in args.load for e in load_edits(path)]
+        check_edits(lm, previous)
         prompts = args.generate if args.generate else [request.text]
+        shown: list[str] = []
 
         def progress(stage: str, fraction: float) -> None:
-            if args.verbose:
+            if args.verbose and (not shown or shown[-1] != stage or fraction >= 1.0):
                 print(f"  {stage} {fraction:4.0%}", file=sys.stderr)
+                shown.append(stage)
 
-        with applied(lm, previous):
-            before_text = generate(lm, prompts, args.max_new_tokens, sample=args.sample, seed=args.seed)
-            edit = compute_edit(lm, request, layer=args.layer, hparams=hp, progress=progress, stats_spec=spec)
-            before = score_edit(lm, edit.request, args.paraphrase, args.neighbour)
-        with applied(lm, [*previous, edit]):
-            after_text = generate(lm, prompts, args.max_new_tokens, sample=args.sample, seed=args.seed)
-            after = score_edit(lm, edit.request, args.paraphrase, args.neighbour)
+        result = edit_and_compare(lm, request, layer=args.layer, hparams=hp, paraphrases=args.paraphrase,
+                                  neighbours=args.neighbour, generate_prompts=prompts,
+                                  max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed,
+                                  previous=previous, stats_spec=spec, progress=progress)
+        edit, before, after = result.edit, result.scores_before, result.scores_after
+        before_text, after_text = result.before, result.after
         if args.save:
             save_edits([*previous, edit], args.save)
     except (ValueError, LookupError) as exc:

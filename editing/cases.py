@@ -35,27 +35,19 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from tracing.assets import KNOWN_FACTS, known_facts
 from tracing.models import LoadedModel
 
 from .scores import continuation_stats
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FACTS = ROOT / "assets" / "known_facts.json"
+DEFAULT_FACTS = KNOWN_FACTS
 
 
 def read_facts(path: str | Path = DEFAULT_FACTS) -> list[dict]:
-    """Known-fact records (subject, attribute, prompt, relation_id, known_id)."""
-    try:
-        facts = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"Cannot read the known facts {path}: {exc}") from None
-    need = {"subject", "attribute", "prompt", "relation_id"}
-    good = [f for f in facts if isinstance(f, dict) and need <= set(f) and f["subject"] in f["prompt"]]
-    if not good:
-        raise ValueError(f"{path} holds no records with {sorted(need)}.")
-    return good
+    """Known-fact records (subject, attribute, prompt, relation_id, known_id); see :func:`tracing.assets.known_facts`."""
+    return list(known_facts(path))
 
 
 def known_facts_of(lm: LoadedModel, facts: Sequence[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,16 +177,78 @@ class Edit:
             layer = int(data["layer"])
             if layer < 0:
                 raise ValueError("negative layer")
-            return cls(request=EditRequest.from_dict(data["request"]), layer=layer, module=str(data["module"]),
+            request = EditRequest.from_dict(data["request"])
+            request.validate()
+            return cls(request=request, layer=layer, module=str(data["module"]),
                        variant=str(data.get("variant", "r-rome")), model=str(data.get("model", "")),
                        fingerprint=str(data.get("fingerprint", "")), timings=dict(data.get("timings") or {}),
                        info=dict(data.get("info") or {}), hparams=dict(data.get("hparams") or {}), **vecs)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ValueError(f"Malformed edit record: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
 # Applying edits
+
+
+# The unedited originals of the weights that edits currently change, per model: {id(weight): (weight, original)}.
+# `applied` and `EditStack` register what they save, so that caches of the model's own behaviour (context
+# templates, key statistics) can always be computed on the original weights (`original_weights`).
+_ORIGINALS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, tuple[torch.Tensor, torch.Tensor]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _register(lm: LoadedModel, saved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    """Record saved originals that no outer context has recorded yet; returns the ids this call owns."""
+    registry = _ORIGINALS.setdefault(lm.model, {})
+    owned = [key for key in saved if key not in registry]
+    for key in owned:
+        registry[key] = saved[key]
+    return owned
+
+
+def _unregister(lm: LoadedModel, owned: Iterable[int]) -> None:
+    registry = _ORIGINALS.get(lm.model, {})
+    for key in owned:
+        registry.pop(key, None)
+
+
+def is_edited(lm: LoadedModel) -> bool:
+    """Whether any edit (``applied`` or an :class:`EditStack`) currently changes the model's weights."""
+    return bool(_ORIGINALS.get(lm.model))
+
+
+@contextmanager
+def original_weights(lm: LoadedModel) -> Iterator[LoadedModel]:
+    """Within the block the model has its unedited weights, whatever edits are applied; on exit they are back.
+
+    Example::
+
+        with applied(lm, visitor_edits):
+            with original_weights(lm):
+                templates = sample_from(lm)      # the model's own behaviour, for a shared cache
+            generate(lm, prompts)                # edited again here
+
+    Used by everything that caches what *the model* does (context templates,
+    key statistics), so that a cache filled while edits are applied is still
+    right for everyone. The edited values are copied aside and copied back
+    bit for bit, also on exceptions.
+    """
+    registry = _ORIGINALS.get(lm.model)
+    if not registry:
+        yield lm
+        return
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for weight, original in list(registry.values()):
+                swapped.append((weight, weight.detach().clone()))
+                weight.copy_(original)
+        yield lm
+    finally:
+        with torch.no_grad():
+            for weight, edited in swapped:
+                weight.copy_(edited)
 
 
 def _weight(lm: LoadedModel, edit: Edit) -> torch.nn.Parameter:
@@ -209,6 +272,29 @@ def _weight(lm: LoadedModel, edit: Edit) -> torch.nn.Parameter:
     if edit.fingerprint and edit.fingerprint != lm.fingerprint:
         log.info("Edit computed on %s (%s) applied to %s (%s)", edit.model, edit.fingerprint, lm.name, lm.fingerprint)
     return weight
+
+
+def check_edits(lm: LoadedModel, edits: Iterable[Edit], *, same_model: bool = True) -> None:
+    """A ValueError naming the first edit that does not fit ``lm``; the weights are never touched.
+
+    Checks the layer, the module and the update's shape, and with
+    ``same_model`` also that the edit was computed on these very weights (its
+    fingerprint): an edit carries a value vector v* that only means something
+    to the model it was optimised on, even when another model has the same
+    shapes.
+    """
+    for i, edit in enumerate(edits):
+        where = f"Edit {i + 1} ({edit.request.text!r} → {edit.request.target!r})"
+        try:
+            _weight(lm, edit)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if same_model and edit.fingerprint != lm.fingerprint:
+            made_for = f"{edit.model or 'an unnamed model'} (fingerprint {edit.fingerprint or 'missing'})"
+            raise ValueError(
+                f"{where} was made for {made_for}, not for the loaded {lm.name} (fingerprint {lm.fingerprint}). "
+                "An edit only carries over to the exact weights it was computed on: compute it again on this model."
+            )
 
 
 def _add(lm: LoadedModel, edit: Edit, weight: torch.Tensor) -> None:
@@ -236,16 +322,20 @@ def applied(lm: LoadedModel, edits: Iterable[Edit] | Edit) -> Iterator[LoadedMod
     _ = lm.fingerprint  # fix the model's identity (cache keys) on the unedited weights
     weights = [_weight(lm, edit) for edit in edits]
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    owned: list[int] = []
     try:
-        for edit, weight in zip(edits, weights):
+        for weight in weights:
             if id(weight) not in saved:
                 saved[id(weight)] = (weight, weight.detach().clone())
+        owned = _register(lm, saved)
+        for edit, weight in zip(edits, weights):
             _add(lm, edit, weight)
         yield lm
     finally:
         with torch.no_grad():
             for weight, original in saved.values():
                 weight.copy_(original)
+        _unregister(lm, owned)
 
 
 class EditStack:
@@ -268,6 +358,7 @@ class EditStack:
         self.lm = lm
         self._edits: list[Edit] = []
         self._originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._owned: list[int] = []  # originals this stack registered (see original_weights)
 
     @property
     def edits(self) -> tuple[Edit, ...]:
@@ -282,6 +373,7 @@ class EditStack:
         weight = _weight(self.lm, edit)
         if id(weight) not in self._originals:
             self._originals[id(weight)] = (weight, weight.detach().clone())
+            self._owned.extend(_register(self.lm, {id(weight): self._originals[id(weight)]}))
         try:
             _add(self.lm, edit, weight)
         except BaseException:
@@ -303,6 +395,8 @@ class EditStack:
         self._rebuild([])
         self._edits.clear()
         self._originals.clear()
+        _unregister(self.lm, self._owned)
+        self._owned.clear()
 
     def _rebuild(self, edits: Sequence[Edit]) -> None:
         with torch.no_grad():
@@ -341,40 +435,80 @@ def save_edits(edits: Sequence[Edit], path: str | Path) -> Path:
     return path
 
 
-def load_edits(path: str | Path) -> list[Edit]:
-    """Read edits written by :func:`save_edits`; ValueError with the reason for anything else."""
+MAX_VECTOR = 1 << 20  # longest vector an edits file may hold (d_model / d_ff of any supported model is far below)
+
+
+def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int | None = None) -> list[Edit]:
+    """Read edits written by :func:`save_edits`; ValueError with the reason for anything else.
+
+    Example::
+
+        edits = load_edits("edits.safetensors", max_bytes=2_000_000, max_edits=20)
+        check_edits(lm, edits)            # made for this model? (nothing is applied)
+
+    Cheap checks come first: the file's size (before it is opened), the
+    header's format and number of edits, then each named tensor's shape;
+    only the tensors the header names are read, and every request is
+    validated as a typed one would be. Nothing is ever unpickled.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Edit file {path} does not exist.")
+        raise ValueError(f"Edit file {path.name} does not exist.")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{path.name} is {size:,} bytes; edits files are accepted up to {max_bytes:,} bytes.")
+    if size < 8:
+        raise ValueError(f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): "
+                         f"it is only {size} bytes.")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    if header_len > size - 8:
+        raise ValueError(f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): "
+                         "its header is longer than the file.")
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
             names = set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
+            records = _records(path, metadata, max_edits)
+            wanted = [f"edit{i}.{name}" for i in range(len(records)) for name in ("u", "v", "key", "value")]
+            missing = [name for name in wanted if name not in names]
+            if missing:
+                raise ValueError(f"{path.name} is missing tensor {missing[0]!r}.")
+            for name in wanted:
+                shape = tuple(f.get_slice(name).get_shape())
+                if len(shape) != 1 or not 0 < shape[0] <= MAX_VECTOR:
+                    raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}; edit vectors are 1-D.")
+            tensors = {name: f.get_tensor(name) for name in wanted}
+    except ValueError:
+        raise
     except Exception as exc:
         raise ValueError(
             f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): {exc}"
         ) from None
+    edits = []
+    for i, record in enumerate(records):
+        vectors = {name: tensors[f"edit{i}.{name}"] for name in ("u", "v", "key", "value")}
+        try:
+            edits.append(Edit.from_dict(record, vectors))
+        except ValueError as exc:
+            raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
+    return edits
+
+
+def _records(path: Path, metadata: dict, max_edits: int | None) -> list:
+    """The edit records of a file's header, after checking its format, version and count."""
     if metadata.get("format") != FILE_FORMAT:
         raise ValueError(f"{path.name} is a safetensors file but not a locate-edit edits file (no {FILE_FORMAT!r} header).")
     if metadata.get("version") != FILE_VERSION:
         raise ValueError(f"{path.name} has edits file version {metadata.get('version')!r}; this version reads {FILE_VERSION!r}.")
     try:
         records = json.loads(metadata["edits"])
-        if not isinstance(records, list):
-            raise TypeError("the edits header is not a list")
-    except (KeyError, TypeError, ValueError) as exc:
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise TypeError("the edits header is not a list of records")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{path.name} has a corrupt edits header: {exc}") from None
-    edits = []
-    for i, record in enumerate(records):
-        try:
-            vectors = {name: tensors[f"edit{i}.{name}"] for name in ("u", "v", "key", "value")}
-        except KeyError as exc:
-            raise ValueError(f"{path.name} is missing tensor {exc} of edit {i}.") from None
-        try:
-            edits.append(Edit.from_dict(record, vectors))
-        except ValueError as exc:
-            raise ValueError(f"{path.name}, edit {i}: {exc}") from None
-    return edits
+    if max_edits is not None and len(records) > max_edits:
+        raise ValueError(f"{path.name} holds {len(records)} edits; at most {max_edits} are accepted at once.")
+    return records

@@ -21,9 +21,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracing.assets import HPARAMS
+
 log = logging.getLogger(__name__)
 
-HPARAMS_DIR = Path(__file__).resolve().parent.parent / "assets" / "hparams"
+HPARAMS_DIR = HPARAMS
 VARIANTS = ("r-rome", "original", "exact")
 _META_KEYS = ("description", "match")
 

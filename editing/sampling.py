@@ -129,6 +129,7 @@ def generate(
     *,
     top_k: int = 0,
     temperature: float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Continuations (new text only) of each prompt: greedy, or seeded sampling with ``sample=True``.
 
@@ -140,6 +141,7 @@ def generate(
 
     Generation stops early for a row at the tokenizer's EOS token. The same
     ``seed`` gives the same samples for the same model and prompts.
+    ``progress(step, max_new_tokens)`` is called after every decoding step.
     """
     if isinstance(prompts, str):
         raise ValueError("generate() takes a list of prompts; wrap a single prompt in a list.")
@@ -159,6 +161,6 @@ def generate(
     eos = getattr(lm.tokenizer, "eos_token_id", None)
     new_ids = decode(
         lm, encoded, max_new_tokens, generator=generator, top_k=top_k, temperature=temperature,
-        stop_ids=[eos] if isinstance(eos, int) else [],
+        stop_ids=[eos] if isinstance(eos, int) else [], on_step=progress,
     )
     return [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]

@@ -47,9 +47,10 @@ import numpy as np
 import torch
 
 from tracing.hooks import Hook, StopForward, hooks, until_stopped
-from tracing.corruption import ASSETS
+from tracing.assets import ROOT as ASSETS, STATS
 from tracing.models import LoadedModel, cache_dir
 
+from .edit import original_weights
 from .hparams import ROMEHyperParams
 from .sampling import decode, start_token_id
 
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 _FACTORS: dict[tuple, torch.Tensor] = {}  # Cholesky factors keyed by (stats file, mtime, ridge, device)
 _FACTORS_MAX = 8
-SHIPPED = ASSETS / "stats"
+SHIPPED = STATS
 CHUNK_ROWS = 4096  # keys buffered per layer before one fp32 product is added to the fp64 sum
 
 
@@ -431,26 +432,28 @@ def ensure_stats(
     folder = stats_dir(lm, spec)
     corpus_file = folder / "corpus.safetensors"
     t0 = time.perf_counter()
-    moments = _Moments(missing)
-    ids = _load_corpus(corpus_file)
-    if ids is None and spec.corpus == "model":
-        ids = _load_corpus(shipped_corpus_path(lm, spec))  # sampled once by the project, so only a prefill is left
-    sampled = False
-    meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus, "spec": _spec_json(spec)}
-    if ids is None and spec.corpus == "model":
-        log.info("Sampling a %d-token statistics corpus from %s for layers %s (one time)", spec.n_tokens, lm.name, missing)
-        partial = folder / "corpus.partial.safetensors"
-        ids, resumed_rows = _sample_corpus(lm, spec, moments, missing, progress, partial)
-        _save_atomic(corpus_file, {"ids": ids.astype(np.int32)}, meta_common)
-        if resumed_rows:
-            _prefill_corpus(lm, ids[:resumed_rows], missing, moments, spec.batch_rows, None)
-        partial.unlink(missing_ok=True)
-        sampled = True
-    else:
-        if ids is None:
-            ids = _text_corpus(lm, spec)
-        log.info("Computing key statistics of layers %s over %d tokens", missing, ids.shape[0] * (ids.shape[1] - 1))
-        _prefill_corpus(lm, ids, missing, moments, spec.batch_rows, progress)
+    # Statistics describe the model's own weights: computed on the originals even while edits are applied.
+    with original_weights(lm):
+        moments = _Moments(missing)
+        ids = _load_corpus(corpus_file)
+        if ids is None and spec.corpus == "model":
+            ids = _load_corpus(shipped_corpus_path(lm, spec))  # sampled once by the project, so only a prefill is left
+        sampled = False
+        meta_common = {"model": lm.name, "fingerprint": lm.fingerprint, "corpus": spec.corpus, "spec": _spec_json(spec)}
+        if ids is None and spec.corpus == "model":
+            log.info("Sampling a %d-token statistics corpus from %s for layers %s (one time)", spec.n_tokens, lm.name, missing)
+            partial = folder / "corpus.partial.safetensors"
+            ids, resumed_rows = _sample_corpus(lm, spec, moments, missing, progress, partial)
+            _save_atomic(corpus_file, {"ids": ids.astype(np.int32)}, meta_common)
+            if resumed_rows:
+                _prefill_corpus(lm, ids[:resumed_rows], missing, moments, spec.batch_rows, None)
+            partial.unlink(missing_ok=True)
+            sampled = True
+        else:
+            if ids is None:
+                ids = _text_corpus(lm, spec)
+            log.info("Computing key statistics of layers %s over %d tokens", missing, ids.shape[0] * (ids.shape[1] - 1))
+            _prefill_corpus(lm, ids, missing, moments, spec.batch_rows, progress)
     seconds = time.perf_counter() - t0
     meta_common["seconds"] = f"{seconds:.1f}"
     if not sampled and not corpus_file.exists():

@@ -22,6 +22,7 @@ import torch
 
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 
+from .edit import original_weights
 from .sampling import decode, start_token_id
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def context_templates(
     """The bare template ``"{}"`` followed by ``count`` sampled texts of ``tokens`` tokens per (tokens, count) pair.
 
     Each sampled template is ``"<text>. {}"``. Cached in memory and on disk
-    by (model fingerprint, lengths, top_k, seed).
+    by (model fingerprint, lengths, top_k, seed), and always sampled from the
+    unedited weights (:func:`editing.edit.original_weights`), so an edit
+    applied while the cache is cold never leaks into it.
     """
     lengths = tuple((int(n), int(c)) for n, c in lengths)
     key = (lm.fingerprint, lengths, int(top_k), int(seed))
@@ -56,13 +59,14 @@ def context_templates(
         generator = torch.Generator(device=lm.device).manual_seed(int(seed))
         start = start_token_id(lm.tokenizer)
         templates = ["{}"]
-        for tokens, count in lengths:
-            if count == 0:
-                continue
-            rows = decode(lm, [[start]] * count, tokens, generator=generator, top_k=top_k)
-            for ids in rows:
-                text = _clean(lm.tokenizer.decode(ids, skip_special_tokens=True))
-                templates.append(f"{text}. {{}}" if text else "{}")
+        with original_weights(lm):  # sampled from the model's own weights, even while edits are applied
+            for tokens, count in lengths:
+                if count == 0:
+                    continue
+                rows = decode(lm, [[start]] * count, tokens, generator=generator, top_k=top_k)
+                for ids in rows:
+                    text = _clean(lm.tokenizer.decode(ids, skip_special_tokens=True))
+                    templates.append(f"{text}. {{}}" if text else "{}")
         templates = tuple(templates)
         write_json_cache(path, {"model": lm.name, "lengths": lengths, "top_k": top_k, "seed": seed,
                                 "templates": list(templates)})

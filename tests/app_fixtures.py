@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from app import Engine, build_demo, launch
-from tracing.presets import load_presets
+from editing.presets import load_presets
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, private_cache

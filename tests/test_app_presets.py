@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tracing import predict
-from tracing.presets import (
+from editing.presets import (
     PRESETS_PATH,
     Preset,
     answer_probabilities,
@@ -64,7 +64,7 @@ def test_presets_file_round_trip_and_loud_failures(tmp_path, tokenizer, device):
     data = json.loads(path.read_text())
     data["presets"][0]["colour"] = "red"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="unknown keys \\['colour'\\].*python -m tracing.presets"):
+    with pytest.raises(ValueError, match="unknown keys \\['colour'\\].*python -m editing.presets"):
         load_presets(path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tracing.presets import load_presets
+from editing.presets import load_presets
 
 from app_fixtures import free_port
 

@@ -13,29 +13,19 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
+from .assets import known_facts
 from .models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 from .result import TraceConfig
 from .tokens import EncodedPrompt, encode_prompt
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _STD_CACHE: dict[str, float] = {}
-
-
-@lru_cache(maxsize=1)
-def known_facts() -> tuple[dict, ...]:
-    """The paper's known facts (subject, prompt, attribute, template, relation_id), shipped in assets/."""
-    with open(ASSETS / "known_facts.json", encoding="utf-8") as f:
-        return tuple(json.load(f))
 
 
 def embedding_std(lm: LoadedModel) -> float:

@@ -16,7 +16,7 @@ Example::
     presets[0].prompt, presets[0].attribute, presets[0].counterfactual
     save_presets(presets, lm, "assets/presets.json")
 
-or from a shell: ``python -m tracing.presets --out assets/presets.json``.
+or from a shell: ``python -m editing.presets --out assets/presets.json``.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from .corruption import ASSETS, known_facts
-from .models import LoadedModel, load_model
-from .result import TraceConfig
-from .tokens import continuation_ids, encode_prompt
-from .trace import trace
+from tracing.assets import PRESETS, known_facts
+from tracing.models import LoadedModel, load_model
+from tracing.result import TraceConfig
+from tracing.tokens import continuation_ids, encode_prompt
+from tracing.trace import trace
 
 log = logging.getLogger(__name__)
 
-PRESETS_PATH = ASSETS / "presets.json"
+PRESETS_PATH = PRESETS
 # Left out of presets meant for a classroom (an editorial choice): counterfactual religions of real
 # people, and subjects best not turned into a game.
 CLASSROOM_EXCLUDED = ("P140",)
@@ -83,7 +83,7 @@ class Preset:
         if unknown or missing:
             raise ValueError(
                 f"Malformed preset: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}. "
-                "Regenerate the file with: python -m tracing.presets"
+                "Regenerate the file with: python -m editing.presets"
             )
         data = dict(data)
         data["paraphrases"], data["neighbours"] = tuple(data["paraphrases"]), tuple(data["neighbours"])
@@ -320,7 +320,7 @@ def save_presets(presets: Sequence[Preset], lm: LoadedModel, path: str | Path = 
     data = {
         "model": lm.name,
         "fingerprint": lm.fingerprint,
-        "generated_by": "python -m tracing.presets",
+        "generated_by": "python -m editing.presets",
         "presets": [p.to_dict() for p in presets],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,11 +340,11 @@ def load_presets(path: str | Path = PRESETS_PATH) -> PresetFile:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ValueError(f"Cannot read presets from {path}: {exc}. Regenerate with: python -m tracing.presets") from None
+        raise ValueError(f"Cannot read presets from {path}: {exc}. Regenerate with: python -m editing.presets") from None
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}). Regenerate with: python -m tracing.presets") from None
+        raise ValueError(f"{path} is not valid JSON ({exc}). Regenerate with: python -m editing.presets") from None
     if not isinstance(data, dict) or not isinstance(data.get("presets"), list):
-        raise ValueError(f"{path} has no 'presets' list. Regenerate with: python -m tracing.presets")
+        raise ValueError(f"{path} has no 'presets' list. Regenerate with: python -m editing.presets")
     return PresetFile(
         model=str(data.get("model", "")),
         fingerprint=str(data.get("fingerprint", "")),

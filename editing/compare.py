@@ -1,0 +1,179 @@
+"""One edit and what it changes: generations and CounterFact-style scores before and after.
+
+:func:`edit_and_compare` is what ``python -m editing`` prints and what the
+page's edit panel shows: on top of earlier edits (sequential editing) it finds
+the old object if none is given, scores and continues the test prompts with
+the model as it is, computes the ROME edit, and does the same with the edit
+applied. The weights are the originals again when it returns, also when it
+raises (a stop or a deadline raised from ``progress`` included).
+
+Example::
+
+    result = edit_and_compare(lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"),
+                              paraphrases=["Where is the Eiffel Tower? It is in the city of"],
+                              neighbours=["The Louvre is located in the city of"], max_new_tokens=10)
+    result.after[0]                          # ' Rome, Italy. ...'
+    result.scores_after.summary()["ES"]      # 1.0
+    apply_later = result.edit                # an Edit: applied(lm, [result.edit]), save_edits(...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from tracing.models import LoadedModel
+
+from .edit import Edit, EditRequest, applied
+from .hparams import ROMEHyperParams, load_hparams
+from .rome import compute_edit, model_answer
+from .sampling import generate
+from .scores import EditScores, score_edit
+
+Progress = Callable[[str, float], None]
+Memo = Callable[[Hashable, Callable[[], object]], object]
+
+# Stages reported through ``progress(stage, fraction)``, in order; the middle ones come from compute_edit.
+STAGES = ("answer", "before", "templates", "statistics", "keys", "optimising", "update", "after")
+
+
+@dataclass(frozen=True, eq=False)
+class EditComparison:
+    """The test prompts of one edit, with generations and scores before and (once done) after it.
+
+    ``prompts`` are the scored prompts as (kind, text), kind one of rewrite,
+    paraphrase, neighbour; ``generated`` the prompts that were continued
+    (by default the same texts), with ``before``/``after`` their
+    continuations. ``after``, ``scores_after`` and ``edit`` are None until
+    the edit is done (the page shows the before column first).
+    """
+
+    request: EditRequest  # with target_true: the old object
+    prompts: tuple[tuple[str, str], ...]
+    generated: tuple[str, ...]
+    before: tuple[str, ...]
+    scores_before: EditScores
+    after: tuple[str, ...] | None = None
+    scores_after: EditScores | None = None
+    edit: Edit | None = None
+
+    def rows(self) -> list[dict]:
+        """Per scored prompt: kind, prompt, p(new)/p(old) before and after, and its continuations if generated."""
+        before = self.scores_before.rows()
+        after = self.scores_after.rows() if self.scores_after is not None else [None] * len(before)
+        continued = {text: i for i, text in enumerate(self.generated)}
+        out = []
+        for (kind, text), b, a in zip(self.prompts, before, after):
+            i = continued.get(text)
+            out.append({
+                "kind": kind, "prompt": text,
+                "before": self.before[i] if i is not None else None,
+                "after": self.after[i] if i is not None and self.after is not None else None,
+                "p_new_before": b["p_new"], "p_old_before": b["p_old"],
+                "p_new_after": a["p_new"] if a else None, "p_old_after": a["p_old"] if a else None,
+            })
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (no vectors): request, rows, generations, scores, and the edit's metadata."""
+        out = {
+            "request": self.request.to_dict(), "rows": self.rows(),
+            "generations": [{"prompt": p, "before": b, "after": self.after[i] if self.after is not None else None}
+                            for i, (p, b) in enumerate(zip(self.generated, self.before))],
+            "scores_before": _summary(self.scores_before),
+        }
+        if self.scores_after is not None:
+            out["scores_after"] = _summary(self.scores_after)
+        if self.edit is not None:
+            out["edit"] = self.edit.metadata()
+        return out
+
+
+def _summary(scores: EditScores) -> dict:
+    return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in scores.summary().items()}
+
+
+def edit_and_compare(
+    lm: LoadedModel,
+    request: EditRequest,
+    *,
+    layer: int | None = None,
+    hparams: ROMEHyperParams | None = None,
+    paraphrases: Sequence[str] = (),
+    neighbours: Sequence[str] = (),
+    generate_prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 20,
+    sample: bool = False,
+    seed: int = 0,
+    previous: Sequence[Edit] = (),
+    stats_spec=None,
+    progress: Progress | None = None,
+    on_before: Callable[[EditComparison], None] | None = None,
+    memo: Memo | None = None,
+) -> EditComparison:
+    """Compute a ROME edit on top of ``previous`` edits and compare the model before and after it.
+
+    ``generate_prompts`` defaults to the scored prompts (rewrite, paraphrases,
+    neighbours; ``{}`` in them stands for the subject). ``progress(stage,
+    fraction)`` reports the stages of :data:`STAGES`; an exception it raises
+    stops the work with the weights restored. ``on_before`` receives the
+    comparison as soon as the before column is ready. ``memo(key, compute)``,
+    when given, may return a remembered result instead of computing it; it is
+    only consulted without ``previous`` edits (results of the unedited model
+    are deterministic: greedy or seeded), e.g. to share them between the
+    visitors of a page. Raises ValueError for invalid input before any work.
+    """
+    request.validate()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    hp = hparams if hparams is not None else load_hparams(lm)
+    previous = list(previous)
+    paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
+
+    def report(stage: str, fraction: float) -> None:
+        if progress:
+            progress(stage, float(fraction))
+
+    def once(key: Hashable, compute: Callable[[], object]):
+        return memo(key, compute) if memo is not None and not previous else compute()
+
+    with applied(lm, previous):
+        req = request
+        if req.target_true is None:  # the old object: what the model (with the earlier edits) says now
+            report("answer", 0.0)
+            answer = model_answer(lm, req.text)
+            if not answer:
+                raise ValueError("The model gives no answer to the rewrite prompt; enter the old object yourself.")
+            req = replace(req, target_true=answer)
+            req.validate()
+        report("before", 0.0)
+        scores_before = once(("scores", req, paraphrases, neighbours),
+                             lambda: score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours))
+        prompts = tuple(zip(scores_before.kinds, scores_before.prompts))  # "{}" filled with the subject
+        texts = tuple(scores_before.prompts if generate_prompts is None else
+                      (p.replace("{}", req.subject.strip(), 1) for p in generate_prompts))
+
+        def continue_texts() -> tuple[str, ...]:
+            return tuple(generate(lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                                  progress=lambda step, total: report("before", step / total)))
+
+        before = once(("generate", texts, max_new_tokens, bool(sample), int(seed)), continue_texts)
+        comparison = EditComparison(req, prompts, texts, before, scores_before)
+        if on_before:
+            on_before(comparison)
+        edit = once(("edit", req, layer, hp, stats_spec),
+                    lambda: compute_edit(lm, req, layer=layer, hparams=hp, progress=report, stats_spec=stats_spec))
+
+    def after_edit():
+        report("after", 0.0)
+        with applied(lm, [*previous, edit]):
+            texts_after = tuple(generate(lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                                         progress=lambda step, total: report("after", step / total)))
+            return texts_after, score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours)
+
+    after, scores_after = once(("after", req, layer, hp, stats_spec, paraphrases, neighbours, texts, max_new_tokens,
+                                bool(sample), int(seed)), after_edit)
+    report("after", 1.0)
+    return replace(comparison, after=after, scores_after=scores_after, edit=edit)
