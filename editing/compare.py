@@ -167,8 +167,8 @@ def edit_and_compare(
                     lambda: compute_edit(lm, req, layer=layer, hparams=hp, progress=report, stats_spec=stats_spec))
 
     def after_edit():
-        report("after", 0.0)
         with applied(lm, [*previous, edit]):
+            report("after", 0.0)
             texts_after = tuple(generate(lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
                                          progress=lambda step, total: report("after", step / total)))
             return texts_after, score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours)

@@ -6,18 +6,18 @@ import socket
 
 import pytest
 
-from app import Engine, build_demo, launch
 from editing.presets import load_presets
+from webapp import Engine, Limits, build_demo, launch
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, private_cache
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
-# App.trace(prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision, fast, edits)
+# App.trace(prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision, fast, visitor)
 QUICK = dict(samples=2, noise=3.0, window=2, corruption="gaussian", metric="prob", contrast="", seed=1,
              precision="auto", fast=True)
-# App.edit(subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed, edits)
+# App.edit(subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed, visitor)
 EDIT = dict(subject="The Eiffel Tower", relation="{} is located in the city of", target="Rome", old="Paris", layer=1,
             paraphrases="The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in",
             neighbours="The Louvre is located in the city of\nNotre-Dame is located in the city of",
@@ -36,7 +36,7 @@ def engine(tmp_path_factory, tokenizer, device):
     with private_cache(tmp_path_factory.mktemp("app-cache")):
         lm = make_tiny("llama", tokenizer, device)
         yield Engine(lm, presets=load_presets().presets, presets_model="test", hparams=TINY_HPARAMS,
-                     workdir=tmp_path_factory.mktemp("app-files"))
+                     workdir=tmp_path_factory.mktemp("app-files"), limits=Limits())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def served(engine):
     """The page for ``engine``, launched in this process; yields its URL."""
     demo = build_demo(engine)
     port = free_port()
-    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:

@@ -1,4 +1,4 @@
-"""The app's handlers, called directly on a tiny random model: tracing, editing, history, files, errors.
+"""The page's handlers, called directly on a tiny random model: tracing, editing, history, files, errors.
 
 Every test that touches the model also checks that it is left bitwise as it
 was (every parameter and buffer) and that no hook and no lock is left behind.
@@ -19,8 +19,11 @@ import pytest
 import torch
 
 import app as app_module
-from app import App, build_demo, create_engine, history_rows, model_card
 from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
+from webapp import Visitor, build_demo, create_engine
+from webapp import handlers as handlers_module
+from webapp.handlers import App
+from webapp.render import highlight, history_rows, model_card
 from tracing import TraceResult
 from tracing.models import DEFAULT_MODEL, DEFAULT_REQUIREMENT
 from tracing.hooks import active_hook_count
@@ -38,7 +41,12 @@ SKIP = gr.skip()
 
 def run(gen) -> list:
     """The updates a streaming handler yields, without the progress ticks (which change nothing)."""
-    return [update for update in gen if any(value != SKIP for value in update)]
+    updates = []
+    for update in gen:
+        values = update if isinstance(update, tuple) else (update,)
+        if any(value != SKIP for value in values):
+            updates.append(update)
+    return updates
 
 
 @pytest.fixture
@@ -51,14 +59,24 @@ def app(engine):
     assert not engine.lock.locked()
 
 
+def visitor_with(edits=None) -> Visitor:
+    visitor = Visitor()
+    visitor.set_edits(edits or [])
+    return visitor
+
+
 def trace(app, edits=None, prompt=PROMPT, subject=SUBJECT, answer="", **changes):
     settings = {**QUICK, **changes}
-    return run(app.trace(prompt, subject, answer, *settings.values(), edits or [], progress=no_progress))
+    return run(app.trace(prompt, subject, answer, *settings.values(), visitor_with(edits), progress=no_progress))
 
 
-def edit(app, edits=None, **changes):
+def edit(app, edits=None, visitor=None, **changes):
     fields = {**EDIT, **changes}
-    return run(app.edit(*fields.values(), edits or [], progress=no_progress))
+    return run(app.edit(*fields.values(), visitor or visitor_with(edits), progress=no_progress))
+
+
+def compare(app, prompt, edits=None):
+    return run(app.compare(prompt, 4, False, 0, visitor_with(edits), progress=no_progress))[-1]
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +128,13 @@ def test_trace_sees_only_the_visitors_edits(app, one_edit):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(prompt=""), "Enter a prompt"),
-        (dict(subject=" "), "Enter the subject"),
+        (dict(prompt=""), "The prompt is empty"),
+        (dict(subject=" "), "The subject is empty"),
         (dict(subject="Big Ben"), "does not occur in the prompt"),
-        (dict(prompt="word " * 200 + "The Eiffel Tower is in"), "tokens long"),
-        (dict(samples=0), "samples must be at least 1"),
+        (dict(prompt="word " * 50 + "The Eiffel Tower is in"), "limit trace_tokens"),
+        (dict(samples=0), "Samples must be between 1"),
         (dict(metric="logit_diff"), "contrast"),
-        (dict(noise=0.0), "noise must be positive"),
+        (dict(noise=0.0), "Noise must be between"),
     ],
 )
 def test_trace_bad_input_is_a_message(app, changes, message):
@@ -125,14 +143,14 @@ def test_trace_bad_input_is_a_message(app, changes, message):
 
 
 def test_failure_mid_trace_restores_everything(app, one_edit, monkeypatch):
-    real = app_module.iter_trace
+    real = handlers_module.iter_trace
 
     def failing(*args, **kwargs):
         iterator = real(*args, **kwargs)
         yield next(iterator)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(app_module, "iter_trace", failing)
+    monkeypatch.setattr(handlers_module, "iter_trace", failing)
     with pytest.raises(gr.Error, match="simulated crash.*restored"):
         trace(app, edits=[one_edit])
     # the `app` fixture checks weights, hooks and lock
@@ -151,11 +169,13 @@ def test_to_edit_carries_the_traced_fact(app):
 
 
 def test_edit_compares_before_and_after_and_keeps_history(app):
-    updates = edit(app)
+    visitor = Visitor()
+    updates = edit(app, visitor=visitor)
     before, final = updates[0], updates[-1]
     assert "editing…" in before[0]  # the before column appears first
-    comparison, scores, details, edits, history, export_btn, status = final
-    assert len(edits) == 1 and edits[0].request.target == "Rome" and edits[0].layer == 1
+    comparison, scores, details, state, history, export_btn, status, stats_note = final
+    edits = state.edits
+    assert state is visitor and len(edits) == 1 and edits[0].request.target == "Rome" and edits[0].layer == 1
     kinds = [row["kind"] for row in details["rows"]]
     assert kinds == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]
     for row in details["rows"]:
@@ -163,18 +183,18 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
         assert 0 <= row["p_new_before"] <= 1 and 0 <= row["p_old_after"] <= 1
     rewrite = details["rows"][0]
     assert rewrite["p_new_after"] > rewrite["p_new_before"]  # ROME raised p(new object) on the rewrite prompt
-    assert details["norm"] == pytest.approx(edits[0].norm) and details["layer"] == 1
+    assert details["edit"]["norm"] == pytest.approx(edits[0].norm) and details["edit"]["layer"] == 1
     assert comparison.count('<tr data-kind=') == 5 and 'class="after"' in comparison
     assert "Efficacy" in scores and "‖ΔW‖" in scores
     assert history == [[1, SUBJECT, "{} is located in the city of", "Rome", "Paris", 1, round(edits[0].norm, 3)]]
-    assert "1 edit active" in status
+    assert "1 edit active" in status and "ready for" in stats_note
     exported = load_edits(export_btn.value["path"])
     assert [e.request for e in exported] == [edits[0].request]
     np.testing.assert_array_equal(exported[0].u, edits[0].u)
 
 
 def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, one_edit, monkeypatch):
-    first = edit(app)[-1][3][0]  # the first visitor's preset edit, maybe already remembered
+    first = edit(app)[-1][3].edits[0]  # the first visitor's preset edit, maybe already remembered
     trace(app)
     calls = []
 
@@ -185,9 +205,12 @@ def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, on
 
         return wrapper
 
-    for name in ("compute_edit", "iter_trace", "generate", "score_edit"):
-        monkeypatch.setattr(app_module, name, counted(getattr(app_module, name)))
-    again = edit(app)[-1][3][0]  # the next visitors: nothing to compute on the unedited model
+    import editing.compare as compare_module
+
+    monkeypatch.setattr(handlers_module, "iter_trace", counted(handlers_module.iter_trace))
+    for name in ("compute_edit", "generate", "score_edit"):
+        monkeypatch.setattr(compare_module, name, counted(getattr(compare_module, name)))
+    again = edit(app)[-1][3].edits[0]  # the next visitors: nothing to compute on the unedited model
     trace(app)
     assert calls == [] and np.array_equal(again.u, first.u)
     edit(app, edits=[one_edit])  # on top of a visitor's edit everything is computed
@@ -198,21 +221,21 @@ def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, on
 def test_second_edit_builds_on_the_first_then_undo_and_reset(app, one_edit):
     final = edit(app, edits=[one_edit], subject="Michael Jordan", relation="{} plays the sport of",
                  target="baseball", old="basketball", paraphrases="", neighbours="")[-1]
-    edits = final[3]
-    assert [e.request.target for e in edits] == ["Rome", "baseball"]
+    visitor = final[3]
+    assert [e.request.target for e in visitor.edits] == ["Rome", "baseball"]
     assert final[2]["rows"][0]["kind"] == "rewrite" and len(final[2]["rows"]) == 1
-    edits, history, export_btn, status = app.undo(edits)
-    assert [e.request.target for e in edits] == ["Rome"] and len(history) == 1
-    edits, history, export_btn, status = app.reset(edits)
-    assert edits == [] and history == [] and export_btn.interactive is False
+    visitor, history, export_btn, status, _ = app.undo(visitor)
+    assert [e.request.target for e in visitor.edits] == ["Rome"] and len(history) == 1
+    visitor, history, export_btn, status, _ = app.reset(visitor)
+    assert visitor.edits == [] and history == [] and export_btn.interactive is False
     assert "original model" in status
     with pytest.raises(gr.Error, match="no edit to undo"):
-        app.undo([])
+        app.undo(Visitor())
 
 
 def test_missing_old_object_is_the_models_answer(app):
     final = edit(app, old="", paraphrases="", neighbours="")[-1]
-    request = final[3][0].request
+    request = final[3].edits[0].request
     assert request.target_true and request.target_true != "Rome"
 
 
@@ -221,11 +244,11 @@ def test_missing_old_object_is_the_models_answer(app):
     [
         (dict(relation="The Eiffel Tower is located in"), "no {} placeholder"),
         (dict(relation="{} and {} are in"), "placeholders"),
-        (dict(target="  "), "new target is empty"),
+        (dict(target="  "), "new object is empty"),
         (dict(subject=""), "subject is empty"),
         (dict(layer=99), "between 0 and 3"),
         (dict(old="rome"), "same as the old one"),
-        (dict(paraphrases="word " * 200), "tokens"),
+        (dict(paraphrases="word " * 50), "limit line_tokens"),
     ],
 )
 def test_edit_bad_input_is_a_message(app, changes, message):
@@ -238,41 +261,41 @@ def test_edit_bad_input_is_a_message(app, changes, message):
 
 def test_import_round_trip(app, one_edit, tmp_path):
     path = save_edits([one_edit], tmp_path / "mine.safetensors")
-    edits, history, export_btn, status = app.import_edits(str(path), [])
-    assert len(edits) == 1 and edits[0].request == one_edit.request
-    edits, *_ = app.import_edits(str(path), edits)
-    assert len(edits) == 2
+    visitor, history, export_btn, status, _ = app.import_edits(str(path), Visitor())
+    assert len(visitor.edits) == 1 and visitor.edits[0].request == one_edit.request
+    visitor, *_ = app.import_edits(str(path), visitor)
+    assert len(visitor.edits) == 2
 
 
 def test_import_rejects_bad_files(app, one_edit, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(gr.Error, match="not a readable edits file"):
-        app.import_edits(str(junk), [])
+        app.import_edits(str(junk), Visitor())
     pickled = tmp_path / "edits.pt"
     torch.save({"u": torch.zeros(3)}, pickled)
     with pytest.raises(gr.Error, match="pickle files are never loaded"):
-        app.import_edits(str(pickled), [])
+        app.import_edits(str(pickled), Visitor())
     with pytest.raises(gr.Error, match="Choose an edits file"):
-        app.import_edits(None, [])
+        app.import_edits(None, Visitor())
     # An edit made for another model (other shapes) must not touch this one.
     foreign = Edit(request=one_edit.request, layer=1, module=one_edit.module, u=np.ones(7, np.float32),
                    v=np.ones(5, np.float32), key=np.ones(7, np.float32), value=np.ones(5, np.float32))
     path = save_edits([foreign], tmp_path / "foreign.safetensors")
     with pytest.raises(gr.Error, match="another"):
-        app.import_edits(str(path), [one_edit])
+        app.import_edits(str(path), visitor_with([one_edit]))
 
 
 # --- free prompt, presets, page ----------------------------------------------------
 
 
 def test_compare_original_and_edited(app, one_edit):
-    alone = app.compare("The Eiffel Tower is in", 4, False, 0, [])
+    alone = compare(app, "The Eiffel Tower is in")
     assert "no edits yet" in alone
-    both = app.compare("The Eiffel Tower is in", 4, False, 0, [one_edit])
+    both = compare(app, "The Eiffel Tower is in", [one_edit])
     assert both.count("<td") == 3
-    with pytest.raises(gr.Error, match="Enter a prompt"):
-        app.compare(" ", 4, False, 0, [])
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        compare(app, " ")
 
 
 def test_presets_fill_both_panels(app):
@@ -284,7 +307,7 @@ def test_presets_fill_both_panels(app):
         assert subject in prompt and relation.replace("{}", e_subject) == prompt
         assert target == preset.counterfactual and old == answer == preset.attribute
         assert len(para.splitlines()) == 2 and len(neigh.splitlines()) == 2
-    with pytest.raises(gr.Error, match="Choose one of"):
+    with pytest.raises(gr.Error, match="The preset must be between 0"):
         app.preset_values(len(presets))
 
 
@@ -320,81 +343,18 @@ def test_page_wires_named_model_events(engine):
     demo = build_demo(engine)
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     assert {"trace", "edit", "undo", "reset", "import_edits", "compare", "preset"} <= set(fns)
-    for name in ("trace", "edit", "compare", "import_edits"):
-        assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == 1
-
-
-# --- the model lock ---------------------------------------------------------------------
-
-
-def test_stream_restores_weights_when_work_fails(engine, one_edit):
-    saved = snapshot(engine.lm.model)
-
-    def work(lm, emit):
-        assert changed(lm.model, saved)  # the edit is applied while the work runs
-        emit("started")
-        raise KeyError("boom")
-
-    items = []
-    with pytest.raises(KeyError, match="boom"):
-        for item in engine.stream([one_edit], work):
-            items.append(item)
-    assert items == ["started"]
-    assert changed(engine.lm.model, saved) == [] and not engine.lock.locked()
-
-
-def test_stream_stops_and_restores_when_the_visitor_leaves(engine, one_edit):
-    saved = snapshot(engine.lm.model)
-    reached = threading.Event()
-
-    def work(lm, emit):
-        for i in range(1000):
-            emit(i)
-            time.sleep(0.01)
-        reached.set()  # never: the consumer leaves after the first item
-
-    stream = engine.stream([one_edit], work)
-    assert next(stream) == 0
-    stream.close()  # what happens when a request is cancelled
-    deadline = time.time() + 10
-    while engine.lock.locked() and time.time() < deadline:
-        time.sleep(0.01)
-    assert not engine.lock.locked() and not reached.is_set()
-    assert changed(engine.lm.model, saved) == []
-
-
-def test_requests_wait_for_the_model(engine, one_edit):
-    """Two streams at once: the second only starts once the first has restored the weights."""
-    saved = snapshot(engine.lm.model)
-    log = []
-
-    def slow(lm, emit):
-        log.append(("a-start", not changed(lm.model, saved)))
-        time.sleep(0.3)
-        log.append(("a-end", None))
-        emit("a")
-
-    def check(lm, emit):
-        log.append(("b-start", not changed(lm.model, saved)))  # b has no edits: must see the original
-        emit("b")
-
-    t = threading.Thread(target=lambda: list(engine.stream([one_edit], slow)))
-    t.start()
-    time.sleep(0.05)
-    assert list(engine.stream([], check)) == ["b"]
-    t.join()
-    assert [entry[0] for entry in log] == ["a-start", "a-end", "b-start"]
-    assert log[0][1] is False and log[2][1] is True
+    for name in ("trace", "edit", "compare"):  # they wait in the engine's queue, where they can be stopped
+        assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit > engine.limits.queue_size
+    for name in ("undo", "reset", "import_edits"):  # never wait for the model
+        assert fns[name].concurrency_id != "model"
 
 
 def test_highlight_marks_objects_once_and_escapes():
-    from app import _highlight
-
-    assert _highlight("Rome, not Paris <b>", "Rome", "Paris") == (
+    assert highlight("Rome, not Paris <b>", "Rome", "Paris") == (
         '<mark class="le-new">Rome</mark>, not <mark class="le-old">Paris</mark> &lt;b&gt;')
     # An object that is also a word of the markup is never matched inside it.
-    assert _highlight("the new class", "new", "class").count("<mark") == 2
-    assert _highlight("plain", "", None) == "plain"
+    assert highlight("the new class", "new", "class").count("<mark") == 2
+    assert highlight("plain", "", None) == "plain"
 
 
 def test_a_space_installs_the_embedded_models_package_without_its_dependencies(monkeypatch):

@@ -1,0 +1,408 @@
+"""The one model every visitor shares: its queue, lock, limits, deadlines and memo. No Gradio here.
+
+A request reaches the model only through :meth:`Engine.stream`:
+
+1. **Admission** (the caller's thread, instant): at most
+   ``limits.waiting_per_visitor`` requests of one visitor and
+   ``limits.queue_size`` of everyone are waiting or running; more are refused.
+2. **Queue**: first come, first served. While it waits the request reports
+   its place; stopped while waiting, it leaves without touching the model;
+   waiting longer than ``limits.queue_wait_s`` turns it away.
+3. **Work**, in its own thread, holding the lock: the visitor's edits are
+   applied (``editing.applied``), and a guard checked before every
+   transformer block and at every progress report stops the work when the
+   visitor presses Stop or leaves, or when ``limits.deadline_s`` has passed.
+   However it ends, the weights are the originals again, bit for bit, and the
+   lock is free.
+
+Example::
+
+    engine = create_engine()                          # the embedded SmolLM2-135M, offline
+    visitor = Visitor()                               # one per browser session (gr.State)
+    for event in engine.stream(lambda lm, job: job.emit(predict(lm, prompt)), visitor=visitor):
+        kind, *value = event                          # ("queue", ahead) | ("progress", stage, f) | ("item", x)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import editing
+from editing import applied, is_edited, load_hparams
+from editing.presets import PRESETS_PATH, Preset, load_presets
+from editing.stats import StatsSpec, cached_layers
+from tracing import LoadedModel, load_model
+from tracing.hooks import Hook, hooks
+from tracing.models import DEFAULT_MODEL, parse_dtype
+
+from .limits import Limits, Refused
+
+log = logging.getLogger("locate-edit.engine")
+
+MODEL_ENV = "LOCATE_EDIT_MODEL"
+MEMO_SIZE = 64  # results of the unedited model kept for the next visitors (traces, generations, edits)
+POLL_S = 0.25  # how often a waiting or running request reports back (so Stop and disconnects act promptly)
+
+
+class Stopped(Exception):
+    """The visitor stopped the request or left; the work ends at its next block or progress report."""
+
+
+class DeadlineExceeded(ValueError):
+    """The request held the model past its deadline; it was stopped and the weights restored."""
+
+
+@dataclass
+class Visitor:
+    """One visitor's session (kept in ``gr.State``): their edits, applied only to their own requests.
+
+    ``version`` changes whenever the edits change, so an edit request that
+    ran while the visitor pressed Undo or Reset does not write over them.
+    ``active`` counts this visitor's model requests waiting or running.
+    """
+
+    edits: list = field(default_factory=list)
+    version: int = 0
+    active: int = 0
+
+    def set_edits(self, edits: Sequence[editing.Edit]) -> None:
+        self.edits = list(edits)
+        self.version += 1
+
+
+class Job:
+    """What a request's work uses to report: progress, results, and the checks of Stop and the deadline."""
+
+    def __init__(self, stop: threading.Event, deadline: float, events: queue.Queue, memo):
+        self._stop = stop
+        self.deadline = deadline
+        self._events = events
+        self.memo = memo  # memo(key, compute): shared results of the unedited model (see Engine.memo)
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` or :class:`DeadlineExceeded` if the request must end now."""
+        if self._stop.is_set():
+            raise Stopped
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceeded("deadline")
+
+    def progress(self, stage: str, fraction: float) -> None:
+        self.check()
+        self._events.put(("progress", stage, float(fraction)))
+
+    def emit(self, item) -> None:
+        self.check()
+        self._events.put(("item", item))
+
+
+@dataclass
+class _Ticket:
+    visitor: Visitor | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+
+class Engine:
+    """The shared model, the queue and lock in front of it, its limits, presets and memo.
+
+    ``precisions``: the precisions a trace may ask for; each is a copy of the
+    model made once, on first use, and kept ("auto" is the model itself). By
+    default only precisions whose copy is no larger than the model are offered.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        presets: Sequence[Preset] = (),
+        presets_model: str = "",
+        hparams: editing.ROMEHyperParams | None = None,
+        limits: Limits | None = None,
+        notice: str = "",
+        workdir: str | Path | None = None,
+        precisions: Sequence[str] | None = None,
+    ):
+        self.lm = lm
+        self.presets = tuple(presets)
+        self.presets_model = presets_model
+        self.hparams = hparams if hparams is not None else load_hparams(lm)
+        self.stats_spec = StatsSpec.from_hparams(self.hparams)
+        self.default_layer = self.hparams.edit_layer(lm.n_layers)
+        self.limits = limits if limits is not None else Limits()
+        self.notice = notice
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="locate-edit-"))
+        self.fingerprint = lm.fingerprint  # taken now, on the original weights
+        self.lock = threading.Lock()  # held while a request uses the model
+        self._turns = threading.Condition()
+        self._queue: deque[_Ticket] = deque()
+        self._memo: OrderedDict = OrderedDict()
+        self._copies: dict[str, LoadedModel] = {"auto": lm}
+        self.precisions = tuple(precisions) if precisions is not None else self._default_precisions()
+        self._counter = copy.deepcopy(lm.tokenizer)  # for checks outside the lock (fast tokenizers are not reentrant)
+        self._counter_lock = threading.Lock()
+
+    # -- cheap things, outside the lock -------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as a prompt (special tokens included), without touching the model."""
+        with self._counter_lock:
+            return len(self._counter(text)["input_ids"])
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the model or running now."""
+        with self._turns:
+            return len(self._queue)
+
+    def stats_layers(self) -> list[int]:
+        """Layers whose key statistics are ready on disk (an edit there needs no statistics pass)."""
+        return cached_layers(self.lm, self.stats_spec)
+
+    def check_stats(self, layer: int) -> None:
+        """Refused when a layer has no statistics and the operator does not allow computing them on demand."""
+        if self.limits.stats_on_demand or not self.hparams.mom2_adjustment or layer in self.stats_layers():
+            return
+        ready = ", ".join(map(str, self.stats_layers())) or "none"
+        raise Refused(f"Layer {layer} has no key statistics on this server, and computing them here is switched off "
+                      f"(limit stats_on_demand). Layers ready: {ready}. An operator can run "
+                      f"`python -m editing.stats --layers {layer}` or allow it with --limit stats_on_demand=true.")
+
+    def _default_precisions(self) -> tuple[str, ...]:
+        size = self.lm.dtype.itemsize
+        return ("auto", *(name for name in ("fp32", "bf16", "fp16")
+                          if parse_dtype(name) != self.lm.dtype and parse_dtype(name).itemsize <= size))
+
+    # -- the memo of the unedited model ---------------------------------------------------
+
+    def memo(self, key: Hashable, compute: Callable[[], object]):
+        """``compute()`` once per ``key`` for the *unedited* model, then remembered (the last MEMO_SIZE keys).
+
+        Traces, generations, scores and edits of the original weights are
+        deterministic (greedy or seeded), so in a class where everyone clicks
+        the same preset only the first visitor waits. Only call it from a
+        request's work with no edits applied.
+        """
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        value = compute()
+        self._memo[key] = value
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return value
+
+    def recall(self, key: Hashable):
+        """What :meth:`memo` kept for ``key``, else None."""
+        if key not in self._memo:
+            return None
+        self._memo.move_to_end(key)
+        return self._memo[key]
+
+    # -- the queue and the lock -----------------------------------------------------------
+
+    def model(self, precision: str = "auto") -> LoadedModel:
+        """The model in ``precision`` (a copy made once and kept). Call with the lock held."""
+        if precision not in self.precisions:
+            raise Refused(f"Precision {precision!r} is not offered on this server; choose one of "
+                          f"{', '.join(self.precisions)}.")
+        if precision not in self._copies:
+            log.info("Making a %s copy of %s (once)", precision, self.lm.name)
+            model = copy.deepcopy(self.lm.model).to(parse_dtype(precision))
+            self._copies[precision] = LoadedModel(model=model, tokenizer=self.lm.tokenizer, spec=self.lm.spec,
+                                                  name=self.lm.name)
+        return self._copies[precision]
+
+    def _admit(self, visitor: Visitor | None) -> _Ticket:
+        with self._turns:
+            if visitor is not None and visitor.active >= self.limits.waiting_per_visitor:
+                raise self.limits.refuse("waiting_per_visitor", "The number of your requests waiting or running",
+                                         visitor.active + 1, "Wait for them to finish, or press Stop.")
+            if len(self._queue) >= self.limits.queue_size:
+                raise Refused(f"The model is busy: {len(self._queue)} requests are waiting or running "
+                              f"(limit queue_size {self.limits.queue_size}). Please try again in a minute.")
+            ticket = _Ticket(visitor)
+            self._queue.append(ticket)
+            if visitor is not None:
+                visitor.active += 1
+            return ticket
+
+    def _leave(self, ticket: _Ticket) -> None:
+        with self._turns:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                if ticket.visitor is not None:
+                    ticket.visitor.active = max(0, ticket.visitor.active - 1)
+            self._turns.notify_all()
+
+    def _ahead(self, ticket: _Ticket) -> int:
+        with self._turns:
+            return self._queue.index(ticket) if ticket in self._queue else 0
+
+    def _guard(self, lm: LoadedModel, job: Job) -> list[Hook]:
+        """A check of Stop and the deadline before every transformer block's forward pass."""
+
+        def check(module, args, kwargs):
+            job.check()
+
+        return [Hook(lm.module_name("hidden", layer), check, pre=True) for layer in range(lm.n_layers)]
+
+    def stream(
+        self,
+        work: Callable[[LoadedModel, Job], None],
+        *,
+        visitor: Visitor | None = None,
+        edits: Sequence[editing.Edit] = (),
+        precision: str = "auto",
+    ) -> Iterator[tuple]:
+        """Run ``work(lm, job)`` with ``edits`` applied, holding the model; yield its events.
+
+        Yields ("queue", requests_ahead) while waiting, then ("progress",
+        stage, fraction) and ("item", value) as the work reports through its
+        :class:`Job`. Closing the generator (the visitor pressed Stop or left)
+        stops the work at its next block or report; the work's exception
+        (ValueError for bad input, :class:`DeadlineExceeded`, ...) is raised
+        here. The weights are restored and the lock released in every case,
+        by the work's own thread, even if nobody consumes this generator.
+        """
+        ticket = self._admit(visitor)
+        edits = list(edits)
+        events: queue.Queue = queue.Queue()
+        stop = ticket.stop
+        admitted = time.monotonic()
+
+        def run() -> None:
+            try:
+                with self._turns:
+                    while self._queue[0] is not ticket:
+                        if stop.is_set():
+                            return
+                        if time.monotonic() - admitted > self.limits.queue_wait_s:
+                            raise self.limits.refuse("queue_wait_s", "The time this request waited for the model",
+                                                     f"{time.monotonic() - admitted:.0f} s", "Please try again later.")
+                        self._turns.wait(POLL_S)
+                with self.lock:
+                    if stop.is_set():
+                        return  # stopped while waiting: the model is never touched
+                    ticket.started = True
+                    lm = self.model(precision)
+                    job = Job(stop, time.monotonic() + self.limits.deadline_s, events, self._memo_for(precision, edits))
+                    assert not is_edited(lm), "a previous request left edits applied"
+                    with applied(lm, edits), hooks(lm.model, *self._guard(lm, job)):
+                        work(lm, job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+                events.put(("error", exc))
+            finally:
+                self._leave(ticket)
+                events.put(("done", None))
+
+        worker = threading.Thread(target=run, name="locate-edit-model", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    tag, *value = events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if not ticket.started:
+                        yield ("queue", self._ahead(ticket))
+                    else:
+                        yield ("progress", None, None)  # a heartbeat: lets the server notice Stop or a disconnect
+                    continue
+                if tag == "done":
+                    return
+                if tag == "error":
+                    exc = value[0]
+                    if isinstance(exc, DeadlineExceeded):
+                        raise DeadlineExceeded(
+                            f"This request was stopped after its {self.limits.deadline_s:g} s deadline (limit "
+                            f"deadline_s); the model is back to its original weights. Ask for less (fewer samples, "
+                            f"a shorter prompt, the quick trace) or try again when the server is quieter. An operator "
+                            f"can raise it with --limit deadline_s=N.") from None
+                    raise exc
+                yield (tag, *value)
+        finally:
+            stop.set()
+
+    def _memo_for(self, precision: str, edits: Sequence) -> Callable:
+        if edits:
+            return lambda key, compute: compute()  # results on top of a visitor's edits are never shared
+        return lambda key, compute: self.memo((precision, key), compute)
+
+    def call(self, fn: Callable[[LoadedModel], object], *, visitor: Visitor | None = None,
+             edits: Sequence[editing.Edit] = ()):
+        """``fn(lm)`` through :meth:`stream` (queue, lock, edits, deadline); its return value."""
+        out = []
+        for event in self.stream(lambda lm, job: job.emit(fn(lm)), visitor=visitor, edits=edits):
+            if event[0] == "item":
+                out.append(event[1])
+        return out[0] if out else None
+
+    # -- files for downloads --------------------------------------------------------------
+
+    def export_path(self, stem: str, suffix: str, keep_s: float = 3600) -> Path:
+        """A fresh file path for a download (its own folder, so names never collide between visitors).
+
+        Downloads older than ``keep_s`` seconds are removed on the way.
+        """
+        now = time.time()
+        for old in self.workdir.glob("x-*"):
+            try:
+                if now - old.stat().st_mtime > keep_s:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        folder = Path(tempfile.mkdtemp(prefix="x-", dir=self.workdir))
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "export"
+        return folder / f"{slug}{suffix}"
+
+
+def create_engine(
+    model: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    fallback: bool = True,
+    presets_path: str | Path = PRESETS_PATH,
+    limits: Limits | None = None,
+) -> Engine:
+    """Load the model (``model``, else $LOCATE_EDIT_MODEL, else the embedded default) and its presets.
+
+    Example::
+
+        engine = create_engine()                   # SmolLM2-135M, offline
+        engine = create_engine("gpt2", device="cpu", limits=Limits(deadline_s=60))
+
+    If a named model cannot be loaded and ``fallback`` is true, the embedded
+    default is loaded instead and :attr:`Engine.notice` says why (the page
+    shows it); otherwise the ValueError/LookupError propagates.
+    """
+    name = model or os.environ.get(MODEL_ENV) or None
+    notice = ""
+    try:
+        lm = load_model(name, device=device, dtype=dtype)
+    except (ValueError, LookupError, OSError) as exc:
+        if not fallback or name in (None, "", "default", DEFAULT_MODEL):
+            raise
+        log.error("Could not load %s: %s. Falling back to the embedded default model.", name, exc)
+        notice = f"Could not load model {name!r}: {exc} The embedded default model was loaded instead."
+        lm = load_model(None, device=device, dtype=dtype)
+    try:
+        shipped = load_presets(presets_path)
+        presets, presets_model = shipped.presets, shipped.model
+    except ValueError as exc:
+        log.warning("No presets: %s", exc)
+        presets, presets_model = (), ""
+    return Engine(lm, presets=presets, presets_model=presets_model, notice=notice,
+                  limits=limits if limits is not None else Limits.from_env())
+

@@ -1,0 +1,366 @@
+"""The page's event handlers: check the request, call one library function through the engine, render.
+
+Every handler is an ordinary method (generators stream their progress), so
+tests call them without a browser; ``visitor`` is the visitor's
+:class:`~webapp.engine.Visitor` held in ``gr.State``. Only here do library
+errors become ``gr.Error`` messages; nothing reaches the page as a traceback.
+
+Example::
+
+    app = App(create_engine())
+    visitor = Visitor()
+    *_, last = app.trace("The Eiffel Tower is located in the city of", "The Eiffel Tower", "", 10, 3.0, 10,
+                         "gaussian", "prob", "", 1, "auto", False, visitor)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
+from tracing import KINDS, TraceResult, iter_trace, predict
+from tracing.plots import heatmap, results_json, scores_csv
+
+from . import render
+from .engine import Engine, Stopped, Visitor
+from .limits import Refused, check_edit, check_generation, check_request, check_trace, number
+
+log = logging.getLogger("locate-edit.app")
+
+SKIP = gr.skip()
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show errors as a message in the page (gr.Error), never a traceback; a stopped request ends quietly.
+
+    ValueError/LookupError (bad input, a refused request, a deadline) carry
+    their fix in the message and are shown as they are; anything else is
+    logged with its traceback and summarised.
+    """
+
+    def convert(exc: BaseException) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, (ValueError, LookupError)):
+            return gr.Error(str(exc), print_exception=False)
+        log.exception("Unexpected error in %s", fn.__name__)
+        return gr.Error(
+            f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). "
+            "The model was restored to its original weights; please try again.",
+            print_exception=False,
+        )
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Stopped:
+                return
+            except Exception as exc:  # noqa: BLE001 - converted for the page
+                raise convert(exc) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Stopped:
+            return None
+        except Exception as exc:  # noqa: BLE001 - converted for the page
+            raise convert(exc) from None
+
+    return wrapper
+
+
+class App:
+    """The page's handlers, bound to one :class:`Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.limits = engine.limits
+        self._visitors = threading.Lock()  # guards check-and-set of a visitor's edits between handlers
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _drive(self, stream, progress, describe: Callable[[str, float], tuple[float, str]]) -> Iterator[tuple]:
+        """Engine events as ("tick", None) (progress shown; the caller yields so Stop can act) or ("item", x)."""
+        progress(0.0, desc="Waiting for the model")
+        for event in stream:
+            if event[0] == "queue":
+                progress(0.0, desc=f"Waiting for the model: {event[1]} request{'s' if event[1] != 1 else ''} ahead")
+                yield "tick", None
+            elif event[0] == "progress":
+                if event[1] is not None:
+                    fraction, text = describe(event[1], event[2])
+                    progress(fraction, desc=text)
+                yield "tick", None
+            else:
+                yield "item", event[1]
+
+    def _export_button(self, edits):
+        if not edits:
+            return gr.DownloadButton(value=None, interactive=False)
+        path = self.engine.export_path(f"edits-{len(edits)}", ".safetensors")
+        save_edits(list(edits), path)
+        return gr.DownloadButton(value=str(path), interactive=True)
+
+    def _history(self, visitor: Visitor, message: str | None = None) -> tuple:
+        if message:
+            gr.Info(message)
+        edits = visitor.edits
+        return (visitor, render.history_rows(edits), self._export_button(edits), render.history_status(edits),
+                self.stats_note())
+
+    def stats_note(self) -> str:
+        return render.stats_note(self.engine.stats_layers(), self.engine.lm.n_layers, self.limits.stats_on_demand)
+
+    # -- presets and small helpers ---------------------------------------------------------
+
+    def model_info(self) -> dict:
+        """The loaded model, the app's defaults and limits, for API clients."""
+        lm = self.engine.lm
+        return {"model": lm.name, "parameters": lm.n_params, "layers": lm.n_layers, "device": str(lm.device),
+                "dtype": str(lm.dtype).replace("torch.", ""), "default_edit_layer": self.engine.default_layer,
+                "presets": [p.label for p in self.engine.presets], "presets_model": self.engine.presets_model,
+                "notice": self.engine.notice, "precisions": list(self.engine.precisions),
+                "stats_layers": self.engine.stats_layers(), "limits": self.limits.to_dict()}
+
+    @user_errors
+    def preset_values(self, index) -> tuple:
+        """Fill both panels from preset ``index``: trace prompt, subject, answer; edit fields and test prompts."""
+        presets = self.engine.presets
+        if not presets:
+            raise Refused("This server has no presets for its model.")
+        p = presets[number(index, "The preset", low=0, high=len(presets) - 1, integer=True)]
+        return (p.prompt, p.subject, p.attribute, p.subject, p.rewrite_prompt, p.counterfactual, p.attribute,
+                "\n".join(p.paraphrases), "\n".join(p.neighbours))
+
+    def suggest_subject(self, prompt: str, subject: str) -> str:
+        """Keep a subject that occurs in the prompt; otherwise guess one from the prompt."""
+        from editing.presets import guess_subject
+
+        if not isinstance(prompt, str) or len(prompt) > self.limits.text_chars:
+            return subject if isinstance(subject, str) else ""
+        if isinstance(subject, str) and subject.strip() and subject.strip() in prompt:
+            return subject
+        return guess_subject(prompt)
+
+    # -- tracing ---------------------------------------------------------------------------
+
+    @user_errors
+    def trace(self, prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision,
+              fast, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, trace state).
+
+        Figures appear kind by kind. ``fast`` traces only the subject's and the
+        last token's rows (the others stay blank).
+        """
+        visitor = visitor if visitor is not None else Visitor()
+        ask = check_trace(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, prompt=prompt,
+                          subject=subject, answer=answer, samples=samples, noise=noise, window=window,
+                          corruption=corruption, metric=metric, contrast=contrast, seed=seed, precision=precision,
+                          fast=fast, precisions=self.engine.precisions)
+
+        def work(lm, job) -> None:
+            job.emit(("top", predict(lm, ask.prompt, k=5)))
+            emitted = []
+
+            def compute() -> list[TraceResult]:
+                for result in iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=ask.config,
+                                         progress=lambda done, total: job.progress(
+                                             KINDS[min(len(KINDS) - 1, (done - 1) * len(KINDS) // total)],
+                                             done / total)):
+                    emitted.append(result)
+                    job.emit(("result", result))
+                return list(emitted)
+
+            results = job.memo(("trace", ask.prompt, ask.subject, ask.answer, ask.config), compute)
+            if not emitted:
+                for result in results:
+                    job.emit(("result", result))
+
+        def describe(kind: str, fraction: float) -> tuple[float, str]:
+            return fraction, f"Tracing: restoring {kind} states"
+
+        top: list[tuple[str, float]] = []
+        figures: dict[str, object] = {kind: None for kind in KINDS}
+        results: list[TraceResult] = []
+        no_file = gr.DownloadButton(value=None, interactive=False)
+        stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision)
+        for tag, item in self._drive(stream, progress, describe):
+            if tag == "tick":
+                yield (SKIP,) * 8  # hands control back to the server, so that Stop takes effect promptly
+                continue
+            if item[0] == "top":
+                top = item[1]
+            else:
+                results.append(item[1])
+                figures[item[1].kind] = heatmap(item[1])
+            if len(results) < len(KINDS):
+                yield (render.prediction_card(top, results[0] if results else None, ask.answer), figures["hidden"],
+                       figures["mlp"], figures["attn"], no_file, no_file, SKIP, SKIP)
+
+        mlp = next(r for r in results if r.kind == "mlp")
+        layer = int(mlp.peak(mlp.subject_range[1] - 1)[1])
+        stem = f"trace-{ask.subject}"
+        json_path = self.engine.export_path(stem, ".json")
+        json_path.write_text(results_json(results, model=self.engine.lm.name, edits=len(visitor.edits)),
+                             encoding="utf-8")
+        csv_path = self.engine.export_path(stem, ".csv")
+        csv_path.write_text(scores_csv(results), encoding="utf-8")
+        state = {"prompt": ask.prompt, "subject": ask.subject, "answer": results[0].answer, "layer": layer}
+        yield (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
+               figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
+               gr.DownloadButton(value=str(csv_path), interactive=True),
+               render.layer_card(layer, mlp, self.engine.default_layer), state)
+
+    @user_errors
+    def to_edit(self, state: dict | None, edit_layer) -> tuple:
+        """Carry the traced fact to the edit panel: subject, relation prompt, old object, layer; switch tabs."""
+        if not isinstance(state, dict) or not {"prompt", "subject", "answer"} <= set(state):
+            raise Refused("Trace a fact first; its subject, prompt and peak layer then fill the edit panel.")
+        relation = state["prompt"].replace(state["subject"], "{}", 1)
+        layer = state.get("layer", edit_layer)
+        return state["subject"], relation, state["answer"].strip(), layer, gr.Tabs(selected="edit")
+
+    # -- editing -----------------------------------------------------------------------------
+
+    @user_errors
+    def edit(self, subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed,
+             visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+        """Compute a ROME edit on top of the visitor's edits; yields (comparison, scores, details, visitor,
+        history, export file, status, statistics note)."""
+        visitor = visitor if visitor is not None else Visitor()
+        hp = self.engine.hparams
+        ask = check_edit(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, subject=subject,
+                         relation=relation, target=target, old=old, layer=layer, paraphrases=paraphrases,
+                         neighbours=neighbours, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                         edits_applied=len(visitor.edits), steps=hp.v_num_grad_steps,
+                         templates=sum(count for _, count in hp.context_templates))
+        self.engine.check_stats(ask.layer)
+        previous, version = list(visitor.edits), visitor.version
+
+        def work(lm, job) -> None:
+            job.emit(edit_and_compare(
+                lm, ask.request, layer=ask.layer, hparams=hp, paraphrases=ask.paraphrases,
+                neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample, seed=ask.seed,
+                previous=previous, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
+                memo=job.memo))
+
+        # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
+        stream = self.engine.stream(work, visitor=visitor)
+        for tag, result in self._drive(stream, progress, render.edit_progress):
+            if tag == "tick":
+                yield (SKIP,) * 8
+                continue
+            details = result.to_dict()
+            if result.edit is None:
+                yield (render.comparison_table(result), render.scores_card(result), details) + (SKIP,) * 5
+                continue
+            with self._visitors:
+                added = visitor.version == version
+                if added:
+                    visitor.set_edits(previous + [result.edit])
+            if not added:
+                gr.Warning("Your edits changed while this edit ran (undo, reset or import), so it was not added. "
+                           "Apply it again to add it to your current edits.")
+            edits = visitor.edits
+            yield (render.comparison_table(result), render.scores_card(result), details, visitor,
+                   render.history_rows(edits), self._export_button(edits), render.history_status(edits),
+                   self.stats_note())
+
+    @user_errors
+    def undo(self, visitor: Visitor | None) -> tuple:
+        """Drop the visitor's last edit; returns (visitor, history rows, export file, status, statistics note)."""
+        visitor = visitor if visitor is not None else Visitor()
+        with self._visitors:
+            if not visitor.edits:
+                raise Refused("There is no edit to undo.")
+            last = visitor.edits[-1]
+            visitor.set_edits(visitor.edits[:-1])
+        return self._history(visitor, f"Undid: {last.request.text} → {last.request.target}")
+
+    @user_errors
+    def reset(self, visitor: Visitor | None) -> tuple:
+        """Drop all of the visitor's edits."""
+        visitor = visitor if visitor is not None else Visitor()
+        with self._visitors:
+            had = bool(visitor.edits)
+            visitor.set_edits([])
+        return self._history(visitor, "All edits removed: back to the original model." if had else None)
+
+    @user_errors
+    def import_edits(self, path, visitor: Visitor | None) -> tuple:
+        """Add the edits of an uploaded .safetensors file after checking that they fit this very model.
+
+        Nothing here touches the model: the file's size is checked before it
+        is opened, only the tensors its header names are read, each request is
+        checked like a typed one, and the edits must have been computed on
+        these weights (fingerprint) with shapes that fit.
+        """
+        visitor = visitor if visitor is not None else Visitor()
+        if not path or not isinstance(path, str):
+            raise Refused("Choose an edits file (.safetensors) exported from this app.")
+        name = Path(path).name
+        if not name.endswith(".safetensors"):
+            raise Refused(f"{name[:80]} is not a .safetensors file. Import a file exported with 'Export edits' "
+                          "(pickle files are never loaded).")
+        room = self.limits.edits_per_visitor - len(visitor.edits)
+        if room <= 0:
+            raise self.limits.refuse("edits_per_visitor", "The number of your edits", len(visitor.edits) + 1,
+                                     "Undo or reset some before importing.")
+        loaded = load_edits(path, max_bytes=self.limits.import_bytes, max_edits=room)
+        if not loaded:
+            raise Refused(f"{name[:80]} holds no edits.")
+        for i, edit in enumerate(loaded):
+            check_request(self.limits, self.engine.count_tokens, edit.request, where=f"Edit {i + 1} of the file: ")
+        check_edits(self.engine.lm, loaded)  # made for these weights, shapes fit (nothing is applied)
+        with self._visitors:
+            visitor.set_edits(visitor.edits + loaded)
+        return self._history(visitor, f"Imported {len(loaded)} edit{'s' if len(loaded) > 1 else ''}.")
+
+    @user_errors
+    def compare(self, prompt, max_new_tokens, sample, seed, visitor: Visitor | None,
+                progress=gr.Progress()) -> Iterator[str]:
+        """Continue one free prompt with the original model and with the visitor's edits; HTML side by side."""
+        visitor = visitor if visitor is not None else Visitor()
+        prompt, max_new_tokens, sample, seed = check_generation(
+            self.limits, self.engine.count_tokens, prompt=prompt, max_new_tokens=max_new_tokens, sample=sample,
+            seed=seed)
+        edits = list(visitor.edits)
+
+        def work(lm, job) -> None:
+            def complete(which: str) -> str:
+                return generate(lm, [prompt], max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                                progress=lambda step, total: job.progress(which, step / total))[0]
+
+            with original_weights(lm):
+                original = complete("original")
+            job.emit((original, complete("edited") if edits else None))
+
+        def describe(which: str, fraction: float) -> tuple[float, str]:
+            return fraction, f"Generating with the {which} model"
+
+        for tag, item in self._drive(self.engine.stream(work, visitor=visitor, edits=edits), progress, describe):
+            if tag == "tick":
+                yield SKIP
+                continue
+            yield render.free_comparison(prompt, item[0], item[1], edits)
+
+    @user_errors
+    def retrace_values(self, subject, relation, target) -> tuple:
+        """Fill the trace panel with the edited fact (prompt, subject, new object) and switch to it."""
+        from editing import EditRequest
+
+        request = check_request(self.limits, self.engine.count_tokens, EditRequest(subject, relation, target or "?"))
+        return request.text, request.subject, request.target, gr.Tabs(selected="locate")

@@ -1,0 +1,251 @@
+"""The page's layout and wiring: the header, one function per tab, then the events.
+
+Example::
+
+    demo = build_demo(create_engine())
+    launch(demo, host="127.0.0.1", port=7860)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import gradio as gr
+
+from editing.presets import guess_subject
+from tracing.result import CORRUPTIONS, METRICS
+
+from . import render
+from .engine import Engine, Visitor
+from .handlers import App
+
+PAPER = "https://arxiv.org/abs/2202.05262"
+DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
+THEME = gr.themes.Soft(
+    primary_hue="violet",
+    secondary_hue="green",
+    font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+)
+
+
+def on_gpu(fn: Callable) -> Callable:
+    """``spaces.GPU(fn)`` on a Hugging Face Space with ZeroGPU (the ``spaces`` package is importable), else ``fn``."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+def header(engine: Engine):
+    """Title, model card and the preset gallery (None when the server has no presets)."""
+    with gr.Row(elem_classes="le-header"):
+        gr.Markdown(
+            "# Locate & edit facts in a language model\n"
+            f"Find **where** a model stores a fact (causal tracing), then **rewrite** it (ROME) - "
+            f"after Meng et al., [*Locating and Editing Factual Associations in GPT*]({PAPER})."
+        )
+    gr.HTML(render.model_card(engine))
+    if not engine.presets:
+        return None
+    note = ("" if engine.presets_model in ("", engine.lm.name) else
+            f" (chosen for {engine.presets_model}; {engine.lm.name} may not know them)")
+    return gr.Dataset(
+        components=[gr.Textbox(visible=False)], samples=[[p.label] for p in engine.presets], type="index",
+        label=f"Preset facts: click one to fill both panels{note}", layout="gallery",
+        samples_per_page=max(12, len(engine.presets)), elem_id="presets",
+    )
+
+
+def locate_tab(engine: Engine) -> SimpleNamespace:
+    """① Locate the fact: prompt, subject, settings, the three heatmaps and their downloads."""
+    n_layers, chars = engine.lm.n_layers, engine.limits.text_chars
+    ui = SimpleNamespace()
+    with gr.Tab("① Locate the fact", id="locate", elem_id="tab-locate"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                ui.prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", elem_id="trace-prompt", max_length=chars,
+                                       info="A sentence the model completes with a fact.")
+                with gr.Row():
+                    ui.subject = gr.Textbox(guess_subject(DEFAULT_PROMPT), label="Subject", max_length=chars,
+                                            info="Guessed from the prompt; edit it if needed.",
+                                            elem_id="trace-subject")
+                    ui.answer = gr.Textbox("", label="Expected answer (optional)", max_length=chars,
+                                           info="Empty: trace the model's own top prediction.",
+                                           elem_id="trace-answer")
+                with gr.Accordion("Advanced settings (defaults: the paper's)", open=False):
+                    with gr.Row():
+                        ui.samples = gr.Slider(1, engine.limits.samples, value=10, step=1, label="Samples",
+                                               info="Corrupted copies averaged per cell.")
+                        ui.noise = gr.Number(3.0, label="Noise (× embedding std)", minimum=0.01, maximum=100)
+                        ui.window = gr.Slider(1, n_layers, value=min(10, n_layers), step=1,
+                                              label="Window (MLP/attention layers restored together)")
+                    with gr.Row():
+                        ui.corruption = gr.Radio(list(CORRUPTIONS), value="gaussian", label="Corruption")
+                        ui.metric = gr.Dropdown(list(METRICS), value="prob", label="Metric")
+                        ui.contrast = gr.Textbox("", label="Contrast answer (for logit_diff)", max_length=chars)
+                    with gr.Row():
+                        ui.seed = gr.Number(1, label="Seed", precision=0, minimum=0)
+                        ui.precision = gr.Dropdown(list(engine.precisions), value="auto", label="Precision",
+                                                   info="Other precisions run on a copy of the model.")
+                        ui.fast = gr.Checkbox(False, label="Quick trace: only the subject's and the last token's rows")
+                with gr.Row():
+                    ui.trace_btn = gr.Button("Trace", variant="primary", elem_id="trace-button")
+                    ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="trace-stop")
+            with gr.Column(scale=2, elem_classes="le-help"):
+                gr.Markdown(render.static_text("help-trace.md"))
+        ui.prediction = gr.HTML(elem_id="prediction")
+        with gr.Row(equal_height=True):
+            ui.plot_hidden = gr.Plot(label="Hidden states", elem_id="plot-hidden", min_width=320)
+            ui.plot_mlp = gr.Plot(label="MLP", elem_id="plot-mlp", min_width=320)
+            ui.plot_attn = gr.Plot(label="Attention", elem_id="plot-attn", min_width=320)
+        with gr.Row():
+            ui.layer_html = gr.HTML()
+        with gr.Row():
+            ui.json_btn = gr.DownloadButton("Scores (JSON)", interactive=False, size="sm", elem_id="dl-json")
+            ui.csv_btn = gr.DownloadButton("Scores (CSV)", interactive=False, size="sm", elem_id="dl-csv")
+            ui.to_edit_btn = gr.Button("Edit this fact →", size="sm", elem_id="to-edit")
+        gr.Markdown("PNG: use the camera icon in each figure's toolbar.", elem_classes="le-small")
+    return ui
+
+
+def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
+    """② Rewrite the fact: the request, test prompts, before/after, scores, history, files, free prompts."""
+    n_layers, chars, limits = engine.lm.n_layers, engine.limits.text_chars, engine.limits
+    lines_chars = chars * (limits.test_lines + 1)
+    ui = SimpleNamespace()
+    with gr.Tab("② Rewrite the fact", id="edit", elem_id="tab-edit"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    ui.subject = gr.Textbox("The Eiffel Tower", label="Subject", elem_id="edit-subject",
+                                            max_length=chars)
+                    ui.relation = gr.Textbox("{} is located in the city of", label="Relation prompt",
+                                             info="Use {} where the subject goes.", elem_id="edit-relation",
+                                             max_length=chars)
+                with gr.Row():
+                    ui.target = gr.Textbox("Rome", label="New object", elem_id="edit-target", max_length=chars)
+                    ui.old = gr.Textbox("Paris", label="Old object (optional)", max_length=chars,
+                                        info="Empty: the model's current answer.", elem_id="edit-old")
+                    ui.layer = gr.Slider(0, n_layers - 1, value=engine.default_layer, step=1,
+                                         label=f"Edit layer (default {engine.default_layer})", elem_id="edit-layer")
+                ui.stats_note = gr.HTML(app.stats_note())
+                with gr.Row():
+                    ui.paraphrases = gr.Textbox(
+                        "The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in", lines=2,
+                        label=f"Paraphrases (one per line, up to {limits.test_lines})", elem_id="edit-paraphrases",
+                        max_length=lines_chars)
+                    ui.neighbours = gr.Textbox(
+                        "The Louvre is located in the city of\nNotre-Dame de Paris is located in the city of", lines=2,
+                        label=f"Neighbour prompts (one per line, up to {limits.test_lines})",
+                        elem_id="edit-neighbours", max_length=lines_chars)
+                with gr.Accordion("Generation settings", open=False):
+                    with gr.Row():
+                        ui.max_new = gr.Slider(4, limits.new_tokens, value=min(16, limits.new_tokens), step=1,
+                                               label="New tokens")
+                        ui.sample = gr.Checkbox(False, label="Sample (seeded) instead of greedy")
+                        ui.seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0)
+                with gr.Row():
+                    ui.edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-button")
+                    ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="edit-stop")
+            with gr.Column(scale=2, elem_classes="le-help"):
+                gr.Markdown(render.static_text("help-edit.md"))
+        ui.comparison = gr.HTML(elem_id="comparison")
+        ui.scores = gr.HTML(elem_id="scores")
+        with gr.Accordion("Raw results (JSON)", open=False):
+            ui.details = gr.JSON(label="Edit results")
+        gr.Markdown("### Your edits")
+        ui.status = gr.HTML(render.history_status([]))
+        ui.history = gr.Dataframe(headers=render.HISTORY_HEADERS, value=[], interactive=False, elem_id="history",
+                                  label="Edit history (applied in order)")
+        with gr.Row():
+            ui.undo_btn = gr.Button("Undo last", size="sm", elem_id="undo-button")
+            ui.reset_btn = gr.Button("Reset all", size="sm", variant="stop", elem_id="reset-button")
+            ui.export_btn = gr.DownloadButton("Export edits", interactive=False, size="sm", elem_id="export-edits")
+            ui.import_btn = gr.UploadButton("Import edits", file_types=[".safetensors"], size="sm",
+                                            elem_id="import-edits")
+            ui.retrace_btn = gr.Button("Trace the edited model →", size="sm", elem_id="retrace-button")
+        with gr.Accordion("Try your own prompt", open=False):
+            with gr.Row():
+                ui.free_prompt = gr.Textbox("The Eiffel Tower is in", label="Prompt", scale=4, max_length=chars)
+                ui.free_btn = gr.Button("Generate", scale=1, elem_id="free-button")
+                ui.free_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="free-stop")
+            ui.free_out = gr.HTML()
+    return ui
+
+
+def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, visitor, trace_state) -> None:
+    """Connect the events. Model events share the engine's queue (one at a time, each bounded by the limits)."""
+    limits = app.engine.limits
+    # Handlers start at once and wait in the engine's queue, where they show their place and can be stopped.
+    model_events = dict(concurrency_id="model", concurrency_limit=limits.queue_size + 1)
+    trace_fn, edit_fn, compare_fn = on_gpu(app.trace), on_gpu(app.edit), on_gpu(app.compare)
+    trace_inputs = [loc.prompt, loc.subject, loc.answer, loc.samples, loc.noise, loc.window, loc.corruption,
+                    loc.metric, loc.contrast, loc.seed, loc.precision, loc.fast, visitor]
+    trace_outputs = [loc.prediction, loc.plot_hidden, loc.plot_mlp, loc.plot_attn, loc.json_btn, loc.csv_btn,
+                     loc.layer_html, trace_state]
+    trace_event = loc.trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
+    loc.prompt.input(app.suggest_subject, [loc.prompt, loc.subject], loc.subject, queue=False,
+                     api_visibility="private")
+    loc.to_edit_btn.click(app.to_edit, [trace_state, ed.layer], [ed.subject, ed.relation, ed.old, ed.layer, tabs],
+                          queue=False, api_visibility="private")
+
+    history_outputs = [visitor, ed.history, ed.export_btn, ed.status, ed.stats_note]
+    edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.paraphrases, ed.neighbours, ed.max_new,
+                   ed.sample, ed.seed, visitor]
+    edit_event = ed.edit_btn.click(edit_fn, edit_inputs, [ed.comparison, ed.scores, ed.details, *history_outputs[:4],
+                                                          ed.stats_note], api_name="edit", **model_events)
+    ed.stop_btn.click(None, None, None, cancels=[edit_event])
+    # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
+    ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")
+    ed.reset_btn.click(app.reset, visitor, history_outputs, api_name="reset")
+    ed.import_btn.upload(app.import_edits, [ed.import_btn, visitor], history_outputs, api_name="import_edits")
+    free_event = ed.free_btn.click(compare_fn, [ed.free_prompt, ed.max_new, ed.sample, ed.seed, visitor],
+                                   ed.free_out, api_name="compare", **model_events)
+    ed.free_stop.click(None, None, None, cancels=[free_event])
+    retrace_event = ed.retrace_btn.click(
+        app.retrace_values, [ed.subject, ed.relation, ed.target], [loc.prompt, loc.subject, loc.answer, tabs],
+        api_name="retrace_values",
+    ).success(trace_fn, trace_inputs, trace_outputs, api_visibility="private", **model_events)
+    loc.stop_btn.click(None, None, None, cancels=[trace_event, retrace_event])
+    info = gr.JSON(visible=False)
+    gr.Button(visible=False).click(app.model_info, None, info, api_name="model_info")
+    preset_outputs = [loc.prompt, loc.subject, loc.answer, ed.subject, ed.relation, ed.target, ed.old,
+                      ed.paraphrases, ed.neighbours]
+    if presets is not None:
+        presets.click(app.preset_values, presets, preset_outputs, queue=False, api_visibility="private")
+        # An API route to pick a preset by index (the gallery click carries the index in the page).
+        preset_index = gr.Number(0, visible=False, precision=0)
+        gr.Button(visible=False).click(app.preset_values, preset_index, preset_outputs, api_name="preset")
+
+
+def build_demo(engine: Engine) -> gr.Blocks:
+    """The page: header, presets, the Locate and Edit tabs, and their wiring (no model is loaded here)."""
+    app = App(engine)
+    with gr.Blocks(title="locate-edit: trace and rewrite facts in a language model", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
+        visitor = gr.State(Visitor())
+        trace_state = gr.State(None)
+        presets = header(engine)
+        with gr.Tabs(selected="locate") as tabs:
+            loc = locate_tab(engine)
+            ed = edit_tab(engine, app)
+        wire(app, presets, loc, ed, tabs, visitor, trace_state)
+    return demo
+
+
+def launch(demo: gr.Blocks, engine: Engine, *, host: str, port: int, share: bool = False, **kwargs):
+    """Queue the events (the engine bounds the model's own queue) and serve the page.
+
+    Uploads larger than the import limit are refused by Gradio while they are
+    received, before they reach a handler.
+    """
+    limits = engine.limits
+    demo.queue(default_concurrency_limit=4, max_size=2 * limits.queue_size + 8)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, theme=THEME, css=render.static_text("style.css"),
+        ssr_mode=False, show_error=True, footer_links=["api", "gradio"], max_file_size=limits.import_bytes,
+        **kwargs,
+    )

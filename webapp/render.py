@@ -1,0 +1,222 @@
+"""Turning library results into page content: pure functions from data to HTML strings. No Gradio here.
+
+Example::
+
+    html = comparison_table(result)          # an editing.EditComparison, before or after the edit
+    html = prediction_card(top5, mlp_result, expected=None)
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+import editing
+from editing import EditComparison
+from tracing import TraceResult
+from tracing.assets import STATIC
+
+from .engine import Engine
+
+# Stages of an edit request: (start, end) of the progress bar, and what the visitor reads.
+EDIT_STAGES = {
+    "answer": (0.0, 0.05, "Asking the model for the old object"),
+    "before": (0.05, 0.2, "Generating and scoring before the edit"),
+    "templates": (0.2, 0.25, "Context templates (once per model)"),
+    "statistics": (0.25, 0.5, "Key statistics of this layer (once per layer, then cached)"),
+    "keys": (0.5, 0.55, "Computing the subject's key k*"),
+    "optimising": (0.55, 0.85, "Optimising the new value v*"),
+    "update": (0.85, 0.87, "Writing the rank-one update"),
+    "after": (0.87, 1.0, "Generating and scoring after the edit"),
+}
+HISTORY_HEADERS = ["#", "Subject", "Relation", "New object", "Old object", "Layer", "‖ΔW‖"]
+
+
+def static_text(name: str) -> str:
+    """A text file of ``assets/static`` (help texts, CSS)."""
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text))
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or not np.isfinite(p):
+        return "–"
+    return f"{p:.3f}" if abs(p) >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.0%}"
+
+
+def edit_progress(stage: str, fraction: float) -> tuple[float, str]:
+    """(overall fraction, description) of an edit request's stage and its own fraction."""
+    start, end, text = EDIT_STAGES.get(stage, (0.0, 1.0, stage))
+    return start + (end - start) * min(max(float(fraction), 0.0), 1.0), text
+
+
+def highlight(text: str, new: str, old: str | None) -> str:
+    """HTML of a generation with the new object marked green and the old one red (case-insensitive)."""
+    classes = {w.strip().lower(): cls for w, cls in ((old, "le-old"), (new, "le-new")) if w and w.strip()}
+    if not classes:
+        return esc(text)
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(classes, key=len, reverse=True)), re.IGNORECASE)
+    out, pos = [], 0
+    for match in pattern.finditer(text):
+        out.append(esc(text[pos : match.start()]))
+        out.append(f'<mark class="{classes[match.group(0).lower()]}">{esc(match.group(0))}</mark>')
+        pos = match.end()
+    out.append(esc(text[pos:]))
+    return "".join(out)
+
+
+def model_card(engine: Engine) -> str:
+    """HTML badge of the loaded model: name, size, layers, device, dtype (and a notice if one is due)."""
+    lm = engine.lm
+    size = f"{lm.n_params / 1e9:.2f} B" if lm.n_params >= 1e9 else f"{lm.n_params / 1e6:.0f} M"
+    d_model = lm.embed.weight.shape[1]
+    parts = [
+        f'<span class="le-chip le-model">{esc(lm.name)}</span>',
+        f'<span class="le-chip">{size} parameters</span>',
+        f'<span class="le-chip">{lm.n_layers} layers · d<sub>model</sub> {d_model}</span>',
+        f'<span class="le-chip">{esc(lm.device)} · {str(lm.dtype).replace("torch.", "")}</span>',
+    ]
+    notice = f'<div class="le-notice">{esc(engine.notice)}</div>' if engine.notice else ""
+    return f'<div class="le-card" id="model-card">{"".join(parts)}</div>{notice}'
+
+
+def waiting_card(ahead: int) -> str:
+    return (f'<div class="le-card le-small" id="queue-status">Waiting for the model: {ahead} request'
+            f'{"s" if ahead != 1 else ""} ahead of yours. Stop leaves the queue.</div>')
+
+
+def prediction_card(top: list[tuple[str, float]], result: TraceResult | None, expected: str | None) -> str:
+    """HTML summary of the clean prediction and, once traced, the clean and corrupted scores."""
+    best, p_best = top[0]
+    others = " · ".join(f"<code>{esc(t)}</code> {fmt_p(p)}" for t, p in top[1:])
+    rows = [f'<div class="le-big">Model\'s next token: <code>{esc(best)}</code> <b>p = {fmt_p(p_best)}</b></div>',
+            f'<div class="le-small">then {others}</div>']
+    if result is not None:
+        settings = result.settings
+        how = {"gaussian": "Gaussian noise on the subject", "uniform": "uniform noise on the subject",
+               "subject": "the subject swapped for others"}.get(settings.get("corruption", "gaussian"), "noise")
+        unit = "p" if result.metric == "prob" else result.metric
+        ran = ""
+        if settings.get("seconds") is not None:
+            where = " · ".join(str(settings[k]) for k in ("device", "dtype") if settings.get(k))
+            ran = f", {float(settings['seconds']):.1f} s{' on ' + esc(where) if where else ''}"
+        rows.append(
+            f'<div class="le-big" id="trace-scores">Traced answer <code>{esc(result.answer)}</code>: '
+            f'clean {unit} = <b>{fmt_p(result.high_score)}</b> → corrupted {unit} = <b>{fmt_p(result.low_score)}</b>'
+            f' <span class="le-small">({how}, {settings.get("copies", settings.get("samples"))} '
+            f'samples{ran})</span></div>'
+        )
+        if expected and expected.strip() and result.answer.strip() != best.strip():
+            rows.append(f'<div class="le-small">Tracing the expected answer <code>{esc(result.answer)}</code>, '
+                        f'not the top prediction.</div>')
+    return f'<div class="le-card le-pred">{"".join(rows)}</div>'
+
+
+def layer_card(layer: int, mlp: TraceResult, default_layer: int) -> str:
+    """Where the MLP effect at the last subject token peaks, offered as the edit layer."""
+    last = mlp.subject_range[1] - 1
+    return (
+        f'<div class="le-card" id="layer-suggestion">The MLP effect at the last subject token '
+        f'<code>{esc(mlp.tokens[last])}</code> peaks at layer <b>{layer}</b> (score '
+        f'{fmt_p(mlp.scores[last, layer])}). <b>Edit this fact →</b> carries it to the edit panel as the edit layer '
+        f'(the hyperparameters\' default is layer {default_layer}; pick any).</div>'
+    )
+
+
+def stats_note(ready: Sequence[int], n_layers: int, on_demand: bool) -> str:
+    """Which layers can be edited without a statistics pass first."""
+    ready = sorted(ready)
+    listed = ", ".join(map(str, ready)) if ready else "none yet"
+    if len(ready) == n_layers:
+        return '<div class="le-small" id="stats-note">Key statistics are ready for every layer.</div>'
+    other = ("other layers compute theirs first (once, then cached; bounded by the request's deadline)"
+             if on_demand else "other layers are not available on this server")
+    return f'<div class="le-small" id="stats-note">Key statistics ready for layers: <b>{listed}</b>; {other}.</div>'
+
+
+def comparison_table(result: EditComparison) -> str:
+    """HTML table: per test prompt, the generations before and after and p(new) vs p(old)."""
+    new, old = result.request.target, result.request.target_true
+    body = []
+    for i, row in enumerate(result.rows()):
+        kind = row["kind"]
+        before = row["before"] or ""
+        after_html = ('<span class="le-wait">editing…</span>' if result.after is None
+                      else highlight(row["after"] or "", new, old))
+        probs = []
+        for name in ("before", "after"):
+            p_new, p_old = row[f"p_new_{name}"], row[f"p_old_{name}"]
+            if p_new is not None:
+                win = "le-win" if p_new > p_old else "le-lose"
+                probs.append(f'<div class="{win}">{name}: {fmt_p(p_new)} vs {fmt_p(p_old)}</div>')
+        body.append(
+            f'<tr data-kind="{kind}" data-index="{i}">'
+            f'<td><span class="le-tag le-{kind}">{kind}</span></td>'
+            f'<td class="le-prompt">{esc(row["prompt"])}</td>'
+            f'<td class="before">{highlight(before, new, old)}</td>'
+            f'<td class="after">{after_html}</td>'
+            f'<td class="le-probs">{"".join(probs)}</td></tr>'
+        )
+    head = (f"<tr><th></th><th>Prompt</th><th>Before the edit</th><th>After the edit</th>"
+            f"<th>p(<mark class='le-new'>{esc(new.strip())}</mark>) vs "
+            f"p(<mark class='le-old'>{esc((old or '?').strip())}</mark>)</th></tr>")
+    return f'<table class="le-compare" id="edit-comparison">{head}{"".join(body)}</table>'
+
+
+def scores_card(result: EditComparison) -> str:
+    """HTML summary: efficacy, paraphrase and neighbourhood scores before/after, update norm, timings."""
+    if result.scores_after is None or result.edit is None:
+        return '<div class="le-card">Computing the edit…</div>'
+    b, a = result.scores_before, result.scores_after
+
+    def cell(name: str, value_b: float, value_a: float, help_text: str) -> str:
+        return (f'<div class="le-score"><div class="le-score-name">{name}</div>'
+                f'<div class="le-score-value">{pct(value_a)}</div>'
+                f'<div class="le-small">before: {pct(value_b)}</div><div class="le-small">{help_text}</div></div>')
+
+    edit = result.edit
+    return (
+        '<div class="le-scores" id="edit-scores">'
+        + cell("Efficacy", b.efficacy, a.efficacy, "rewrite prompt: p(new) > p(old)")
+        + cell("Paraphrase", b.paraphrase, a.paraphrase, "paraphrases: p(new) > p(old)")
+        + cell("Neighbourhood", b.neighbourhood, a.neighbourhood, "neighbours keep p(old) > p(new)")
+        + f'<div class="le-score"><div class="le-score-name">Update</div><div class="le-score-value">{edit.norm:.3g}</div>'
+        f'<div class="le-small">‖ΔW‖ at layer {edit.layer}</div><div class="le-small">computed in {edit.seconds:.1f} s'
+        f'</div></div></div>'
+    )
+
+
+def free_comparison(prompt: str, original: str, edited: str | None, edits: Sequence[editing.Edit]) -> str:
+    """HTML of one free prompt continued by the original model and with the visitor's edits."""
+    new = edits[-1].request.target if edits else ""
+    old = edits[-1].request.target_true if edits else None
+    right = highlight(edited, new, old) if edited is not None else '<span class="le-small">(no edits yet)</span>'
+    return (f'<table class="le-compare" id="free-comparison"><tr><th>Prompt</th><th>Original model</th>'
+            f'<th>With your edits</th></tr><tr><td class="le-prompt">{esc(prompt)}</td>'
+            f'<td class="before">{highlight(original, new, old)}</td><td class="after">{right}</td></tr></table>')
+
+
+def history_rows(edits: Sequence[editing.Edit]) -> list[list]:
+    """One table row per edit of the visitor, oldest first."""
+    return [
+        [i + 1, e.request.subject, e.request.prompt, e.request.target, e.request.target_true or "", e.layer,
+         round(e.norm, 3)]
+        for i, e in enumerate(edits)
+    ]
+
+
+def history_status(edits: Sequence[editing.Edit]) -> str:
+    if not edits:
+        return '<div class="le-small" id="edit-status">No edits: you are talking to the original model.</div>'
+    return (f'<div class="le-small" id="edit-status"><b>{len(edits)} edit{"s" if len(edits) > 1 else ""} active</b> '
+            "in your session (only you see them; the shared model is restored after each of your requests).</div>")
