@@ -36,7 +36,8 @@ def engine(tmp_path_factory, tokenizer, device):
     with private_cache(tmp_path_factory.mktemp("app-cache")):
         lm = make_tiny("llama", tokenizer, device)
         yield Engine(lm, presets=load_presets().presets, presets_model="test", hparams=TINY_HPARAMS,
-                     workdir=tmp_path_factory.mktemp("app-files"), limits=Limits())
+                     workdir=tmp_path_factory.mktemp("app-files"),
+                     limits=Limits(trace_cost=20_000))  # the tiny model has 4 layers: a cost the tests can reach
 
 
 @pytest.fixture(scope="module")

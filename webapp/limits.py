@@ -155,9 +155,6 @@ class Limits:
             return []
         if not isinstance(value, str):
             raise Refused(f"{what} must be text, one prompt per line.")
-        if len(value) > self.text_chars * (self.test_lines + 1):
-            raise self.refuse("test_lines", f"{what} ({len(value):,} characters)", f"{len(value):,} characters",
-                              f"Give at most {self.test_lines} lines of up to {self.text_chars} characters.")
         lines = [line for line in value.splitlines() if line.strip()]
         self.at_most("test_lines", len(lines), f"The number of {what.lower()}", "Remove some lines.")
         return [self.text(line, f"A line of {what.lower()}") for line in lines]
