@@ -114,6 +114,16 @@ class _Ticket:
     started: bool = False
 
 
+@dataclass(frozen=True)
+class Record:
+    """How one request went: seconds waiting for the model, seconds holding it, and how it ended."""
+
+    label: str
+    waited: float
+    ran: float
+    outcome: str  # done | stopped | deadline | error | left (stopped while waiting) | turned away
+
+
 class Engine:
     """The shared model, the queue and lock in front of it, its limits, presets and memo.
 
@@ -149,6 +159,7 @@ class Engine:
         self._queue: deque[_Ticket] = deque()
         self._memo: OrderedDict = OrderedDict()
         self._copies: dict[str, LoadedModel] = {"auto": lm}
+        self.records: deque[Record] = deque(maxlen=10_000)  # the latest requests, for benchmarks and operators
         self.precisions = tuple(precisions) if precisions is not None else self._default_precisions()
         self._counter = copy.deepcopy(lm.tokenizer)  # for checks outside the lock (fast tokenizers are not reentrant)
         self._counter_lock = threading.Lock()
@@ -265,6 +276,7 @@ class Engine:
         visitor: Visitor | None = None,
         edits: Sequence[editing.Edit] = (),
         precision: str = "auto",
+        label: str = "request",
     ) -> Iterator[tuple]:
         """Run ``work(lm, job)`` with ``edits`` applied, holding the model; yield its events.
 
@@ -275,6 +287,7 @@ class Engine:
         (ValueError for bad input, :class:`DeadlineExceeded`, ...) is raised
         here. The weights are restored and the lock released in every case,
         by the work's own thread, even if nobody consumes this generator.
+        Each request leaves a :class:`Record` in :attr:`records`.
         """
         ticket = self._admit(visitor)
         edits = list(edits)
@@ -283,6 +296,7 @@ class Engine:
         admitted = time.monotonic()
 
         def run() -> None:
+            outcome, began = "left", None
             try:
                 with self._turns:
                     while self._queue[0] is not ticket:
@@ -295,16 +309,21 @@ class Engine:
                 with self.lock:
                     if stop.is_set():
                         return  # stopped while waiting: the model is never touched
-                    ticket.started = True
+                    ticket.started, began = True, time.monotonic()
                     lm = self.model(precision)
                     job = Job(stop, time.monotonic() + self.limits.deadline_s, events, self._memo_for(precision, edits))
                     assert not is_edited(lm), "a previous request left edits applied"
                     with applied(lm, edits), hooks(lm.model, *self._guard(lm, job)):
                         work(lm, job)
+                    outcome = "done"
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+                outcome = ("stopped" if isinstance(exc, Stopped) else "deadline" if isinstance(exc, DeadlineExceeded)
+                           else "turned away" if isinstance(exc, Refused) else "error")
                 events.put(("error", exc))
             finally:
                 self._leave(ticket)
+                now = time.monotonic()
+                self.records.append(Record(label, (began or now) - admitted, now - began if began else 0.0, outcome))
                 events.put(("done", None))
 
         worker = threading.Thread(target=run, name="locate-edit-model", daemon=True)
@@ -340,10 +359,10 @@ class Engine:
         return lambda key, compute: self.memo((precision, key), compute)
 
     def call(self, fn: Callable[[LoadedModel], object], *, visitor: Visitor | None = None,
-             edits: Sequence[editing.Edit] = ()):
+             edits: Sequence[editing.Edit] = (), label: str = "call"):
         """``fn(lm)`` through :meth:`stream` (queue, lock, edits, deadline); its return value."""
         out = []
-        for event in self.stream(lambda lm, job: job.emit(fn(lm)), visitor=visitor, edits=edits):
+        for event in self.stream(lambda lm, job: job.emit(fn(lm)), visitor=visitor, edits=edits, label=label):
             if event[0] == "item":
                 out.append(event[1])
         return out[0] if out else None

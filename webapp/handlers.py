@@ -196,7 +196,8 @@ class App:
         figures: dict[str, object] = {kind: None for kind in KINDS}
         results: list[TraceResult] = []
         no_file = gr.DownloadButton(value=None, interactive=False)
-        stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision)
+        stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision,
+                                    label="trace")
         for tag, item in self._drive(stream, progress, describe):
             if tag == "tick":
                 yield (SKIP,) * 8  # hands control back to the server, so that Stop takes effect promptly
@@ -258,7 +259,7 @@ class App:
                 memo=job.memo))
 
         # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
-        stream = self.engine.stream(work, visitor=visitor)
+        stream = self.engine.stream(work, visitor=visitor, label="edit")
         for tag, result in self._drive(stream, progress, render.edit_progress):
             if tag == "tick":
                 yield (SKIP,) * 8
@@ -351,7 +352,8 @@ class App:
         def describe(which: str, fraction: float) -> tuple[float, str]:
             return fraction, f"Generating with the {which} model"
 
-        for tag, item in self._drive(self.engine.stream(work, visitor=visitor, edits=edits), progress, describe):
+        stream = self.engine.stream(work, visitor=visitor, edits=edits, label="compare")
+        for tag, item in self._drive(stream, progress, describe):
             if tag == "tick":
                 yield SKIP
                 continue
