@@ -1,12 +1,15 @@
-"""Edits as data: requests, rank-one edits, reversible application, edit stacks and files.
+"""Edits as data: requests, weight changes, reversible application, edit stacks and files.
 
-An :class:`Edit` is a rank-one change ``ΔW = v uᵀ`` of one layer's MLP
+An :class:`Edit` is one request written into the model by one method, as a
+change of named weights: ROME's is rank-one, ``ΔW = v uᵀ`` of one layer's MLP
 down-projection (stored ``u ⊗ v`` for GPT-2's Conv1D, whose weight is (in,
-out)). Applying edits never loses the original weights: :func:`applied` and
-:class:`EditStack` keep a copy of each touched weight and copy it back, byte
-for byte, when the context ends (also on exceptions) or on undo/reset. Edits
-are saved as one ``.safetensors`` file whose header holds the requests and
-metadata as JSON; nothing is ever pickled.
+out)); FT, FT+L and KN (:mod:`editing.methods`) carry dense deltas of the
+weights they touch (:class:`WeightDelta`: a whole weight, or the value vectors
+of a few neurons). Applying edits never loses the original weights:
+:func:`applied` and :class:`EditStack` keep a copy of each touched weight and
+copy it back, byte for byte, when the context ends (also on exceptions) or on
+undo/reset. Edits of every method are saved in one ``.safetensors`` format
+whose header holds the requests and metadata as JSON; nothing is ever pickled.
 
 Example::
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,8 +40,9 @@ from tracing.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-FILE_FORMAT = "locate-edit/rome-edits"
-FILE_VERSION = "1"
+FILE_FORMAT = "locate-edit/rome-edits"  # the name is historical: the format holds edits of every method
+FILE_VERSION = "2"  # "1": ROME edits only (still read); "2": adds the method and dense weight deltas
+READ_VERSIONS = ("1", "2")
 
 
 @dataclass(frozen=True)
@@ -100,43 +105,147 @@ class EditRequest:
             raise ValueError(f"An edit request needs subject, prompt and target fields ({exc}).") from None
 
 
+
+ROME = "rome"
+_METHOD = re.compile(r"[a-z][a-z0-9+\-]{0,31}")  # a method's name in files: "rome", "ft", "ft-l", "kn", ...
+MAX_VECTOR = 1 << 20  # longest vector or matrix side an edits file may hold (d_model / d_ff of any supported model is far below)
+MAX_DENSE = 1 << 27  # most elements of one weight delta (GPT-J's down-projection has 2^26)
+MAX_DELTAS = 256  # most weight deltas one edit may carry (KN: one per layer it touches)
+
+
+def _vector(raw, name: str) -> np.ndarray:
+    arr = np.asarray(raw, dtype=np.float32)
+    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        raise ValueError(f"vector {name!r} must be a non-empty finite 1-D array")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class WeightDelta:
+    """A dense change of one layer's weight: the whole weight, or the value vectors of some of its neurons.
+
+    Without ``neurons`` ``delta`` has the weight's own shape and layout ((out,
+    in) for ``nn.Linear``, (in, out) for GPT-2's Conv1D) and is added to all of
+    it. With ``neurons`` (k,) int64 indices of the module's input units,
+    ``delta`` is (k, d_out), neuron-major whatever the layout, and only those
+    neurons' value vectors change (KN).
+
+    Example::
+
+        WeightDelta("model.layers.1.mlp.down_proj", 1, np.zeros((576, 1536), np.float32))
+    """
+
+    module: str  # dotted name of the module whose .weight changes
+    layer: int  # the block it belongs to
+    delta: np.ndarray  # float32, see above
+    neurons: np.ndarray | None = None  # (k,) int64, or None for the whole weight
+
+    @property
+    def norm(self) -> float:
+        """Frobenius norm of this change."""
+        return float(np.linalg.norm(self.delta.astype(np.float64)))
+
+    def header(self) -> dict:
+        """What a file's header says about this change (checked before its tensors are read)."""
+        return {"module": self.module, "layer": self.layer, "shape": list(self.delta.shape),
+                "neurons": None if self.neurons is None else int(len(self.neurons))}
+
+    @classmethod
+    def from_header(cls, entry: dict, delta, neurons=None) -> "WeightDelta":
+        """Rebuild from :meth:`header` and the arrays; ValueError when they disagree or are malformed."""
+        check_delta_header(entry)
+        delta = np.asarray(delta, dtype=np.float32)
+        if delta.shape != tuple(entry["shape"]) or not np.isfinite(delta).all():
+            raise ValueError(f"the delta of {entry['module']!r} must be a finite array of shape {tuple(entry['shape'])}")
+        if entry.get("neurons") is None:
+            if neurons is not None:
+                raise ValueError(f"the delta of {entry['module']!r} has neuron indices its header does not announce")
+            return cls(entry["module"], int(entry["layer"]), delta)
+        index = np.asarray(neurons)
+        if index.dtype.kind not in "iu" or index.shape != (entry["neurons"],):
+            raise ValueError(f"the neurons of {entry['module']!r} must be {entry['neurons']} integer indices")
+        index = index.astype(np.int64)
+        if (index < 0).any() or len(np.unique(index)) != len(index):
+            raise ValueError(f"the neurons of {entry['module']!r} must be distinct non-negative indices")
+        return cls(entry["module"], int(entry["layer"]), delta, index)
+
+
+def check_delta_header(entry) -> None:
+    """A ValueError unless ``entry`` describes a bounded weight change: module, layer, 2-D shape, neuron count."""
+    if not isinstance(entry, dict):
+        raise ValueError("a weight delta's header must be an object")
+    module, layer, shape, neurons = entry.get("module"), entry.get("layer"), entry.get("shape"), entry.get("neurons")
+    if not isinstance(module, str) or not module or len(module) > 200:
+        raise ValueError("a weight delta must name its module")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"the delta of {module!r} has no valid layer")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_VECTOR for n in shape)
+            or shape[0] * shape[1] > MAX_DENSE):
+        raise ValueError(f"the delta of {module!r} has shape {shape!r}; weight deltas are 2-D with at most "
+                         f"{MAX_DENSE:,} elements")
+    if neurons is not None and (isinstance(neurons, bool) or not isinstance(neurons, int) or neurons != shape[0]):
+        raise ValueError(f"the delta of {module!r} announces {neurons!r} neurons but has {shape[0]} rows")
+
+
 @dataclass(frozen=True, eq=False)
 class Edit:
-    """A rank-one edit of one layer's MLP down-projection: ``ΔW = v uᵀ`` in (out, in) orientation.
+    """One request written into the model by one method: ROME's rank-one update or other methods' dense deltas.
 
-    Shapes: ``u`` (d_in,) unit vector C⁻¹k*/‖C⁻¹k*‖; ``v`` (d_out,);
-    ``key`` k* (d_in,) and ``value`` v* (d_out,), the pair the edited layer maps
-    (``W' k* + b = v*``). ``timings`` holds seconds per stage (answer,
-    templates, statistics, keys, optimise, update, other), which add up to
-    :attr:`seconds`; ``info`` the optimisation's diagnostics.
+    ROME (``method="rome"``): ``ΔW = v uᵀ`` of ``module`` in (out, in)
+    orientation, with ``u`` (d_in,) the unit vector C⁻¹k*/‖C⁻¹k*‖, ``v``
+    (d_out,), ``key`` k* (d_in,) and ``value`` v* (d_out,), the pair the edited
+    layer maps (``W' k* + b = v*``). Other methods (``"ft"``, ``"ft-l"``,
+    ``"kn"``): ``deltas``, one :class:`WeightDelta` per touched weight, and
+    ``u``/``v``/``key``/``value`` None; ``layer``/``module`` name the main one.
+    ``timings`` holds seconds per stage, which add up to :attr:`seconds`;
+    ``info`` the method's diagnostics; ``hparams`` its settings.
     """
 
     request: EditRequest
-    layer: int
-    module: str  # dotted name of the edited down-projection
-    u: np.ndarray  # (d_in,) float32
-    v: np.ndarray  # (d_out,) float32
-    key: np.ndarray  # (d_in,) float32: k*
-    value: np.ndarray  # (d_out,) float32: v*
-    variant: str = "r-rome"
+    layer: int  # the edited layer (several: the main one)
+    module: str  # dotted name of the edited weight's module (several: the main one)
+    u: np.ndarray | None = None  # ROME: (d_in,) float32
+    v: np.ndarray | None = None  # ROME: (d_out,) float32
+    key: np.ndarray | None = None  # ROME: (d_in,) float32: k*
+    value: np.ndarray | None = None  # ROME: (d_out,) float32: v*
+    variant: str = "r-rome"  # ROME's variant; "" for other methods
     model: str = ""
     fingerprint: str = ""
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     hparams: dict = field(default_factory=dict)
+    method: str = ROME  # "rome", "ft", "ft-l", "kn" (editing.methods.METHODS)
+    deltas: tuple[WeightDelta, ...] = ()  # other methods: the weight changes, applied in order
+
+    def __post_init__(self):
+        rank_one = [getattr(self, n) is not None for n in ("u", "v", "key", "value")]
+        if self.method == ROME and not all(rank_one):
+            raise ValueError("A ROME edit needs its vectors u, v, key and value.")
+        if self.method != ROME and (any(rank_one) or not self.deltas):
+            raise ValueError(f"A {self.method!r} edit carries weight deltas (and no rank-one vectors).")
 
     @property
     def seconds(self) -> float:
-        """Wall time of :func:`compute_edit` (the stages in ``timings`` add up to it)."""
+        """Wall time of the computation (the stages in ``timings`` add up to it)."""
         return float(sum(self.timings.values()))
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        """Every layer this edit changes, ascending."""
+        return (self.layer,) if self.method == ROME else tuple(sorted({d.layer for d in self.deltas}))
+
+    @property
     def norm(self) -> float:
-        """Frobenius norm of the update ΔW (= ‖u‖‖v‖)."""
-        return float(np.linalg.norm(self.u.astype(np.float64)) * np.linalg.norm(self.v.astype(np.float64)))
+        """Frobenius norm of the whole update ΔW (ROME: = ‖u‖‖v‖; several weights: of all of them together)."""
+        if self.method == ROME:
+            return float(np.linalg.norm(self.u.astype(np.float64)) * np.linalg.norm(self.v.astype(np.float64)))
+        return float(np.sqrt(sum(d.norm ** 2 for d in self.deltas)))
 
     def update(self, conv1d: bool = False, device=None) -> torch.Tensor:
-        """ΔW as a float32 tensor in the weight's orientation: (out, in), or (in, out) for Conv1D."""
+        """ROME's ΔW as a float32 tensor in the weight's orientation: (out, in), or (in, out) for Conv1D."""
+        if self.method != ROME:
+            raise ValueError(f"A {self.method!r} edit has no single rank-one update; read its deltas.")
         u = torch.from_numpy(np.ascontiguousarray(self.u, dtype=np.float32)).to(device)
         v = torch.from_numpy(np.ascontiguousarray(self.v, dtype=np.float32)).to(device)
         return torch.outer(u, v) if conv1d else torch.outer(v, u)
@@ -145,46 +254,83 @@ class Edit:
         """One line for logs and tables."""
         r = self.request
         old = f" (was {r.target_true!r})" if r.target_true else ""
-        return f"{r.text!r} -> {r.target!r}{old} at layer {self.layer}, |ΔW| = {self.norm:.3g}"
+        if self.method == ROME:
+            return f"{r.text!r} -> {r.target!r}{old} at layer {self.layer}, |ΔW| = {self.norm:.3g}"
+        layers = self.layers
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+        neurons = sum(len(d.neurons) for d in self.deltas if d.neurons is not None)
+        what = f" ({neurons} neuron{'s' * (neurons != 1)})" if neurons else ""
+        return f"{r.text!r} -> {r.target!r}{old} by {method_label(self.method)} at {where}{what}, |ΔW| = {self.norm:.3g}"
 
     def metadata(self) -> dict:
-        """Everything but the vectors, JSON-serialisable."""
-        return {"request": self.request.to_dict(), "layer": self.layer, "module": self.module,
+        """Everything but the arrays, JSON-serialisable (dense edits list their deltas' headers)."""
+        data = {"request": self.request.to_dict(), "layer": self.layer, "module": self.module,
                 "variant": self.variant, "model": self.model, "fingerprint": self.fingerprint,
                 "norm": self.norm, "timings": dict(self.timings), "info": dict(self.info),
-                "hparams": dict(self.hparams)}
+                "hparams": dict(self.hparams), "method": self.method}
+        if self.method != ROME:
+            data["deltas"] = [d.header() for d in self.deltas]
+        return data
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by their names in files: u, v, key, value (ROME), or delta{j} and neurons{j}."""
+        if self.method == ROME:
+            return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+                    for name in ("u", "v", "key", "value")}
+        out = {}
+        for j, d in enumerate(self.deltas):
+            out[f"delta{j}"] = np.ascontiguousarray(d.delta, dtype=np.float32)
+            if d.neurons is not None:
+                out[f"neurons{j}"] = np.ascontiguousarray(d.neurons, dtype=np.int64)
+        return out
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (vectors as lists)."""
+        """JSON-serialisable form (arrays as lists)."""
         data = self.metadata()
-        for name in ("u", "v", "key", "value"):
-            data[name] = getattr(self, name).astype(np.float32).tolist()
+        data.update({name: arr.tolist() for name, arr in self.arrays().items()})
         return data
 
     @classmethod
     def from_dict(cls, data: dict, vectors: dict[str, np.ndarray] | None = None) -> "Edit":
-        """Rebuild from :meth:`to_dict` output (or metadata plus ``vectors``); ValueError when malformed."""
+        """Rebuild from :meth:`to_dict` output (or metadata plus ``vectors``, named as by :meth:`arrays`).
+
+        ValueError when malformed.
+        """
         try:
-            vecs = {}
-            for name in ("u", "v", "key", "value"):
-                raw = vectors[name] if vectors is not None else data[name]
-                arr = np.asarray(raw, dtype=np.float32)
-                if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
-                    raise ValueError(f"vector {name!r} must be a non-empty finite 1-D array")
-                vecs[name] = arr
-            if vecs["u"].shape != vecs["key"].shape or vecs["v"].shape != vecs["value"].shape:
-                raise ValueError("u/key and v/value shapes disagree")
+            source = vectors if vectors is not None else data
+            method = data.get("method", ROME)
+            if not isinstance(method, str) or not _METHOD.fullmatch(method):
+                raise ValueError(f"unknown method {method!r}")
+            arrays: dict = {}
+            if method == ROME:
+                for name in ("u", "v", "key", "value"):
+                    arrays[name] = _vector(source[name], name)
+                if arrays["u"].shape != arrays["key"].shape or arrays["v"].shape != arrays["value"].shape:
+                    raise ValueError("u/key and v/value shapes disagree")
+            else:
+                headers = data["deltas"]
+                if not isinstance(headers, list) or not 0 < len(headers) <= MAX_DELTAS:
+                    raise ValueError(f"a {method!r} edit needs 1 to {MAX_DELTAS} weight deltas")
+                arrays["deltas"] = tuple(
+                    WeightDelta.from_header(entry, source[f"delta{j}"], source.get(f"neurons{j}"))
+                    for j, entry in enumerate(headers))
             layer = int(data["layer"])
             if layer < 0:
                 raise ValueError("negative layer")
             request = EditRequest.from_dict(data["request"])
             request.validate()
-            return cls(request=request, layer=layer, module=str(data["module"]),
-                       variant=str(data.get("variant", "r-rome")), model=str(data.get("model", "")),
-                       fingerprint=str(data.get("fingerprint", "")), timings=dict(data.get("timings") or {}),
-                       info=dict(data.get("info") or {}), hparams=dict(data.get("hparams") or {}), **vecs)
+            return cls(request=request, layer=layer, module=str(data["module"]), method=method,
+                       variant=str(data.get("variant", "r-rome" if method == ROME else "")),
+                       model=str(data.get("model", "")), fingerprint=str(data.get("fingerprint", "")),
+                       timings=dict(data.get("timings") or {}), info=dict(data.get("info") or {}),
+                       hparams=dict(data.get("hparams") or {}), **arrays)
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise ValueError(f"Malformed edit record: {exc}") from None
+
+
+def method_label(method: str) -> str:
+    """How tables and the page name a method: ROME, FT, FT+L, KN."""
+    return {"rome": "ROME", "ft": "FT", "ft-l": "FT+L", "kn": "KN"}.get(method, method.upper())
 
 
 # ---------------------------------------------------------------------------
@@ -251,13 +397,17 @@ def original_weights(lm: LoadedModel) -> Iterator[LoadedModel]:
                 weight.copy_(edited)
 
 
-def _weight(lm: LoadedModel, edit: Edit) -> torch.nn.Parameter:
-    """The weight an edit changes, after checking that it fits this model."""
+def _targets(lm: LoadedModel, edit: Edit) -> list[tuple[torch.nn.Parameter, WeightDelta | None]]:
+    """The weights an edit changes, each with its dense change (None: ROME's rank-one update), after checking they fit."""
     if not 0 <= edit.layer < lm.n_layers:
         raise ValueError(
             f"This edit targets layer {edit.layer}, but {lm.name} has layers 0 to {lm.n_layers - 1}; "
             "it was made for another model."
         )
+    if edit.fingerprint and edit.fingerprint != lm.fingerprint:
+        log.info("Edit computed on %s (%s) applied to %s (%s)", edit.model, edit.fingerprint, lm.name, lm.fingerprint)
+    if edit.method != ROME:
+        return [(_delta_weight(lm, d), d) for d in edit.deltas]
     name = lm.module_name("down_proj", edit.layer)
     if edit.module and edit.module != name:
         raise ValueError(f"This edit changes {edit.module!r}, but this model's layer {edit.layer} is {name!r}; "
@@ -269,24 +419,48 @@ def _weight(lm: LoadedModel, edit: Edit) -> torch.nn.Parameter:
             f"This edit's update has shape {expected}, but {name}.weight of {lm.name} is {tuple(weight.shape)}; "
             "it was made for another model."
         )
-    if edit.fingerprint and edit.fingerprint != lm.fingerprint:
-        log.info("Edit computed on %s (%s) applied to %s (%s)", edit.model, edit.fingerprint, lm.name, lm.fingerprint)
+    return [(weight, None)]
+
+
+def _delta_weight(lm: LoadedModel, change: WeightDelta | dict) -> torch.nn.Parameter:
+    """The weight a dense change (or its file header) names, after checking module, layer and shape against ``lm``."""
+    header = change.header() if isinstance(change, WeightDelta) else change
+    module, layer, shape = header["module"], header["layer"], tuple(header["shape"])
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"This edit changes layer {layer}, but {lm.name} has layers 0 to {lm.n_layers - 1}; "
+                         "it was made for another model.")
+    name = lm.module_name("down_proj", layer)
+    if module != name:
+        raise ValueError(f"This edit changes {module!r}, but this model's editable weight at layer {layer} is {name!r}; "
+                         "it was made for another architecture.")
+    weight = lm.down_proj(layer).weight
+    if header.get("neurons") is None:
+        expected = tuple(weight.shape)
+    else:
+        d_in, d_out = weight.shape if lm.spec.conv1d else tuple(reversed(weight.shape))
+        expected = (header.get("neurons"), d_out)
+        if isinstance(change, WeightDelta) and len(change.neurons) and int(change.neurons.max()) >= d_in:
+            raise ValueError(f"This edit changes neuron {int(change.neurons.max())} of {name}, which has {d_in}; "
+                             "it was made for another model.")
+    if shape != expected:
+        raise ValueError(f"This edit's change of {name}.weight has shape {shape}, but {lm.name} needs {expected}; "
+                         "it was made for another model.")
     return weight
 
 
 def check_edits(lm: LoadedModel, edits: Iterable[Edit], *, same_model: bool = True) -> None:
     """A ValueError naming the first edit that does not fit ``lm``; the weights are never touched.
 
-    Checks the layer, the module and the update's shape, and with
+    Checks the layers, the modules and the updates' shapes, and with
     ``same_model`` also that the edit was computed on these very weights (its
-    fingerprint): an edit carries a value vector v* that only means something
-    to the model it was optimised on, even when another model has the same
-    shapes.
+    fingerprint): an edit carries values (ROME's v*, a fine-tuned delta) that
+    only mean something to the model they were optimised on, even when another
+    model has the same shapes.
     """
     for i, edit in enumerate(edits):
         where = f"Edit {i + 1} ({edit.request.text!r} → {edit.request.target!r})"
         try:
-            _weight(lm, edit)
+            _targets(lm, edit)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         if same_model and edit.fingerprint != lm.fingerprint:
@@ -297,11 +471,29 @@ def check_edits(lm: LoadedModel, edits: Iterable[Edit], *, same_model: bool = Tr
             )
 
 
-def _add(lm: LoadedModel, edit: Edit, weight: torch.Tensor) -> None:
-    """weight += ΔW, computed in float32 and stored in the weight's dtype."""
-    update = edit.update(conv1d=lm.spec.conv1d, device=weight.device)
+def _add(lm: LoadedModel, edit: Edit, targets: Sequence[tuple[torch.Tensor, WeightDelta | None]]) -> None:
+    """weight += ΔW for every target, computed in float32 and stored in the weight's dtype."""
     with torch.no_grad():
-        weight.copy_((weight.float() + update).to(weight.dtype))
+        for weight, change in targets:
+            if change is None:
+                update = edit.update(conv1d=lm.spec.conv1d, device=weight.device)
+                weight.copy_((weight.float() + update).to(weight.dtype))
+                continue
+            delta = torch.from_numpy(np.ascontiguousarray(change.delta, dtype=np.float32)).to(weight.device)
+            if change.neurons is None:
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+                continue
+            index = torch.from_numpy(np.ascontiguousarray(change.neurons, dtype=np.int64)).to(weight.device)
+            if lm.spec.conv1d:  # (in, out): a neuron's value vector is a row
+                weight[index] = (weight[index].float() + delta).to(weight.dtype)
+            else:  # (out, in): a column
+                weight[:, index] = (weight[:, index].float() + delta.T).to(weight.dtype)
+
+
+def _save(saved: dict[int, tuple[torch.Tensor, torch.Tensor]], targets) -> None:
+    for weight, _ in targets:
+        if id(weight) not in saved:
+            saved[id(weight)] = (weight, weight.detach().clone())
 
 
 @contextmanager
@@ -316,20 +508,19 @@ def applied(lm: LoadedModel, edits: Iterable[Edit] | Edit) -> Iterator[LoadedMod
 
     Every edit is checked against the model before any weight changes, so a
     bad edit leaves the model untouched. The originals of the touched weights
-    are copied (a few MB) and copied back, never recovered by subtraction.
+    are copied (a few MB each) and copied back, never recovered by subtraction.
     """
     edits = [edits] if isinstance(edits, Edit) else list(edits)
     _ = lm.fingerprint  # fix the model's identity (cache keys) on the unedited weights
-    weights = [_weight(lm, edit) for edit in edits]
+    plan = [(edit, _targets(lm, edit)) for edit in edits]
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     owned: list[int] = []
     try:
-        for weight in weights:
-            if id(weight) not in saved:
-                saved[id(weight)] = (weight, weight.detach().clone())
+        for _, targets in plan:
+            _save(saved, targets)
         owned = _register(lm, saved)
-        for edit, weight in zip(edits, weights):
-            _add(lm, edit, weight)
+        for edit, targets in plan:
+            _add(lm, edit, targets)
         yield lm
     finally:
         with torch.no_grad():
@@ -348,9 +539,9 @@ class EditStack:
         stack.undo()          # -> edit2; the weights are exactly those after edit1 alone
         stack.reset()         # every weight bitwise the original
 
-    Also a context manager that resets on exit. The first time a layer is
-    touched its weight is copied; undo copies the originals back and re-applies
-    the remaining edits, so the result never depends on floating-point
+    Also a context manager that resets on exit. The first time a weight is
+    touched it is copied; undo copies the originals back and re-applies the
+    remaining edits, so the result never depends on floating-point
     subtraction.
     """
 
@@ -370,12 +561,15 @@ class EditStack:
     def push(self, edit: Edit) -> None:
         """Apply ``edit`` on top of the current ones."""
         _ = self.lm.fingerprint
-        weight = _weight(self.lm, edit)
-        if id(weight) not in self._originals:
-            self._originals[id(weight)] = (weight, weight.detach().clone())
-            self._owned.extend(_register(self.lm, {id(weight): self._originals[id(weight)]}))
+        targets = _targets(self.lm, edit)
+        new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for weight, _ in targets:
+            if id(weight) not in self._originals and id(weight) not in new:
+                new[id(weight)] = (weight, weight.detach().clone())
+        self._originals.update(new)
+        self._owned.extend(_register(self.lm, new))
         try:
-            _add(self.lm, edit, weight)
+            _add(self.lm, edit, targets)
         except BaseException:
             self._rebuild(self._edits)
             raise
@@ -403,7 +597,7 @@ class EditStack:
             for weight, original in self._originals.values():
                 weight.copy_(original)
         for edit in edits:
-            _add(self.lm, edit, _weight(self.lm, edit))
+            _add(self.lm, edit, _targets(self.lm, edit))
 
     def __enter__(self) -> "EditStack":
         return self
@@ -417,14 +611,14 @@ class EditStack:
 
 
 def save_edits(edits: Sequence[Edit], path: str | Path) -> Path:
-    """Write edits to one ``.safetensors`` file (vectors as tensors, everything else as JSON metadata)."""
+    """Write edits of any method to one ``.safetensors`` file (arrays as tensors, everything else as JSON metadata)."""
     from safetensors.numpy import save_file
 
     edits = list(edits)
     tensors, records = {}, []
     for i, edit in enumerate(edits):
-        for name in ("u", "v", "key", "value"):
-            tensors[f"edit{i}.{name}"] = np.ascontiguousarray(getattr(edit, name), dtype=np.float32)
+        for name, arr in edit.arrays().items():
+            tensors[f"edit{i}.{name}"] = arr
         records.append(edit.metadata())
     if not tensors:  # safetensors needs at least one tensor; an empty history is still a valid file
         tensors["empty"] = np.zeros(0, dtype=np.float32)
@@ -435,21 +629,45 @@ def save_edits(edits: Sequence[Edit], path: str | Path) -> Path:
     return path
 
 
-MAX_VECTOR = 1 << 20  # longest vector an edits file may hold (d_model / d_ff of any supported model is far below)
+def _planned_tensors(record: dict, version: str) -> list[tuple[str, tuple[int, ...] | None, str]]:
+    """The tensors one record's edit needs, as (name, exact shape or None for a 1-D vector, dtype), from its header.
+
+    Dense deltas must be announced with a bounded 2-D shape (and their neuron
+    count) before anything is read; ROME's vectors are 1-D.
+    """
+    method = ROME if version == "1" else record.get("method", ROME)
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+        raise ValueError(f"unknown method {method!r}")
+    if method == ROME:
+        return [(name, None, "F32") for name in ("u", "v", "key", "value")]
+    headers = record.get("deltas")
+    if not isinstance(headers, list) or not 0 < len(headers) <= MAX_DELTAS:
+        raise ValueError(f"a {method!r} edit must announce 1 to {MAX_DELTAS} weight deltas in its header")
+    planned = []
+    for j, entry in enumerate(headers):
+        check_delta_header(entry)
+        planned.append((f"delta{j}", tuple(entry["shape"]), "F32"))
+        if entry.get("neurons") is not None:
+            planned.append((f"neurons{j}", (entry["neurons"],), "I64"))
+    return planned
 
 
-def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int | None = None) -> list[Edit]:
-    """Read edits written by :func:`save_edits`; ValueError with the reason for anything else.
+def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int | None = None,
+               lm: LoadedModel | None = None) -> list[Edit]:
+    """Read edits written by :func:`save_edits` (any method, files of every version); ValueError for anything else.
 
     Example::
 
-        edits = load_edits("edits.safetensors", max_bytes=2_000_000, max_edits=20)
+        edits = load_edits("edits.safetensors", max_bytes=2_000_000, max_edits=20, lm=lm)
         check_edits(lm, edits)            # made for this model? (nothing is applied)
 
     Cheap checks come first: the file's size (before it is opened), the
-    header's format and number of edits, then each named tensor's shape;
-    only the tensors the header names are read, and every request is
-    validated as a typed one would be. Nothing is ever unpickled.
+    header's format, version and number of edits, then each edit's announced
+    tensors: ROME's vectors must be 1-D, every dense delta must have the
+    bounded 2-D shape its record announces (with ``lm``, also the shape of the
+    weight it names in that model) and the file must agree, all before any
+    tensor is read. Only the tensors the header names are read, and every
+    request is validated as a typed one would be. Nothing is ever unpickled.
     """
     from safetensors import safe_open
 
@@ -472,15 +690,30 @@ def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int
             metadata = f.metadata() or {}
             names = set(f.keys())
             records = _records(path, metadata, max_edits)
-            wanted = [f"edit{i}.{name}" for i in range(len(records)) for name in ("u", "v", "key", "value")]
-            missing = [name for name in wanted if name not in names]
+            version = metadata["version"]
+            wanted: list[tuple[str, tuple[int, ...] | None, str]] = []
+            for i, record in enumerate(records):
+                try:
+                    planned = _planned_tensors(record, version)
+                    if lm is not None and version != "1" and record.get("method", ROME) != ROME:
+                        for entry in record["deltas"]:
+                            _delta_weight(lm, entry)
+                except ValueError as exc:
+                    raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
+                wanted += [(f"edit{i}.{name}", shape, dtype) for name, shape, dtype in planned]
+            missing = [name for name, _, _ in wanted if name not in names]
             if missing:
                 raise ValueError(f"{path.name} is missing tensor {missing[0]!r}.")
-            for name in wanted:
-                shape = tuple(f.get_slice(name).get_shape())
-                if len(shape) != 1 or not 0 < shape[0] <= MAX_VECTOR:
+            for name, expected, dtype in wanted:
+                view = f.get_slice(name)
+                shape = tuple(view.get_shape())
+                if expected is None and (len(shape) != 1 or not 0 < shape[0] <= MAX_VECTOR):
                     raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}; edit vectors are 1-D.")
-            tensors = {name: f.get_tensor(name) for name in wanted}
+                if expected is not None and shape != expected:
+                    raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}; its header announces {expected}.")
+                if view.get_dtype() != dtype:
+                    raise ValueError(f"{path.name}: tensor {name!r} is {view.get_dtype()}, not {dtype}.")
+            tensors = {name: f.get_tensor(name) for name, _, _ in wanted}
     except ValueError:
         raise
     except Exception as exc:
@@ -489,9 +722,12 @@ def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int
         ) from None
     edits = []
     for i, record in enumerate(records):
-        vectors = {name: tensors[f"edit{i}.{name}"] for name in ("u", "v", "key", "value")}
+        if version == "1":
+            record = {**record, "method": ROME}
+        prefix = f"edit{i}."
+        arrays = {name[len(prefix):]: arr for name, arr in tensors.items() if name.startswith(prefix)}
         try:
-            edits.append(Edit.from_dict(record, vectors))
+            edits.append(Edit.from_dict(record, arrays))
         except ValueError as exc:
             raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
     return edits
@@ -501,8 +737,9 @@ def _records(path: Path, metadata: dict, max_edits: int | None) -> list:
     """The edit records of a file's header, after checking its format, version and count."""
     if metadata.get("format") != FILE_FORMAT:
         raise ValueError(f"{path.name} is a safetensors file but not a locate-edit edits file (no {FILE_FORMAT!r} header).")
-    if metadata.get("version") != FILE_VERSION:
-        raise ValueError(f"{path.name} has edits file version {metadata.get('version')!r}; this version reads {FILE_VERSION!r}.")
+    if metadata.get("version") not in READ_VERSIONS:
+        raise ValueError(f"{path.name} has edits file version {metadata.get('version')!r}; this version reads "
+                         f"{', '.join(map(repr, READ_VERSIONS))}.")
     try:
         records = json.loads(metadata["edits"])
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
