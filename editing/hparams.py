@@ -1,16 +1,20 @@
-"""ROME hyperparameters: one JSON file per model family under ``assets/hparams/``.
+"""Hyperparameters of every editing method: JSON files under ``assets/hparams/``, one per model family.
 
-Each file names the models it fits (``match``: hub ids or their last path part,
-compared case-insensitively) and sets any of the :class:`ROMEHyperParams`
-fields; fields it leaves out keep the dataclass defaults (the paper's GPT-2 XL
-settings). ``default.json`` is the fallback for models no file matches: the
-edit layer is then a fraction of the depth. Unknown keys fail loudly.
+ROME's files sit in ``assets/hparams/`` itself, the other methods' in
+``assets/hparams/<method>/`` (``ft``, ``ft-l``, ``kn``). Each file names the
+models it fits (``match``: hub ids or their last path part, compared
+case-insensitively), says where its values come from (``description``) and
+sets any fields of the method's dataclass (:class:`ROMEHyperParams`,
+:class:`FTHyperParams`, :class:`KNHyperParams`); fields it leaves out keep the
+dataclass defaults (the paper's GPT-2 XL settings). ``default.json`` is the
+fallback for models no file matches. Unknown keys fail loudly.
 
 Example::
 
     hp = load_hparams(lm)                     # assets/hparams/smollm2-135m.json for the default model
     hp.edit_layer(lm.n_layers)                # 1 (chosen by a layer sweep, see the file)
     hp = load_hparams(lm, v_num_grad_steps=10) # overrides, checked like the file's keys
+    ft = load_hparams(lm, method="ft-l")      # assets/hparams/ft-l/smollm2-135m.json
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from tracing.assets import HPARAMS
 
@@ -27,12 +32,56 @@ log = logging.getLogger(__name__)
 
 HPARAMS_DIR = HPARAMS
 VARIANTS = ("r-rome", "original", "exact")
+METHODS = ("rome", "ft", "ft-l", "kn")  # ROME, fine-tuning, constrained fine-tuning, Knowledge Neurons
 _META_KEYS = ("description", "match")
 
 
+def _tuples(value):
+    """JSON lists (nested) as tuples, for frozen dataclass fields."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class HyperParams:
+    """What every method's settings share: JSON round trips that refuse unknown keys."""
+
+    LABEL: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable fields (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "hyperparameters"):
+        """Build from a dict; unknown keys raise a ValueError that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown {cls.LABEL} hyperparameter(s) {unknown} in {source}. Known keys: {', '.join(sorted(known))}."
+            )
+        tuple_fields = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
+        values = {k: (_tuples(v) if k in tuple_fields else v) for k, v in data.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ValueError(f"Malformed {cls.LABEL} hyperparameters in {source}: {exc}") from None
+
+    def edit_layer(self, n_layers: int) -> int:
+        """The edit layer for a model with ``n_layers`` blocks (``layer``, else the fraction of the depth)."""
+        layer = self.layer if self.layer is not None else min(n_layers - 1, int(self.layer_fraction * n_layers))
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"Edit layer {layer} is out of range for a model with {n_layers} layers; "
+                f"choose a layer from 0 to {n_layers - 1}."
+            )
+        return layer
+
+
 @dataclass(frozen=True)
-class ROMEHyperParams:
+class ROMEHyperParams(HyperParams):
     """Settings of one ROME edit (defaults: the paper's GPT-2 XL settings)."""
+
+    LABEL: ClassVar[str] = "ROME"
 
     layer: int | None = None  # edit layer l*; None: int(layer_fraction * n_layers)
     layer_fraction: float = 0.334  # where the edit goes when no layer is set
@@ -86,41 +135,110 @@ class ROMEHyperParams:
         if problems:
             raise ValueError("Invalid ROME hyperparameters: " + "; ".join(problems) + ".")
 
-    def edit_layer(self, n_layers: int) -> int:
-        """The edit layer for a model with ``n_layers`` blocks (``layer``, else the fraction of the depth)."""
-        layer = self.layer if self.layer is not None else min(n_layers - 1, int(self.layer_fraction * n_layers))
-        if not 0 <= layer < n_layers:
-            raise ValueError(
-                f"Edit layer {layer} is out of range for a model with {n_layers} layers; "
-                f"choose a layer from 0 to {n_layers - 1}."
-            )
-        return layer
 
-    def to_dict(self) -> dict:
-        """JSON-serialisable fields (tuples become lists)."""
-        data = dataclasses.asdict(self)
-        data["context_templates"] = [list(p) for p in self.context_templates]
-        data["match"] = list(self.match)
-        return data
+@dataclass(frozen=True)
+class FTHyperParams(HyperParams):
+    """Fine-tuning one layer's MLP down-projection on the rewrite prompt (FT), optionally under an L∞ bound (FT+L).
 
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "hyperparameters") -> "ROMEHyperParams":
-        """Build from a dict; unknown keys raise a ValueError that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown ROME hyperparameter(s) {unknown} in {source}. Known keys: {', '.join(sorted(known))}."
-            )
-        values = dict(data)
-        if "context_templates" in values:
-            values["context_templates"] = tuple(tuple(int(x) for x in pair) for pair in values["context_templates"])
-        if "match" in values:
-            values["match"] = tuple(values["match"])
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ValueError(f"Malformed ROME hyperparameters in {source}: {exc}") from None
+    Defaults: the paper code's GPT-2 XL FT settings (kmeng01/rome,
+    hparams/FT/gpt2-xl_unconstr.json: layer 1, Adam, lr 5e-4, 25 steps, stop
+    once the loss is below 1e-2); its FT+L (gpt2-xl_constr.json) uses layer 0
+    and ``norm_constraint`` 5e-4, an absolute bound on every element of ΔW
+    (Zhu et al., 2020).
+    """
+
+    LABEL: ClassVar[str] = "FT"
+
+    layer: int | None = 1  # the fine-tuned layer; None: int(layer_fraction * n_layers)
+    layer_fraction: float = 0.0  # where the edit goes when no layer is set
+    num_steps: int = 25  # Adam steps at most
+    lr: float = 5e-4  # Adam learning rate
+    norm_constraint: float | None = None  # FT+L: |ΔW_ij| <= this after every step; None: unconstrained (FT)
+    early_stop_loss: float = 1e-2  # stop once the new object's mean token NLL on the rewrite prompt is below this
+    description: str = field(default="", compare=False)
+    match: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        problems = []
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            problems.append(f"layer must be a non-negative integer or null, not {self.layer!r}")
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            problems.append(f"layer_fraction must lie in [0, 1], not {self.layer_fraction}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            problems.append("num_steps must be a positive integer")
+        if not self.lr > 0:
+            problems.append("lr must be positive")
+        if self.norm_constraint is not None and not self.norm_constraint > 0:
+            problems.append("norm_constraint must be positive, or null for unconstrained fine-tuning")
+        if self.early_stop_loss < 0:
+            problems.append("early_stop_loss must not be negative")
+        if problems:
+            raise ValueError("Invalid FT hyperparameters: " + "; ".join(problems) + ".")
+
+
+@dataclass(frozen=True)
+class KNHyperParams(HyperParams):
+    """Knowledge Neurons (Dai et al., 2022) as the ROME paper ran it (its code's hparams/KN/gpt2-xl.json).
+
+    Integrated gradients of p(old object) with respect to every MLP neuron's
+    activation at the prompt's last token (``steps`` points from 0 to the
+    actual activation); neurons scoring above ``adaptive_threshold`` times the
+    top score are kept (one prompt, so no refining across prompts); each kept
+    neuron's value vector loses ``erase_scale`` times the input embedding of
+    the model's predicted first token and gains ``write_scale`` times the
+    embeddings of the new object's tokens (the knowledge-neurons library's
+    2 and 1).
+    """
+
+    LABEL: ClassVar[str] = "KN"
+
+    steps: int = 20  # integrated-gradient points per neuron
+    batch_size: int = 20  # of those, run in one pass; must divide steps
+    adaptive_threshold: float = 0.2  # keep neurons above this fraction of the top attribution
+    erase_scale: float = 2.0  # weight of the predicted token's embedding taken from each kept value vector
+    write_scale: float = 1.0  # weight of the new object's token embeddings added to it
+    layers: tuple[int, ...] = ()  # where to look for neurons; (): every layer, as in the paper
+    description: str = field(default="", compare=False)
+    match: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.steps, int) or self.steps < 2:
+            problems.append("steps must be an integer of at least 2")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1 or self.steps % self.batch_size:
+            problems.append(f"batch_size must be a positive divisor of steps ({self.steps}), not {self.batch_size!r}")
+        if not 0.0 < self.adaptive_threshold <= 1.0:
+            problems.append(f"adaptive_threshold must lie in (0, 1], not {self.adaptive_threshold}")
+        if self.erase_scale < 0 or self.write_scale < 0:
+            problems.append("erase_scale and write_scale must not be negative")
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
+            problems.append(f"layers must be non-negative integers, not {list(self.layers)}")
+        if problems:
+            raise ValueError("Invalid KN hyperparameters: " + "; ".join(problems) + ".")
+
+    def search_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The layers searched for neurons in a model with ``n_layers`` blocks."""
+        layers = self.layers or tuple(range(n_layers))
+        bad = [x for x in layers if x >= n_layers]
+        if bad:
+            raise ValueError(f"KN layers {bad} are out of range: the model has layers 0 to {n_layers - 1}.")
+        return tuple(sorted(set(layers)))
+
+
+HPARAMS_CLASSES: dict[str, type[HyperParams]] = {
+    "rome": ROMEHyperParams, "ft": FTHyperParams, "ft-l": FTHyperParams, "kn": KNHyperParams}
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`, else a ValueError that lists them."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown editing method {method!r}; choose one of {', '.join(METHODS)}.")
+    return method
+
+
+def method_dir(method: str = "rome") -> Path:
+    """Where a method's hyperparameter files live: ``assets/hparams`` for ROME, else ``assets/hparams/<method>``."""
+    return HPARAMS_DIR if check_method(method) == "rome" else HPARAMS_DIR / method
 
 
 def _model_names(lm_or_name) -> list[str]:
@@ -141,14 +259,16 @@ def _model_names(lm_or_name) -> list[str]:
     return out
 
 
-def hparams_files(directory: Path = HPARAMS_DIR) -> list[Path]:
-    """The hyperparameter files shipped in ``assets/hparams`` (default.json last)."""
+def hparams_files(directory: Path | None = None, *, method: str = "rome") -> list[Path]:
+    """A method's shipped hyperparameter files (``assets/hparams`` for ROME, else ``assets/hparams/<method>``), default.json last."""
+    directory = method_dir(method) if directory is None else Path(directory)
     files = sorted(p for p in directory.glob("*.json") if p.name != "default.json")
     return files + [directory / "default.json"]
 
 
-def read_hparams_file(path: str | Path, **overrides) -> ROMEHyperParams:
-    """Load one hyperparameter JSON file on top of the defaults, then apply ``overrides``."""
+def read_hparams_file(path: str | Path, *, method: str = "rome", **overrides) -> HyperParams:
+    """Load one hyperparameter JSON file of ``method`` on top of the defaults, then apply ``overrides``."""
+    cls = HPARAMS_CLASSES[check_method(method)]
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -159,27 +279,31 @@ def read_hparams_file(path: str | Path, **overrides) -> ROMEHyperParams:
     if not isinstance(data, dict):
         raise ValueError(f"Hyperparameter file {path} must hold a JSON object.")
     data.update(overrides)
-    return ROMEHyperParams.from_dict(data, source=str(path))
+    return cls.from_dict(data, source=str(path))
 
 
-def load_hparams(lm_or_name=None, path: str | Path | None = None, **overrides) -> ROMEHyperParams:
-    """The hyperparameters for a model (a LoadedModel or a name), or from an explicit file.
+def load_hparams(lm_or_name=None, path: str | Path | None = None, *, method: str = "rome", **overrides) -> HyperParams:
+    """The hyperparameters of ``method`` for a model (a LoadedModel or a name), or from an explicit file.
 
     Example::
 
-        hp = load_hparams(lm)                       # matched by name, else assets/hparams/default.json
+        hp = load_hparams(lm)                       # ROME: matched by name, else assets/hparams/default.json
         hp = load_hparams("gpt2-xl").layer          # 17
         hp = load_hparams(lm, layer=6, variant="original")
+        hp = load_hparams(lm, method="kn")          # KNHyperParams from assets/hparams/kn/
     """
     if path is not None:
-        return read_hparams_file(path, **overrides)
+        return read_hparams_file(path, method=method, **overrides)
     names = set(_model_names(lm_or_name))
-    for file in hparams_files():
+    files = hparams_files(method=method)
+    for file in files:
+        if not file.is_file():
+            continue
         try:
             match = json.loads(file.read_text(encoding="utf-8")).get("match", [])
         except (OSError, ValueError, AttributeError):
             raise ValueError(f"Hyperparameter file {file} is unreadable or not a JSON object; fix or remove it.") from None
         if file.name == "default.json" or names & {m.lower() for m in match}:
-            log.debug("ROME hyperparameters for %s from %s", sorted(names), file.name)
-            return read_hparams_file(file, **overrides)
-    raise LookupError(f"{HPARAMS_DIR / 'default.json'} is missing; restore it from the repository.")
+            log.debug("%s hyperparameters for %s from %s", method, sorted(names), file.name)
+            return read_hparams_file(file, method=method, **overrides)
+    raise LookupError(f"{files[-1]} is missing; restore it from the repository.")

@@ -401,7 +401,8 @@ def compute_edit(
     the result with :func:`applied` or :class:`EditStack`). The request comes
     back in ``edit.request`` with ``target_true`` set to the model's own
     answer if it was missing. Raises ValueError for invalid input, before any
-    work.
+    work. The other editors (FT, FT+L, KN) share this interface through
+    :func:`editing.methods.compute`.
     """
     from .stats import StatsSpec, key_stats  # here, so that `python -m editing.stats` runs cleanly
 
@@ -409,6 +410,8 @@ def compute_edit(
         raise ValueError("compute_edit needs an EditRequest(subject, prompt, target).")
     request.validate()
     hp = hparams if hparams is not None else load_hparams(lm)
+    if not isinstance(hp, ROMEHyperParams):
+        raise ValueError(f"ROME takes ROMEHyperParams, not {type(hp).__name__}; other methods: editing.methods.compute.")
     layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
     spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hp)
     # Validate tokenisation (subject, target, length) before any expensive work.
