@@ -39,12 +39,18 @@ def no_progress(*args, **kwargs):
 SKIP = gr.skip()
 
 
-def run(gen) -> list:
-    """The updates a streaming handler yields, without the progress ticks (which change nothing)."""
+def is_progress(value) -> bool:
+    return value == SKIP or (isinstance(value, str) and (value == "" or 'class="le-progress"' in value))
+
+
+def run(gen, seen_progress: list | None = None) -> list:
+    """The updates a streaming handler yields, without the progress ticks (which only show progress)."""
     updates = []
     for update in gen:
         values = update if isinstance(update, tuple) else (update,)
-        if any(value != SKIP for value in values):
+        if seen_progress is not None:
+            seen_progress.extend(v for v in values if isinstance(v, str) and "le-progress" in v)
+        if not all(is_progress(value) for value in values):
             updates.append(update)
     return updates
 
@@ -92,7 +98,8 @@ def test_trace_streams_kind_by_kind_then_exports(app):
     updates = trace(app)
     assert len(updates) >= 4  # prediction, then hidden, mlp, attn figures
     final = updates[-1]
-    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, state = final
+    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, state, progress = final
+    assert progress == ""  # the progress card is cleared at the end
     assert all(isinstance(f, go.Figure) for f in (hidden, mlp, attn))
     assert "Impact of restoring MLP" in mlp.layout.title.text
     # Before the end, later figures are still empty: results arrive kind by kind.
@@ -108,6 +115,19 @@ def test_trace_streams_kind_by_kind_then_exports(app):
     layer = int(np.nanargmax(mlp_result.scores[mlp_result.subject_range[1] - 1]))
     assert f"layer <b>{layer}</b>" in layer_html
     assert state == {"prompt": PROMPT, "subject": SUBJECT, "answer": results[0].answer, "layer": layer}
+
+
+def test_progress_cards_name_the_stage_and_its_fraction(app):
+    seen: list[str] = []
+    settings = {**QUICK, "seed": 12345}  # not remembered from another test: the trace really runs
+    run(app.trace(PROMPT, SUBJECT, "", *settings.values(), Visitor(), progress=no_progress), seen)
+    assert any("Tracing: restoring hidden states" in card and "%" in card for card in seen)
+    assert any("restoring attn states · 100%" in card for card in seen)
+    seen.clear()
+    run(app.edit(*{**EDIT, "target": "Madrid", "seed": 7}.values(), Visitor(), progress=no_progress), seen)
+    stages = " ".join(seen)
+    for text in ("Generating and scoring before the edit", "Optimising the new value v*", "after the edit"):
+        assert text in stages
 
 
 def test_expected_answer_is_traced(app):
@@ -173,7 +193,7 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
     updates = edit(app, visitor=visitor)
     before, final = updates[0], updates[-1]
     assert "editing…" in before[0]  # the before column appears first
-    comparison, scores, details, state, history, export_btn, status, stats_note = final
+    comparison, scores, details, state, history, export_btn, status, stats_note, progress = final
     edits = state.edits
     assert state is visitor and len(edits) == 1 and edits[0].request.target == "Rome" and edits[0].layer == 1
     kinds = [row["kind"] for row in details["rows"]]

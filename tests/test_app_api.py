@@ -45,8 +45,8 @@ def test_trace_a_preset_then_edit_and_undo(served):
     assert [r["kind"] for r in exported["results"]] == ["hidden", "mlp", "attn"]
     assert "peaks at layer" in out[6]  # the suggested edit layer
 
-    comparison, scores, details, history, export, status, stats_note = edit(client, e_subject, relation, target, old,
-                                                                             para, neigh)
+    comparison, scores, details, history, export, status, stats_note, progress = edit(
+        client, e_subject, relation, target, old, para, neigh)
     assert [row["kind"] for row in details["rows"]] == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]
     assert history["data"][0][1:4] == [e_subject, relation, target]
     assert export["value"].endswith(".safetensors") and export["interactive"]

@@ -107,6 +107,9 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             if not os.environ.get("LOCATE_EDIT_SCREENSHOTS"):
                 page.get_by_label("Quick trace", exact=False).check()
             page.locator("#trace-button").click()
+            # Progress the visitor can see: the stage and its fraction, while the trace runs.
+            expect(page.locator("#trace-progress")).to_contain_text("Tracing: restoring", timeout=120_000)
+            expect(page.locator("#trace-progress")).to_contain_text("%")
             for kind in ("hidden", "mlp", "attn"):
                 expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible(timeout=900_000)
             expect(page.locator("#trace-scores")).to_contain_text(preset.attribute)

@@ -92,20 +92,35 @@ class App:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _drive(self, stream, progress, describe: Callable[[str, float], tuple[float, str]]) -> Iterator[tuple]:
-        """Engine events as ("tick", None) (progress shown; the caller yields so Stop can act) or ("item", x)."""
+    def _drive(self, stream, progress, describe: Callable[[str, float], tuple[float, str]],
+               element: str) -> Iterator[tuple]:
+        """Engine events as ("tick", progress HTML or SKIP) or ("item", x).
+
+        Progress goes two ways: to ``gr.Progress`` (API clients, and the page
+        before the first output) and as a progress card in the page itself
+        (``element`` is its id), since a streaming handler's own outputs hide
+        Gradio's overlay. Ticks come at least every few tenths of a second, so
+        the caller yields often and Stop or a disconnect acts promptly.
+        """
         progress(0.0, desc="Waiting for the model")
+        shown = None
         for event in stream:
+            card = SKIP
             if event[0] == "queue":
-                progress(0.0, desc=f"Waiting for the model: {event[1]} request{'s' if event[1] != 1 else ''} ahead")
-                yield "tick", None
-            elif event[0] == "progress":
-                if event[1] is not None:
-                    fraction, text = describe(event[1], event[2])
-                    progress(fraction, desc=text)
-                yield "tick", None
-            else:
+                text = f"Waiting for the model: {event[1]} request{'s' if event[1] != 1 else ''} ahead of yours"
+                progress(0.0, desc=text)
+                card = render.progress_card(element, None, text + ". Stop leaves the queue.")
+            elif event[0] == "progress" and event[1] is not None:
+                fraction, text = describe(event[1], event[2])
+                progress(fraction, desc=text)
+                card = render.progress_card(element, fraction, text)
+            elif event[0] == "item":
                 yield "item", event[1]
+                continue
+            if card is not SKIP and card == shown:
+                card = SKIP
+            shown = card if card is not SKIP else shown
+            yield "tick", card
 
     def _export_button(self, edits):
         if not edits:
@@ -160,7 +175,7 @@ class App:
     @user_errors
     def trace(self, prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision,
               fast, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
-        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, trace state).
+        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, trace state, progress).
 
         Figures appear kind by kind. ``fast`` traces only the subject's and the
         last token's rows (the others stay blank).
@@ -198,9 +213,9 @@ class App:
         no_file = gr.DownloadButton(value=None, interactive=False)
         stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision,
                                     label="trace")
-        for tag, item in self._drive(stream, progress, describe):
+        for tag, item in self._drive(stream, progress, describe, "trace-progress"):
             if tag == "tick":
-                yield (SKIP,) * 8  # hands control back to the server, so that Stop takes effect promptly
+                yield (SKIP,) * 8 + (item,)  # also hands control back to the server, so that Stop acts promptly
                 continue
             if item[0] == "top":
                 top = item[1]
@@ -209,7 +224,7 @@ class App:
                 figures[item[1].kind] = heatmap(item[1])
             if len(results) < len(KINDS):
                 yield (render.prediction_card(top, results[0] if results else None, ask.answer), figures["hidden"],
-                       figures["mlp"], figures["attn"], no_file, no_file, SKIP, SKIP)
+                       figures["mlp"], figures["attn"], no_file, no_file, SKIP, SKIP, SKIP)
 
         mlp = next(r for r in results if r.kind == "mlp")
         layer = int(mlp.peak(mlp.subject_range[1] - 1)[1])
@@ -223,7 +238,7 @@ class App:
         yield (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
                figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
                gr.DownloadButton(value=str(csv_path), interactive=True),
-               render.layer_card(layer, mlp, self.engine.default_layer), state)
+               render.layer_card(layer, mlp, self.engine.default_layer), state, "")
 
     @user_errors
     def to_edit(self, state: dict | None, edit_layer) -> tuple:
@@ -240,7 +255,7 @@ class App:
     def edit(self, subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed,
              visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
         """Compute a ROME edit on top of the visitor's edits; yields (comparison, scores, details, visitor,
-        history, export file, status, statistics note)."""
+        history, export file, status, statistics note, progress)."""
         visitor = visitor if visitor is not None else Visitor()
         hp = self.engine.hparams
         ask = check_edit(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, subject=subject,
@@ -260,13 +275,13 @@ class App:
 
         # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
         stream = self.engine.stream(work, visitor=visitor, label="edit")
-        for tag, result in self._drive(stream, progress, render.edit_progress):
+        for tag, result in self._drive(stream, progress, render.edit_progress, "edit-progress"):
             if tag == "tick":
-                yield (SKIP,) * 8
+                yield (SKIP,) * 8 + (result,)
                 continue
             details = result.to_dict()
             if result.edit is None:
-                yield (render.comparison_table(result), render.scores_card(result), details) + (SKIP,) * 5
+                yield (render.comparison_table(result), render.scores_card(result), details) + (SKIP,) * 6
                 continue
             with self._visitors:
                 added = visitor.version == version
@@ -278,7 +293,7 @@ class App:
             edits = visitor.edits
             yield (render.comparison_table(result), render.scores_card(result), details, visitor,
                    render.history_rows(edits), self._export_button(edits), render.history_status(edits),
-                   self.stats_note())
+                   self.stats_note(), "")
 
     @user_errors
     def undo(self, visitor: Visitor | None) -> tuple:
@@ -353,9 +368,9 @@ class App:
             return fraction, f"Generating with the {which} model"
 
         stream = self.engine.stream(work, visitor=visitor, edits=edits, label="compare")
-        for tag, item in self._drive(stream, progress, describe):
+        for tag, item in self._drive(stream, progress, describe, "free-progress"):
             if tag == "tick":
-                yield SKIP
+                yield item  # the progress card stands where the comparison will be
                 continue
             yield render.free_comparison(prompt, item[0], item[1], edits)
 

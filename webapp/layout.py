@@ -96,6 +96,7 @@ def locate_tab(engine: Engine) -> SimpleNamespace:
                     ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="trace-stop")
             with gr.Column(scale=2, elem_classes="le-help"):
                 gr.Markdown(render.static_text("help-trace.md"))
+        ui.progress = gr.HTML(elem_id="trace-status")
         ui.prediction = gr.HTML(elem_id="prediction")
         with gr.Row(equal_height=True):
             ui.plot_hidden = gr.Plot(label="Hidden states", elem_id="plot-hidden", min_width=320)
@@ -152,6 +153,7 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
                     ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="edit-stop")
             with gr.Column(scale=2, elem_classes="le-help"):
                 gr.Markdown(render.static_text("help-edit.md"))
+        ui.progress = gr.HTML(elem_id="edit-status-progress")
         ui.comparison = gr.HTML(elem_id="comparison")
         ui.scores = gr.HTML(elem_id="scores")
         with gr.Accordion("Raw results (JSON)", open=False):
@@ -185,7 +187,7 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
     trace_inputs = [loc.prompt, loc.subject, loc.answer, loc.samples, loc.noise, loc.window, loc.corruption,
                     loc.metric, loc.contrast, loc.seed, loc.precision, loc.fast, visitor]
     trace_outputs = [loc.prediction, loc.plot_hidden, loc.plot_mlp, loc.plot_attn, loc.json_btn, loc.csv_btn,
-                     loc.layer_html, trace_state]
+                     loc.layer_html, trace_state, loc.progress]
     trace_event = loc.trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
     loc.prompt.input(app.suggest_subject, [loc.prompt, loc.subject], loc.subject, queue=False,
                      api_visibility="private")
@@ -195,8 +197,8 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
     history_outputs = [visitor, ed.history, ed.export_btn, ed.status, ed.stats_note]
     edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.paraphrases, ed.neighbours, ed.max_new,
                    ed.sample, ed.seed, visitor]
-    edit_event = ed.edit_btn.click(edit_fn, edit_inputs, [ed.comparison, ed.scores, ed.details, *history_outputs[:4],
-                                                          ed.stats_note], api_name="edit", **model_events)
+    edit_outputs = [ed.comparison, ed.scores, ed.details, *history_outputs, ed.progress]
+    edit_event = ed.edit_btn.click(edit_fn, edit_inputs, edit_outputs, api_name="edit", **model_events)
     ed.stop_btn.click(None, None, None, cancels=[edit_event])
     # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
     ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")

@@ -90,9 +90,15 @@ def model_card(engine: Engine) -> str:
     return f'<div class="le-card" id="model-card">{"".join(parts)}</div>{notice}'
 
 
-def waiting_card(ahead: int) -> str:
-    return (f'<div class="le-card le-small" id="queue-status">Waiting for the model: {ahead} request'
-            f'{"s" if ahead != 1 else ""} ahead of yours. Stop leaves the queue.</div>')
+def progress_card(element: str, fraction: float | None, text: str) -> str:
+    """A progress line and bar (``fraction`` None: no bar, e.g. while waiting in the queue)."""
+    bar = ""
+    if fraction is not None:
+        percent = min(max(fraction, 0.0), 1.0) * 100
+        bar = f'<div class="le-bar"><div style="width:{percent:.0f}%"></div></div>'
+        text = f"{text} · {percent:.0f}%"
+    return f'<div class="le-progress" id="{esc(element)}"><div class="le-progress-text">{esc(text)}</div>{bar}</div>'
+
 
 
 def prediction_card(top: list[tuple[str, float]], result: TraceResult | None, expected: str | None) -> str:
