@@ -39,6 +39,19 @@ def on_gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
+def run_and_stop(label: str, name: str) -> tuple[gr.Button, gr.Button]:
+    """A primary button and its Stop button, side by side (ids ``NAME-button``, ``NAME-stop``)."""
+    with gr.Row():
+        return (gr.Button(label, variant="primary", elem_id=f"{name}-button"),
+                gr.Button("Stop", variant="stop", scale=0, elem_id=f"{name}-stop"))
+
+
+def help_column(name: str) -> None:
+    """A side column with a help text of ``assets/static``."""
+    with gr.Column(scale=2, elem_classes="le-help"):
+        gr.Markdown(render.static_text(name))
+
+
 def header(engine: Engine):
     """Title, model card and the preset gallery (None when the server has no presets)."""
     with gr.Row(elem_classes="le-header"):
@@ -91,11 +104,8 @@ def locate_tab(engine: Engine) -> SimpleNamespace:
                         ui.precision = gr.Dropdown(list(engine.precisions), value="auto", label="Precision",
                                                    info="Other precisions run on a copy of the model.")
                         ui.fast = gr.Checkbox(False, label="Quick trace: only the subject's and the last token's rows")
-                with gr.Row():
-                    ui.trace_btn = gr.Button("Trace", variant="primary", elem_id="trace-button")
-                    ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="trace-stop")
-            with gr.Column(scale=2, elem_classes="le-help"):
-                gr.Markdown(render.static_text("help-trace.md"))
+                ui.trace_btn, ui.stop_btn = run_and_stop("Trace", "trace")
+            help_column("help-trace.md")
         ui.progress = gr.HTML(elem_id="trace-status")
         ui.prediction = gr.HTML(elem_id="prediction")
         with gr.Row(equal_height=True):
@@ -148,11 +158,8 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
                                                label="New tokens")
                         ui.sample = gr.Checkbox(False, label="Sample (seeded) instead of greedy")
                         ui.seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0)
-                with gr.Row():
-                    ui.edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-button")
-                    ui.stop_btn = gr.Button("Stop", variant="stop", scale=0, elem_id="edit-stop")
-            with gr.Column(scale=2, elem_classes="le-help"):
-                gr.Markdown(render.static_text("help-edit.md"))
+                ui.edit_btn, ui.stop_btn = run_and_stop("Apply edit", "edit")
+            help_column("help-edit.md")
         ui.progress = gr.HTML(elem_id="edit-status-progress")
         ui.comparison = gr.HTML(elem_id="comparison")
         ui.scores = gr.HTML(elem_id="scores")
