@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -41,21 +43,25 @@ def test_unknown_architecture_names_supported_ones():
 
 @pytest.mark.parametrize("metric", ["prob", "logit_diff"])
 def test_fast_trace_equals_oracle(tiny, metric):
+    """Every plan (one pass per kind and token; kinds apart with padded token buckets; everything together,
+    also one cell per pass) gives the oracle's scores."""
     config = TraceConfig(samples=3, window=2, metric=metric, contrast="Rome" if metric == "logit_diff" else None)
-    fast = trace(tiny, PROMPT, SUBJECT, config=config)
     slow = trace_reference(tiny, PROMPT, SUBJECT, config=config)
-    for a, b in zip(fast, slow):
-        assert a.kind == b.kind and a.scores.shape == (len(a.tokens), tiny.n_layers)
-        scale = max(abs(a.high_score), abs(a.low_score), 1e-3)
-        assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5 * scale, a.kind
-        assert abs(a.low_score - b.low_score) <= 1e-5 * scale
-        assert abs(a.high_score - b.high_score) <= 1e-5 * scale
-        assert not np.isnan(a.scores).any()
+    for plan in (dict(batching="auto"), dict(batching="token"), dict(batching="all"), dict(batching="all", memory_mb=0)):
+        fast = trace(tiny, PROMPT, SUBJECT, config=dataclasses.replace(config, **plan))
+        for a, b in zip(fast, slow):
+            assert a.kind == b.kind and a.scores.shape == (len(a.tokens), tiny.n_layers)
+            scale = max(abs(a.high_score), abs(a.low_score), 1e-3)
+            assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5 * scale, (a.kind, plan)
+            assert abs(a.low_score - b.low_score) <= 1e-5 * scale
+            assert abs(a.high_score - b.high_score) <= 1e-5 * scale
+            assert not np.isnan(a.scores).any()
 
 
 def test_fast_trace_without_skipping_equals_oracle(tiny):
     config = TraceConfig(samples=2, window=3, skip=False)
-    fast = trace(tiny, "In 1990 " + PROMPT, SUBJECT, config=config)
     slow = trace_reference(tiny, "In 1990 " + PROMPT, SUBJECT, config=config)
-    for a, b in zip(fast, slow):
-        assert np.max(np.abs(a.scores - b.scores)) <= 1e-5 * max(a.high_score, a.low_score)
+    for batching in ("auto", "all"):
+        fast = trace(tiny, "In 1990 " + PROMPT, SUBJECT, config=dataclasses.replace(config, batching=batching))
+        for a, b in zip(fast, slow):
+            assert np.max(np.abs(a.scores - b.scores)) <= 1e-5 * max(a.high_score, a.low_score)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from tracing import TraceConfig, TraceResult, encode_prompt, continuation_ids, trace, trace_reference
+from tracing import KINDS, TraceConfig, TraceResult, encode_prompt, continuation_ids, iter_trace, trace, trace_reference
 from tracing.hooks import Hook, active_hook_count, hooks
 from tracing.result import window_layers
 
@@ -137,9 +138,85 @@ def test_reduced_precision_stays_close(llama):
 
 def test_small_memory_budget_gives_the_same_scores(llama):
     a = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3))
-    b = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3, memory_mb=0))
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x.scores, y.scores, rtol=1e-5, atol=1e-9)
+    for batching in ("auto", "all"):
+        b = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3, memory_mb=0, batching=batching))
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.scores, y.scores, rtol=1e-5, atol=1e-9)
+
+
+def test_tf32_on_a_cpu_is_plain_float32(llama):
+    a = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=2))[0]
+    b = trace(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=2, precision="tf32"))[0]
+    label = "float32" if llama.device.type == "cpu" else "float32 with TF32 matmuls"
+    assert b.settings["dtype"] == label and a.settings["dtype"] == "float32"
+    if llama.device.type == "cpu":
+        np.testing.assert_array_equal(a.scores, b.scores)
+    else:  # TF32 keeps 10 mantissa bits: close, not equal
+        assert np.max(np.abs(a.scores - b.scores)) < 0.02 * max(a.high_score, 1e-3) + 1e-3
+
+
+# --- how a trace ran, and its plan -------------------------------------------------
+
+
+def test_results_say_where_in_what_and_how_long(llama, device):
+    results = trace(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
+    for r in results:
+        assert r.settings["device"] == str(llama.device) and r.settings["dtype"] == "float32"
+        assert 0 < r.settings["seconds"] < 600 and r.settings["passes"] >= 1
+        assert r.settings["batching"] == ("kind" if device.type == "cpu" else "all")
+        assert ("attention" in r.settings) == (device.type == "cuda")
+    seconds = [r.settings["seconds"] for r in results]
+    assert seconds == sorted(seconds)  # since the trace began: each kind is ready after the one before
+    slow = trace_reference(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=1, tokens=(9,)))[0]
+    assert slow.settings["device"] == str(llama.device) and slow.settings["seconds"] > 0
+
+
+@pytest.mark.parametrize("batching", ["token", "kind", "all"])
+def test_progress_counts_heatmap_rows_and_kinds_come_in_order(llama, batching):
+    calls = []
+    config = TraceConfig(samples=2, batching=batching)
+    kinds = ("attn", "hidden", "mlp")
+    results = list(iter_trace(llama, PROMPT, SUBJECT, kinds=kinds, config=config, progress=lambda d, t: calls.append((d, t))))
+    assert [r.kind for r in results] == list(kinds)
+    total = 3 * len(results[0].tokens)
+    assert calls[-1] == (total, total) and all(t == total for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_plan_pads_tokens_together_only_where_passes_cost_more_than_arithmetic(llama, monkeypatch):
+    """A launch-bound device (a GPU) merges tokens into one padded pass; an arithmetic-bound one keeps them apart."""
+    engine = importlib.import_module("tracing.trace")
+    setup, _, _ = engine._prepare(llama, PROMPT, SUBJECT, None, TraceConfig(samples=2), 0)
+    tracer = engine._FastTracer(setup)
+    tokens = list(range(1, 10))
+    monkeypatch.setattr(engine, "_speed", lambda *a: engine._Speed(flops=1e18, per_call=1e-3))
+    assert tracer.buckets(("mlp",), tokens) == [tuple(tokens)]
+    passes = tracer.plan(KINDS, tokens, "all")
+    assert len(passes) == 1 and passes[0][0] == 1 and len(passes[0][1]) == 3 * len(tokens) * llama.n_layers
+    monkeypatch.setattr(engine, "_speed", lambda *a: engine._Speed(flops=1e3, per_call=1e-3))
+    assert tracer.buckets(("mlp",), tokens) == [(t,) for t in tokens]
+    assert len(tracer.plan(KINDS, tokens, "kind")) == 3 * len(tokens)
+    assert len(tracer.plan(KINDS, tokens, "token")) == 3 * len(tokens)
+    starts = [c.start for c in passes[0][1]]
+    assert starts == sorted(starts)
+
+
+def test_attention_backend_policy_is_one_setting(monkeypatch):
+    from tracing.backends import ATTENTION_ENV, CUDA_ATTENTION, attention_backends, precision_label
+
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    assert attention_backends("cpu") is None and attention_backends("cuda:1") == CUDA_ATTENTION
+    assert "cudnn" not in CUDA_ATTENTION  # cuDNN plans every new shape: a first trace cost 10x the next
+    monkeypatch.setenv(ATTENTION_ENV, "torch")
+    assert attention_backends("cuda") is None
+    monkeypatch.setenv(ATTENTION_ENV, "efficient, math")
+    assert attention_backends("cuda") == ("efficient", "math")
+    monkeypatch.setenv(ATTENTION_ENV, "flash,fastest")
+    with pytest.raises(ValueError, match="unknown attention backend 'fastest'.*flash, efficient, cudnn, math"):
+        attention_backends("cuda")
+    assert precision_label("cuda", torch.float32, tf32=True) == "float32 with TF32 matmuls"
+    assert precision_label("cpu", torch.float32, tf32=True) == "float32"
+    assert precision_label("cuda", torch.bfloat16, tf32=True) == "bfloat16"
 
 
 def test_result_json_round_trip(llama):
@@ -256,6 +333,8 @@ def test_answer_that_tokenizes_to_nothing(llama):
         (dict(metric="rank"), "metric"),
         (dict(precision="int8"), "precision"),
         (dict(tokens="middle"), "tokens"),
+        (dict(batching="layer"), "batching"),
+        (dict(memory_mb=-1), "memory_mb"),
     ],
 )
 def test_bad_settings(kwargs, message):

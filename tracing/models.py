@@ -246,20 +246,21 @@ def default_device() -> torch.device:
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Turn "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16" (or a dtype) into a torch dtype."""
+    """Turn "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16"/"tf32" (or a dtype) into a torch dtype."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
         "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "tf32": torch.float32,  # float32 weights; traces then run their matrix products as TF32 on CUDA
         "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
         "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     }
     try:
         return names[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"Unknown dtype {dtype!r}; use fp32, bf16 or fp16.") from None
+        raise ValueError(f"Unknown dtype {dtype!r}; use fp32, bf16, fp16 or tf32.") from None
 
 
 def default_gguf_path() -> Path:
@@ -356,24 +357,44 @@ def load_model(
             f"did not provide it (this machine may be offline). Pass a local path, a hub id on a machine that "
             f"reaches the hub, or no model for the embedded default. ({exc.__class__.__name__}: {str(exc)[:200]})"
         ) from None
-    spec = arch_spec(config.model_type)
+    arch_spec(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    model.to(target_device).eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=display)
+    lm = prepare_model(model.to(target_device), tokenizer, display)
     log.info("Loaded %s (%.0fM parameters) on %s in %s", display, lm.n_params / 1e6, target_device, torch_dtype)
     return lm
 
 
 def wrap_model(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
     """Wrap an already loaded Hugging Face causal LM (for example a tiny test model)."""
+    return prepare_model(model, tokenizer, name or model.config.model_type)
+
+
+def prepare_model(model: nn.Module, tokenizer, name: str) -> LoadedModel:
+    """Eval mode, frozen weights, a pad token; on an accelerator, one short warm-up pass.
+
+    The warm-up makes the device's one-time set-up (library handles, the
+    first kernels) part of loading rather than of the first trace.
+    """
     spec = arch_spec(model.config.model_type)
     model.eval().requires_grad_(False)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name or model.config.model_type)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name)
+    if lm.device.type != "cpu":
+        warm_up(lm)
+    return lm
+
+
+def warm_up(lm: LoadedModel, tokens: int = 8) -> None:
+    """One forward pass of ``tokens`` tokens under the library's kernel policy (see tracing.backends)."""
+    from .backends import attention_backends, kernel_policy
+
+    ids = torch.zeros((1, tokens), dtype=torch.long, device=lm.device)
+    with torch.inference_mode(), kernel_policy(lm.device, dtype=lm.dtype):
+        lm.model(ids)
+    backends = attention_backends(lm.device)
+    log.info("%s on %s: attention backends %s", lm.name, lm.device, ", ".join(backends) if backends else "PyTorch's own")
 
 
 def read_json_cache(path: Path) -> dict | None:

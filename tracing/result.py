@@ -19,7 +19,8 @@ KINDS = ("hidden", "mlp", "attn")
 CORRUPTIONS = ("gaussian", "uniform", "subject")
 METRICS = ("prob", "logit_diff", "recovered")
 TOKEN_RANGES = ("all", "subject_last")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "tf32")  # tf32: float32 weights, TF32 matrix products on CUDA
+BATCHINGS = ("auto", "token", "kind", "all")
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,10 @@ class TraceConfig:
     metric: str = "prob"  # prob | logit_diff (answer minus contrast logit) | recovered ((s - low)/(high - low))
     contrast: str | None = None  # the contrast answer for metric="logit_diff"
     tokens: str | tuple[int, ...] = "all"  # all | subject_last | explicit token positions
-    precision: str = "auto"  # auto (the model's dtype) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (the model's dtype) | fp32 | bf16 | fp16 | tf32 (fp32 with TF32 matmuls on CUDA)
     skip: bool = True  # skip work that cannot change a score (exact)
-    memory_mb: int = 1024  # budget for one batch of restored rows
+    memory_mb: int | None = None  # budget for one batch of restored rows; None: 1 GiB, or 1/4 of a GPU's free memory
+    batching: str = "auto"  # which cells share forward passes (never changes a score): auto | token | kind | all
 
     def __post_init__(self):
         if self.samples < 1:
@@ -55,6 +57,10 @@ class TraceConfig:
             raise ValueError("metric='logit_diff' needs a contrast answer (e.g. contrast='Rome').")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}; got {self.batching!r}.")
+        if self.memory_mb is not None and self.memory_mb < 0:
+            raise ValueError(f"memory_mb must be at least 0 (or None for the default), got {self.memory_mb}.")
         if isinstance(self.tokens, str) and self.tokens not in TOKEN_RANGES:
             raise ValueError(f"tokens must be one of {', '.join(TOKEN_RANGES)} or a list of positions; got {self.tokens!r}.")
 
