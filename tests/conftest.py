@@ -1,17 +1,23 @@
 """Shared fixtures: tiny random models of every supported family, and the real embedded model.
 
 Tests that load the real default model are marked ``real_model``; everything
-else runs on tiny randomly initialised configs in seconds. ``--device`` runs
-the same suite on another device (e.g. ``--device cuda``).
+else runs on tiny randomly initialised configs in seconds, with the default
+model's tokenizer as shipped in ``assets/shapes`` (no GGUF needed).
+``--device`` runs the same suite on another device (e.g. ``--device cuda``);
+where the embedded model's package is not installed (a GPU machine that only
+received the repository), the tests that need it are skipped, saying why.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 import transformers
 
-from tracing.models import LoadedModel, ensure_default_converted, load_model, wrap_model
+from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel, load_model, wrap_model
+from tracing.shapes import shipped_tokenizer
 
 VOCAB = 49152  # the default model's tokenizer, shared by every tiny model
 
@@ -60,7 +66,8 @@ def device(request) -> torch.device:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(ensure_default_converted())
+    # The default model's tokenizer as shipped in assets/shapes: no GGUF, no conversion, no hub.
+    return shipped_tokenizer()
 
 
 def make_tiny(family: str, tokenizer, device, seed: int = 0) -> LoadedModel:
@@ -76,6 +83,14 @@ def tiny(request, tokenizer, device) -> LoadedModel:
     return make_tiny(request.param, tokenizer, device)
 
 
+HAS_DEFAULT_PACKAGE = importlib.util.find_spec(DEFAULT_PACKAGE) is not None
+needs_default_package = pytest.mark.skipif(
+    not HAS_DEFAULT_PACKAGE, reason=f"the embedded model's package is not installed ({INSTALL_DEFAULT})"
+)
+
+
 @pytest.fixture(scope="session")
 def real_lm(device) -> LoadedModel:
+    if not HAS_DEFAULT_PACKAGE:
+        pytest.skip(f"the embedded model's package is not installed ({INSTALL_DEFAULT})")
     return load_model(device=device)
