@@ -110,7 +110,7 @@ def test_update_is_rank_one_and_maps_key_to_value(edits_of, family):
     assert torch.allclose(diff, expected, atol=1e-5 * float(expected.abs().max()))
     value = torch.from_numpy(edit.value).double().to(out_after.device)
     assert (out_after - value).norm() <= 1e-3 * value.norm()  # W' k* + b = v*
-    assert (out_before - value).norm() == pytest.approx(edit.info["delta_norm"], rel=1e-3)
+    assert float((out_before - value).norm()) == pytest.approx(edit.info["delta_norm"], rel=1e-3)
     assert edit.norm == pytest.approx(float(singular[0]), rel=1e-4)
     assert lm.spec.conv1d == (family == "gpt2")  # both weight orientations are covered
 
@@ -547,7 +547,7 @@ def test_continuation_logprobs_match_a_manual_computation(edits_of):
         text = cont if cont.startswith(" ") else " " + cont
         tail = lm.tokenizer(prompt + text)["input_ids"][len(head):]
         with torch.no_grad():
-            logp = lm.model(torch.tensor([head + tail])).logits[0].log_softmax(-1)
+            logp = lm.model(torch.tensor([head + tail], device=lm.device)).logits[0].log_softmax(-1)
         manual = np.mean([float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)])
         assert value == pytest.approx(manual, abs=1e-4)
 

@@ -12,26 +12,26 @@ from tracing import load_model
 from tracing import models
 from tracing.models import converted_default_dir, default_gguf_path, parse_dtype
 
-from conftest import make_tiny
+from conftest import make_tiny, needs_default_package
 
 
-def test_load_local_directory_in_a_chosen_dtype(tmp_path, tokenizer):
-    tiny = make_tiny("gpt2", tokenizer, torch.device("cpu"))
+def test_load_local_directory_in_a_chosen_dtype(tmp_path, tokenizer, device):
+    tiny = make_tiny("gpt2", tokenizer, device)
     tiny.model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    lm = load_model(str(tmp_path), device="cpu", dtype="bf16")
-    assert lm.dtype == torch.bfloat16 and lm.spec.conv1d and lm.n_layers == 4
+    lm = load_model(str(tmp_path), device=device, dtype="bf16")
+    assert lm.dtype == torch.bfloat16 and lm.spec.conv1d and lm.n_layers == 4 and lm.device.type == device.type
     assert not any(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
-    assert lm.fingerprint == load_model(str(tmp_path), device="cpu", dtype="bf16").fingerprint
+    assert lm.fingerprint == load_model(str(tmp_path), device=device, dtype="bf16").fingerprint
 
 
-def test_fingerprint_follows_weights_not_the_library_version(tokenizer):
+def test_fingerprint_follows_weights_not_the_library_version(tokenizer, device):
     """Caches (noise scale, key statistics, the shipped corpus) survive a copy elsewhere and a transformers upgrade,
     not a changed weight."""
-    a, b = (make_tiny("llama", tokenizer, torch.device("cpu")) for _ in range(2))
+    a, b = (make_tiny("llama", tokenizer, device) for _ in range(2))
     b.config.transformers_version, b.config._name_or_path = "0.0.1", "/another/copy"
     assert a.fingerprint == b.fingerprint
-    c = make_tiny("llama", tokenizer, torch.device("cpu"))
+    c = make_tiny("llama", tokenizer, device)
     with torch.no_grad():
         c.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     assert c.fingerprint != a.fingerprint
@@ -51,6 +51,7 @@ def test_missing_default_package_says_how_to_install(monkeypatch):
         default_gguf_path()
 
 
+@needs_default_package
 def test_default_cache_is_keyed_by_the_source_files_contents(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
     target = converted_default_dir()
@@ -65,20 +66,23 @@ def test_default_cache_is_keyed_by_the_source_files_contents(tmp_path, monkeypat
     assert converted_default_dir(copy).name.split("-")[-1] != target.name.split("-")[-1]
 
 
-@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)]
+)
 def test_dtype_names(name, dtype):
     assert parse_dtype(name) is dtype
 
 
 def test_bad_dtype_name():
-    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16 or tf32"):
         parse_dtype("int4")
 
 
 @pytest.mark.real_model
-def test_first_load_converts_and_caches(tmp_path, monkeypatch):
+@needs_default_package
+def test_first_load_converts_and_caches(tmp_path, monkeypatch, device):
     monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
-    lm = load_model(device="cpu")
+    lm = load_model(device=device)
     assert (converted_default_dir() / "model.safetensors").is_file()
     assert not list((tmp_path / "models").glob(".converting-*"))  # no staging directory left behind
     assert lm.name == models.DEFAULT_MODEL and lm.n_layers == 30

@@ -7,11 +7,12 @@ import io
 import json
 
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 
-from tracing import TraceConfig, TraceResult, trace
-from tracing.plots import heatmap, metric_label, results_json, scores_csv, scores_rows, token_labels
+go = pytest.importorskip("plotly.graph_objects", reason="the heatmaps need plotly (absent on some GPU machines)")
+
+from tracing import TraceConfig, TraceResult, trace  # noqa: E402
+from tracing.plots import heatmap, metric_label, results_json, scores_csv, scores_rows, token_labels  # noqa: E402
 
 from conftest import make_tiny
 

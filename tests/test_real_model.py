@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -39,21 +40,26 @@ def test_fast_engine_equals_oracle_on_the_default_model(real_lm):
     assert hidden.scores[9, -1] == pytest.approx(hidden.high_score, abs=1e-5)
 
 
-def test_cli_writes_json_and_html(tmp_path):
+def test_cli_writes_json_and_html(tmp_path, device):
     out, page = tmp_path / "trace.json", tmp_path / "trace.html"
+    html = importlib.util.find_spec("plotly") is not None  # the page needs plotly (a GPU machine may lack it)
     cmd = [
         sys.executable, "-m", "tracing", "--prompt", PROMPT, "--subject", SUBJECT, "--kinds", "mlp",
-        "--samples", "3", "--tokens", "subject_last", "--json", str(out), "--html", str(page), "--quiet",
-    ]
+        "--samples", "3", "--tokens", "subject_last", "--json", str(out), "--quiet", "--device", str(device),
+    ] + (["--html", str(page)] if html else [])
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+    assert f"on {device}" in done.stdout and "float32: trace" in done.stdout  # where, in what and how long
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "prompt", "subject", "results", "seconds"}
+    assert set(data) == {"model", "prompt", "subject", "results", "seconds", "trace_seconds", "device", "dtype"}
+    assert data["dtype"] == "float32" and 0 < data["trace_seconds"] <= data["seconds"]
     (result,) = data["results"]
     assert {"kind", "tokens", "subject_range", "answer", "high_score", "low_score", "scores"} <= set(result)
     assert result["kind"] == "mlp" and len(result["scores"]) == 10 and len(result["scores"][0]) == 30
-    assert "plotly" in page.read_text().lower()
+    assert result["settings"]["device"] == data["device"]
+    if html:
+        assert "plotly" in page.read_text().lower()
 
 
 def test_cli_reports_bad_input_without_a_traceback():

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="prob", help="score of a cell (default prob = p(answer))")
     p.add_argument("--contrast", default=None, help="contrast answer for --metric logit_diff")
     p.add_argument("--tokens", default="all", help="all, subject_last, or comma-separated token positions")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto keeps the loaded dtype (fp32); bf16/fp16 are faster on GPUs")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto loads fp32; bf16/fp16 are faster on GPUs; tf32 is fp32 weights with TF32 matrix products (CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
     p.add_argument("--no-skip", action="store_true", help="compute cells that provably equal the low score too")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, noise=args.noise, noise_scale=args.noise_scale, corruption=args.corruption,
             replacement=args.replacement, window=args.window, seed=args.seed, metric=args.metric,
             contrast=args.contrast, tokens=_tokens_arg(args.tokens), skip=not args.no_skip,
+            precision="tf32" if args.precision == "tf32" else "auto",
         )
         dtype = None if args.precision == "auto" else args.precision
         lm = load_model(args.model, device=args.device, dtype=dtype)
@@ -93,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - started
 
-    first = results[0]
+    first, last = results[0], results[-1]
+    run = last.settings
     subject_tokens = "".join(first.tokens[first.subject_range[0] : first.subject_range[1]])
     print(f"model: {lm.name}   answer: {first.answer!r}   subject tokens: {subject_tokens!r}")
-    print(f"clean {first.metric}: {first.high_score:.4f}   corrupted: {first.low_score:.4f}   ({seconds:.1f} s)")
+    print(f"clean {first.metric}: {first.high_score:.4f}   corrupted: {first.low_score:.4f}")
+    print(f"on {run['device']} in {run['dtype']}: trace {run['seconds']:.2f} s ({seconds:.1f} s with loading)")
     last_subject = first.subject_range[1] - 1
     for r in results:
         token, layer = r.peak()
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "subject": args.subject,
             "results": [r.to_dict() for r in results],
-            "seconds": seconds,
+            "seconds": seconds,  # loading included; each result's settings say how long its trace took
+            "trace_seconds": run["seconds"],
+            "device": run["device"],
+            "dtype": run["dtype"],
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
