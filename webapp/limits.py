@@ -139,8 +139,7 @@ class Limits:
         if not isinstance(value, str):
             raise Refused(f"{what} must be text, not {type(value).__name__}.")
         if len(value) > self.text_chars:
-            raise self.refuse("text_chars", f"{what} ({len(value):,} characters long)", len(value),
-                              "Shorten it.")
+            raise self.refuse("text_chars", f"{what}'s length in characters", len(value), "Shorten it.")
         if _CONTROL.search(value):
             raise Refused(f"{what} contains control characters (such as NUL); remove them and try again.")
         value = value.strip()
