@@ -10,7 +10,8 @@ import transformers
 
 from tracing import load_model
 from tracing import models
-from tracing.models import converted_default_dir, default_gguf_path, parse_dtype
+from tracing.hooks import active_hook_count
+from tracing.models import converted_default_dir, default_gguf_path, parse_dtype, warm_up
 
 from conftest import make_tiny, needs_default_package
 
@@ -35,6 +36,15 @@ def test_fingerprint_follows_weights_not_the_library_version(tokenizer, device):
     with torch.no_grad():
         c.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     assert c.fingerprint != a.fingerprint
+
+
+def test_warm_up_is_a_small_trace_that_leaves_the_model_as_it_was(tokenizer, device):
+    """Loading on an accelerator ends with one (load_model, random_model); wrapping never warms up."""
+    lm = make_tiny("qwen2", tokenizer, device)
+    before = {name: t.clone() for name, t in lm.model.state_dict().items()}
+    warm_up(lm)
+    assert active_hook_count(lm.model) == 0 and not lm.model.training
+    assert all(torch.equal(t, before[name]) for name, t in lm.model.state_dict().items())
 
 
 def test_unsupported_local_architecture(tmp_path):

@@ -93,7 +93,7 @@ def test_shape_benchmark_writes_its_figures_without_weights(tmp_path, device):
     out = tmp_path / "out.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "trace_speed.py"), "--random-weights", "--model",
            str(tmp_path / "config.json"), "--engines", "both", "--kinds", "hidden,mlp", "--samples", "2",
-           "--device", str(device), "--repeats", "1", "--json", str(out)]
+           "--device", str(device), "--precisions", "fp32", "--repeats", "1", "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,35 +367,42 @@ def load_model(
 
 
 def wrap_model(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
-    """Wrap an already loaded Hugging Face causal LM (for example a tiny test model)."""
-    return prepare_model(model, tokenizer, name or model.config.model_type)
+    """Wrap an already loaded Hugging Face causal LM (for example a tiny test model); no warm-up."""
+    return prepare_model(model, tokenizer, name or model.config.model_type, warm=False)
 
 
-def prepare_model(model: nn.Module, tokenizer, name: str) -> LoadedModel:
-    """Eval mode, frozen weights, a pad token; on an accelerator, one short warm-up pass.
-
-    The warm-up makes the device's one-time set-up (library handles, the
-    first kernels) part of loading rather than of the first trace.
-    """
+def prepare_model(model: nn.Module, tokenizer, name: str, *, warm: bool = True) -> LoadedModel:
+    """Eval mode, frozen weights, a pad token; with ``warm`` on an accelerator, :func:`warm_up`."""
     spec = arch_spec(model.config.model_type)
     model.eval().requires_grad_(False)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name)
-    if lm.device.type != "cpu":
+    if warm and lm.device.type != "cpu":
         warm_up(lm)
     return lm
 
 
-def warm_up(lm: LoadedModel, tokens: int = 8) -> None:
-    """One forward pass of ``tokens`` tokens under the library's kernel policy (see tracing.backends)."""
-    from .backends import attention_backends, kernel_policy
+WARM_UP = ("Paris is the capital of", "Paris")  # a short prompt: the first real trace still meets new shapes
 
-    ids = torch.zeros((1, tokens), dtype=torch.long, device=lm.device)
-    with torch.inference_mode(), kernel_policy(lm.device, dtype=lm.dtype):
-        lm.model(ids)
+
+def warm_up(lm: LoadedModel) -> None:
+    """One small causal trace (two corrupted copies) so that a model's one-time costs are paid at loading.
+
+    On a GPU the first trace in a process otherwise pays for the device
+    libraries' set-up and first kernels, the model's fingerprint and its
+    noise scale (computed over the known facts, then cached on disk): about
+    as much as the trace itself for the default model. CPUs need none.
+    """
+    from .backends import attention_backends
+    from .result import TraceConfig
+    from .trace import trace  # here: tracing.trace imports this module
+
+    started = time.perf_counter()
+    trace(lm, *WARM_UP, config=TraceConfig(samples=2))
     backends = attention_backends(lm.device)
-    log.info("%s on %s: attention backends %s", lm.name, lm.device, ", ".join(backends) if backends else "PyTorch's own")
+    log.info("%s warmed up on %s in %.2f s; attention backends: %s", lm.name, lm.device,
+             time.perf_counter() - started, ", ".join(backends) if backends else "PyTorch's own")
 
 
 def read_json_cache(path: Path) -> dict | None:
