@@ -1,7 +1,11 @@
-"""Evaluate ROME on CounterFact-format cases: pre/post efficacy, paraphrase, neighbourhood, S, fluency.
+"""Evaluate an editing method on CounterFact-format cases: pre/post efficacy, paraphrase, neighbourhood, S, fluency.
 
-Each case's edit is computed on, and applied to, the *original* model in turn
-(``applied`` restores it after each case). Records are read as-is in the
+Each case's edit is computed by one method (``--method rome|ft|ft-l|kn``, see
+:mod:`editing.methods`) on, and applied to, the *original* model in turn
+(``applied`` restores it after each case). Besides ES, PS, NS and S it reports
+the magnitudes EM, PM, NM (mean p(new) − p(old); for neighbours p(old) −
+p(new)) and, with ``--generation-tokens``, the generation entropy ("fluency"),
+as in the paper's Table 4. Records are read as-is in the
 CounterFact format: ``requested_rewrite`` (``prompt`` with ``{}``,
 ``subject``, ``target_new.str``, ``target_true.str``), ``paraphrase_prompts``,
 ``neighborhood_prompts`` and optional ``generation_prompts``.
@@ -9,8 +13,9 @@ CounterFact format: ``requested_rewrite`` (``prompt`` with ``{}``,
 Example::
 
     python -m editing.evaluate --cases assets/counterfact_smollm2.json --json out/eval.json --limit 40
+    python -m editing.evaluate --cases assets/counterfact_smollm2.json --method ft-l --generation-tokens 20
 
-writes ``{"pre": {"ES", "PS", "NS", "S", ...}, "post": {...}, "per_case": [...],
+writes ``{"method": ..., "pre": {"ES", "PS", "NS", "S", "EM", ...}, "post": {...}, "per_case": [...],
 "seconds_per_edit": ...}`` and prints a table.
 """
 
@@ -28,9 +33,9 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import EditRequest, applied
-from .hparams import VARIANTS, ROMEHyperParams
-from .rome import compute_edit
+from .edit import EditRequest, applied, method_label
+from .hparams import METHODS, VARIANTS, HyperParams
+from .methods import compute
 from .sampling import generate
 from .scores import fluency, harmonic_mean, score_edit
 
@@ -85,13 +90,20 @@ def evaluate_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
     *,
+    method: str = "rome",
     layer: int | None = None,
-    hparams: ROMEHyperParams | None = None,
+    hparams: HyperParams | None = None,
     generation_tokens: int = 0,
     stats_spec=None,
     on_case: Callable[[int, dict], None] | None = None,
+    before: dict | None = None,
 ) -> dict:
-    """Pre/post scores over ``cases``; each edit is applied to the original model alone."""
+    """Pre/post scores of ``method`` over ``cases``; each edit is applied to the original model alone.
+
+    ``before``, a dict kept between calls, remembers the unedited model's
+    scores and generations per case, so that comparing methods on the same
+    cases computes them once.
+    """
     per_case = []
     edit_seconds = []
     for i, case in enumerate(cases):
@@ -99,10 +111,16 @@ def evaluate_cases(
         paraphrases = list(case.get("paraphrase_prompts") or [])
         neighbours = list(case.get("neighborhood_prompts") or [])
         gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
-        pre = score_edit(lm, request, paraphrases, neighbours)
-        pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
+        key = (json.dumps(case, sort_keys=True), generation_tokens)
+        if before is not None and key in before:
+            pre, pre_text = before[key]
+        else:
+            pre = score_edit(lm, request, paraphrases, neighbours)
+            pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
+            if before is not None:
+                before[key] = (pre, pre_text)
         t0 = time.perf_counter()
-        edit = compute_edit(lm, request, layer=layer, hparams=hparams, stats_spec=stats_spec)
+        edit = compute(lm, request, method=method, layer=layer, hparams=hparams, stats_spec=stats_spec)
         edit_seconds.append(time.perf_counter() - t0)
         with applied(lm, [edit]):
             post = score_edit(lm, request, paraphrases, neighbours)
@@ -110,7 +128,9 @@ def evaluate_cases(
         record = {
             "case_id": case.get("case_id", i),
             "request": request.to_dict(),
+            "method": edit.method,
             "layer": edit.layer,
+            "layers": list(edit.layers),
             "norm": edit.norm,
             "seconds": edit_seconds[-1],
             "steps": edit.info.get("steps"),
@@ -128,6 +148,7 @@ def evaluate_cases(
         if on_case:
             on_case(i, record)
     return {
+        "method": method,
         "pre": _nan_to_none(_aggregate(per_case, "pre")),
         "post": _nan_to_none(_aggregate(per_case, "post")),
         "per_case": per_case,
@@ -146,13 +167,14 @@ def format_table(result: dict) -> str:
         a, b = result["pre"].get(metric), result["post"].get(metric)
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"{metric:<10}{fmt(a):>10}{fmt(b):>10}")
-    lines.append(f"{result['cases']} cases, {result['seconds_per_edit']:.1f} s per edit "
+    lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases, "
+                 f"{result['seconds_per_edit']:.1f} s per edit "
                  f"(median {result['seconds_per_edit_median']:.1f} s)")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m editing.evaluate``: CounterFact-style scores of ROME on a set of cases."""
+    """``python -m editing.evaluate``: CounterFact-style scores of one editing method on a set of cases."""
     import torch
 
     from tracing.models import load_model
@@ -164,15 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", required=True, help="CounterFact-format JSON list")
     parser.add_argument("--json", default=None, help="write the full results here")
     parser.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--layer", type=int, default=None, help="edit layer (default: hyperparameters)")
+    parser.add_argument("--method", choices=METHODS, default="rome",
+                        help="editing method: rome (default), ft, ft-l (constrained fine-tuning) or kn (knowledge neurons)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="edit layer (default: hyperparameters; kn: search only this layer)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases")
-    parser.add_argument("--variant", choices=VARIANTS, default=None)
-    parser.add_argument("--hparams", default=None, help="a hyperparameter JSON file instead of assets/hparams")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="ROME's variant")
+    parser.add_argument("--hparams", default=None,
+                        help="a hyperparameter JSON file instead of assets/hparams (assets/hparams/<method> for ft, ft-l, kn)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override one hyperparameter, e.g. --set v_num_grad_steps=10")
     parser.add_argument("--generation-tokens", type=int, default=0,
                         help="generate this many tokens per generation prompt for the fluency score (0: skip)")
-    parser.add_argument("--stats-tokens", type=int, default=None, help="statistics corpus size")
+    parser.add_argument("--stats-tokens", type=int, default=None, help="ROME's statistics corpus size")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -190,14 +216,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in args.set:
             key, _, value = item.partition("=")
             overrides[key] = json.loads(value)
+        if args.method != "rome" and (args.variant or args.stats_tokens):
+            raise ValueError("--variant and --stats-tokens are ROME's; leave them out for --method " + args.method)
         if args.variant:
             overrides["variant"] = args.variant
-        hp = load_hparams(lm, path=args.hparams, **overrides)
-        spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
+        hp = load_hparams(lm, path=args.hparams, method=args.method, **overrides)
+        spec = None
+        if args.method == "rome":
+            spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
     except (ValueError, LookupError) as exc:
         parser.error(str(exc))
-    layer = args.layer if args.layer is not None else hp.edit_layer(lm.n_layers)
-    print(f"{lm.name}: {len(cases)} cases, layer {layer}, variant {hp.variant}", flush=True)
+    if args.method == "kn":
+        layer, where = args.layer, "every layer" if args.layer is None else f"layer {args.layer}"
+    else:
+        layer = args.layer if args.layer is not None else hp.edit_layer(lm.n_layers)
+        where = f"layer {layer}"
+    variant = getattr(hp, "variant", "")
+    print(f"{lm.name}: {len(cases)} cases, {method_label(args.method)} at {where}"
+          + (f", variant {variant}" if variant else ""), flush=True)
 
     def show(i: int, record: dict) -> None:
         if args.quiet:
@@ -208,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"NS {pre['NS'] or 0:.2f}->{post['NS'] or 0:.2f}  |ΔW| {record['norm']:.3g}  {record['seconds']:.1f} s",
               flush=True)
 
-    result = evaluate_cases(lm, cases, layer=layer, hparams=hp, generation_tokens=args.generation_tokens,
-                            stats_spec=spec, on_case=show)
-    result.update({"model": lm.name, "layer": layer, "variant": hp.variant, "dtype": str(lm.dtype),
+    result = evaluate_cases(lm, cases, method=args.method, layer=layer, hparams=hp,
+                            generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show)
+    result.update({"model": lm.name, "layer": layer, "variant": variant, "dtype": str(lm.dtype),
                    "hparams": hp.to_dict(), "cases_file": str(args.cases)})
     print(format_table(result))
     if args.json:
