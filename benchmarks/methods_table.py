@@ -53,7 +53,8 @@ def table(results: dict, tuning: int = 0) -> str:
             post = _aggregate(held, "post")
             seconds = sum(c["seconds"] for c in held) / len(held)
             cells = " | ".join(_fmt(post.get(k)) for k in COLUMNS)
-            lines.append(f"| {method_label(method)}, cases {tuning + 1}-{tuning + len(held)} only | {cells} | {seconds:.1f} |")
+            label = f"{method_label(method)}, cases {tuning + 1}-{tuning + len(held)} only"
+            lines.append(f"| {label} | {cells} | {seconds:.1f} |")
     n = len(first["per_case"])
     lines.append(f"\n{n} cases; entropy: mean n-gram entropy of the generations (fluency), '-' without --generation-tokens.")
     return "\n".join(lines)

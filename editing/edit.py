@@ -105,10 +105,9 @@ class EditRequest:
             raise ValueError(f"An edit request needs subject, prompt and target fields ({exc}).") from None
 
 
-
 ROME = "rome"
 _METHOD = re.compile(r"[a-z][a-z0-9+\-]{0,31}")  # a method's name in files: "rome", "ft", "ft-l", "kn", ...
-MAX_VECTOR = 1 << 20  # longest vector or matrix side an edits file may hold (d_model / d_ff of any supported model is far below)
+MAX_VECTOR = 1 << 20  # longest vector or matrix side in an edits file (any supported d_model / d_ff is far below)
 MAX_DENSE = 1 << 27  # most elements of one weight delta (GPT-J's down-projection has 2^26)
 MAX_DELTAS = 256  # most weight deltas one edit may carry (KN: one per layer it touches)
 

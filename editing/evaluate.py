@@ -187,13 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the full results here")
     parser.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M)")
     parser.add_argument("--method", choices=METHODS, default="rome",
-                        help="editing method: rome (default), ft, ft-l (constrained fine-tuning) or kn (knowledge neurons)")
+                        help="rome (default), ft (fine-tuning), ft-l (constrained fine-tuning) or kn (knowledge neurons)")
     parser.add_argument("--layer", type=int, default=None,
                         help="edit layer (default: hyperparameters; kn: search only this layer)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="ROME's variant")
     parser.add_argument("--hparams", default=None,
-                        help="a hyperparameter JSON file instead of assets/hparams (assets/hparams/<method> for ft, ft-l, kn)")
+                        help="a hyperparameter JSON file instead of assets/hparams (ft, ft-l, kn: assets/hparams/<method>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override one hyperparameter, e.g. --set v_num_grad_steps=10")
     parser.add_argument("--generation-tokens", type=int, default=0,

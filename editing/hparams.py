@@ -260,7 +260,7 @@ def _model_names(lm_or_name) -> list[str]:
 
 
 def hparams_files(directory: Path | None = None, *, method: str = "rome") -> list[Path]:
-    """A method's shipped hyperparameter files (``assets/hparams`` for ROME, else ``assets/hparams/<method>``), default.json last."""
+    """A method's shipped hyperparameter files, default.json last (see :func:`method_dir`)."""
     directory = method_dir(method) if directory is None else Path(directory)
     files = sorted(p for p in directory.glob("*.json") if p.name != "default.json")
     return files + [directory / "default.json"]

@@ -1,4 +1,4 @@
-"""The paper's editors behind one entry point: ROME, fine-tuning (FT), constrained fine-tuning (FT+L), Knowledge Neurons (KN).
+"""The paper's editors behind one entry point: ROME, fine-tuning (FT and FT+L) and Knowledge Neurons (KN).
 
 The ROME paper argues by comparison (Table 4): FT generalises but spills over
 onto other subjects, FT+L stays specific but does not generalise, KN barely
