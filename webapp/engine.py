@@ -44,8 +44,9 @@ from editing import applied, is_edited, load_hparams
 from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
 from tracing import LoadedModel, load_model
+from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
-from tracing.models import DEFAULT_MODEL, parse_dtype
+from tracing.models import DEFAULT_MODEL, parse_dtype, warm_up
 
 from .limits import Limits, Refused
 
@@ -191,9 +192,11 @@ class Engine:
                       f"`python -m editing.stats --layers {layer}` or allow it with --limit stats_on_demand=true.")
 
     def _default_precisions(self) -> tuple[str, ...]:
+        """"auto", TF32 on a CUDA fp32 model (no copy), and copies no larger than the model."""
         size = self.lm.dtype.itemsize
-        return ("auto", *(name for name in ("fp32", "bf16", "fp16")
-                          if parse_dtype(name) != self.lm.dtype and parse_dtype(name).itemsize <= size))
+        tf32 = ("tf32",) if self.lm.device.type == "cuda" and self.lm.dtype == parse_dtype("fp32") else ()
+        return ("auto", *tf32, *(name for name in ("fp32", "bf16", "fp16")
+                                 if parse_dtype(name) != self.lm.dtype and parse_dtype(name).itemsize <= size))
 
     # -- the memo of the unedited model ---------------------------------------------------
 
@@ -224,15 +227,19 @@ class Engine:
     # -- the queue and the lock -----------------------------------------------------------
 
     def model(self, precision: str = "auto") -> LoadedModel:
-        """The model in ``precision`` (a copy made once and kept). Call with the lock held."""
+        """The model in ``precision`` (a copy made once and kept; TF32 uses the model itself). Hold the lock."""
         if precision not in self.precisions:
             raise Refused(f"Precision {precision!r} is not offered on this server; choose one of "
                           f"{', '.join(self.precisions)}.")
+        if precision == "tf32":
+            return self.lm  # float32 weights; the trace asks for TF32 matrix products (tracing.backends)
         if precision not in self._copies:
             log.info("Making a %s copy of %s (once)", precision, self.lm.name)
             model = copy.deepcopy(self.lm.model).to(parse_dtype(precision))
             self._copies[precision] = LoadedModel(model=model, tokenizer=self.lm.tokenizer, spec=self.lm.spec,
                                                   name=self.lm.name)
+            if self.lm.device.type != "cpu":
+                warm_up(self._copies[precision])  # the copy's first trace should not pay one-time GPU costs
         return self._copies[precision]
 
     def _admit(self, visitor: Visitor | None) -> _Ticket:
@@ -313,7 +320,8 @@ class Engine:
                     lm = self.model(precision)
                     job = Job(stop, time.monotonic() + self.limits.deadline_s, events, self._memo_for(precision, edits))
                     assert not is_edited(lm), "a previous request left edits applied"
-                    with applied(lm, edits), hooks(lm.model, *self._guard(lm, job)):
+                    with (applied(lm, edits), hooks(lm.model, *self._guard(lm, job)),
+                          kernel_policy(lm.device, dtype=lm.dtype)):  # on CUDA: kernels without per-shape plans
                         work(lm, job)
                     outcome = "done"
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer below

@@ -20,6 +20,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -186,12 +187,15 @@ class App:
                           corruption=corruption, metric=metric, contrast=contrast, seed=seed, precision=precision,
                           fast=fast, precisions=self.engine.precisions)
 
+        # Precision copies are the engine's (made once); only TF32 is a setting of the trace itself.
+        config = replace(ask.config, precision="tf32" if ask.precision == "tf32" else "auto")
+
         def work(lm, job) -> None:
             job.emit(("top", predict(lm, ask.prompt, k=5)))
             emitted = []
 
             def compute() -> list[TraceResult]:
-                for result in iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=ask.config,
+                for result in iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=config,
                                          progress=lambda done, total: job.progress(
                                              KINDS[min(len(KINDS) - 1, (done - 1) * len(KINDS) // total)],
                                              done / total)):
@@ -199,7 +203,7 @@ class App:
                     job.emit(("result", result))
                 return list(emitted)
 
-            results = job.memo(("trace", ask.prompt, ask.subject, ask.answer, ask.config), compute)
+            results = job.memo(("trace", ask.prompt, ask.subject, ask.answer, config), compute)
             if not emitted:
                 for result in results:
                     job.emit(("result", result))
