@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from . import assets
 from .models import DEFAULT_MODEL, LoadedModel, arch_spec, default_device, parse_dtype, prepare_model
 
 log = logging.getLogger(__name__)
 
-SHAPES = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+SHAPES = assets.SHAPES
 TOKENIZER = SHAPES / "tokenizer"  # the default model's tokenizer files (tokenizer.json, tokenizer_config.json)
 DEFAULT_SHAPE = "smollm2-135m"
 
