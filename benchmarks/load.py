@@ -141,11 +141,13 @@ class VisitorLoop:
         out = self.client.predict(PROBE, 6, False, 0, api_name="/compare")
         original, edited = _columns(out)
         self.seen.compares.append((self.export if self.edits else None, original, edited))
+        return "compare"
 
     def undo(self):
         if not self.edits:
             return self.compare()
         self._history(self.client.predict(api_name="/undo"))
+        return "undo"
 
     def reset(self):
         self._history(self.client.predict(api_name="/reset"))
@@ -156,10 +158,13 @@ class VisitorLoop:
         if not self.export or self.edits > 2:
             return self.compare()
         self._history(self.client.predict(handle_file(self.export), api_name="/import_edits"))
+        return "import"
 
     def export_(self):
-        if self.export:
-            self.seen.exports.append((self.export, self.edits))
+        if not self.export:
+            return self.compare()
+        self.seen.exports.append((self.export, self.edits))
+        return "export"
 
     def cancel(self):
         job = self.client.submit(PROBE, SUBJECT, "", *self.heavy.values(), api_name="/trace")
@@ -180,8 +185,8 @@ class VisitorLoop:
             op = self.rng.choices(ops, weights)[0]
             started = time.monotonic()
             try:
-                getattr(self, {"import": "import_", "export": "export_"}.get(op, op))()
-                self.out.append(Outcome(self.index, op, time.monotonic() - started))
+                done = getattr(self, {"import": "import_", "export": "export_"}.get(op, op))()
+                self.out.append(Outcome(self.index, done or op, time.monotonic() - started))  # what it did
             except Exception as exc:  # noqa: BLE001 - every failure is classified and counted
                 kind, text = _classify(exc)
                 self.out.append(Outcome(self.index, op, time.monotonic() - started, text, kind))

@@ -114,3 +114,44 @@ def test_a_cancelled_request_restores_the_model(served, engine, monkeypatch):
     # The page still works for this visitor afterwards.
     monkeypatch.undo()
     assert client.predict("The Eiffel Tower is in", 4, False, 0, api_name="/compare")
+
+
+def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine, monkeypatch):
+    """A browser joins the queue for a trace, reads its progress, then goes away (the event stream closes):
+    the work stops and the model is free for the next visitor."""
+    import httpx
+
+    import webapp.engine as engine_module
+    from webapp import handlers as app_module
+
+    demo, url = served
+    monkeypatch.setattr(engine_module, "ABANDONED_S", 2.0)
+    started, stopped = threading.Event(), threading.Event()
+
+    def endless_trace(lm, *args, progress=None, **kwargs):
+        started.set()
+        try:
+            for step in range(10_000):
+                progress(step, 10_000)
+                time.sleep(0.05)
+        finally:
+            stopped.set()
+        yield from ()
+
+    monkeypatch.setattr(app_module, "iter_trace", endless_trace)
+    fn_index = next(i for i, fn in demo.fns.items() if fn.api_name == "trace")
+    session = "leaving-visitor"
+    data = ["The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *QUICK.values(), None]
+    with httpx.Client(base_url=url, timeout=30) as http:
+        http.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                 "event_data": None, "trigger_id": None}).raise_for_status()
+        with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if "progress" in line or "process_generating" in line:
+                    break
+    assert started.wait(30)
+    assert stopped.wait(30), "the work of a visitor who left is still running"
+    deadline = time.time() + 30
+    while engine.lock.locked() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.lock.locked()

@@ -177,6 +177,29 @@ def test_stop_ends_a_running_request_within_a_block(clean, tmp_path):
     assert wait_until(lambda: not engine.lock.locked(), 5)
 
 
+def test_an_abandoned_request_stops_and_frees_the_model(clean, tmp_path, monkeypatch):
+    """The server stops reading a request's events without closing it (the visitor closed the page)."""
+    import webapp.engine as engine_module
+
+    lm, edit, engines = clean
+    monkeypatch.setattr(engine_module, "ABANDONED_S", 0.5)
+    engine = make_engine(lm, tmp_path)
+    engines.append(engine)
+    running = threading.Event()
+
+    def endless(m, job):
+        while True:
+            running.set()
+            job.progress("work", 0.5)
+            time.sleep(0.01)
+
+    stream = engine.stream(endless, edits=[edit])
+    next(stream)  # read once, then never again, and never closed
+    assert running.wait(10)
+    assert wait_until(lambda: not engine.lock.locked(), 10)
+    assert engine.records[-1].outcome == "stopped"
+
+
 @pytest.mark.parametrize("stage", ["trace", "before", "statistics", "optimising", "after"])
 @pytest.mark.parametrize("fault", ["exception", "stop", "deadline"])
 def test_faults_mid_trace_and_mid_edit_leave_the_weights_original(clean, tmp_path, stage, fault):
@@ -195,7 +218,7 @@ def test_faults_mid_trace_and_mid_edit_leave_the_weights_original(clean, tmp_pat
         if fault == "exception":
             raise Boom(stage)
         if fault == "stop":
-            job._stop.set()
+            job.stop()
         else:
             job.deadline = 0.0
         job.check()

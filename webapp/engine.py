@@ -55,6 +55,7 @@ log = logging.getLogger("locate-edit.engine")
 MODEL_ENV = "LOCATE_EDIT_MODEL"
 MEMO_SIZE = 64  # results of the unedited model kept for the next visitors (traces, generations, edits)
 POLL_S = 0.25  # how often a waiting or running request reports back (so Stop and disconnects act promptly)
+ABANDONED_S = 15.0  # a request whose events nobody has read for this long was abandoned (its visitor left)
 
 
 class Stopped(Exception):
@@ -83,18 +84,35 @@ class Visitor:
         self.version += 1
 
 
+@dataclass
+class _Ticket:
+    visitor: Visitor | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    seen: float = field(default_factory=time.monotonic)  # when the request's events were last read
+
+    def ended(self) -> bool:
+        """Stopped, or abandoned: nobody has read its events for ABANDONED_S (e.g. the page was closed and the
+        server stopped iterating the handler without closing it)."""
+        return self.stop.is_set() or time.monotonic() - self.seen > ABANDONED_S
+
+
 class Job:
     """What a request's work uses to report: progress, results, and the checks of Stop and the deadline."""
 
-    def __init__(self, stop: threading.Event, deadline: float, events: queue.Queue, memo):
-        self._stop = stop
+    def __init__(self, ticket: _Ticket, deadline: float, events: queue.Queue, memo):
+        self._ticket = ticket
         self.deadline = deadline
         self._events = events
         self.memo = memo  # memo(key, compute): shared results of the unedited model (see Engine.memo)
 
+    def stop(self) -> None:
+        """Ask the work to end at its next check (what closing the request's stream does)."""
+        self._ticket.stop.set()
+
     def check(self) -> None:
         """Raise :class:`Stopped` or :class:`DeadlineExceeded` if the request must end now."""
-        if self._stop.is_set():
+        if self._ticket.ended():
             raise Stopped
         if time.monotonic() > self.deadline:
             raise DeadlineExceeded("deadline")
@@ -106,13 +124,6 @@ class Job:
     def emit(self, item) -> None:
         self.check()
         self._events.put(("item", item))
-
-
-@dataclass
-class _Ticket:
-    visitor: Visitor | None
-    stop: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -299,7 +310,6 @@ class Engine:
         ticket = self._admit(visitor)
         edits = list(edits)
         events: queue.Queue = queue.Queue()
-        stop = ticket.stop
         admitted = time.monotonic()
 
         def run() -> None:
@@ -307,18 +317,19 @@ class Engine:
             try:
                 with self._turns:
                     while self._queue[0] is not ticket:
-                        if stop.is_set():
+                        if ticket.ended():
                             return
                         if time.monotonic() - admitted > self.limits.queue_wait_s:
                             raise self.limits.refuse("queue_wait_s", "The time this request waited for the model",
                                                      f"{time.monotonic() - admitted:.0f} s", "Please try again later.")
                         self._turns.wait(POLL_S)
                 with self.lock:
-                    if stop.is_set():
-                        return  # stopped while waiting: the model is never touched
+                    if ticket.ended():
+                        return  # stopped or abandoned while waiting: the model is never touched
                     ticket.started, began = True, time.monotonic()
                     lm = self.model(precision)
-                    job = Job(stop, time.monotonic() + self.limits.deadline_s, events, self._memo_for(precision, edits))
+                    job = Job(ticket, time.monotonic() + self.limits.deadline_s, events,
+                              self._memo_for(precision, edits))
                     assert not is_edited(lm), "a previous request left edits applied"
                     with (applied(lm, edits), hooks(lm.model, *self._guard(lm, job)),
                           kernel_policy(lm.device, dtype=lm.dtype)):  # on CUDA: kernels without per-shape plans
@@ -338,6 +349,7 @@ class Engine:
         worker.start()
         try:
             while True:
+                ticket.seen = time.monotonic()  # the consumer is here: the request is not abandoned
                 try:
                     tag, *value = events.get(timeout=POLL_S)
                 except queue.Empty:
@@ -359,7 +371,7 @@ class Engine:
                     raise exc
                 yield (tag, *value)
         finally:
-            stop.set()
+            ticket.stop.set()
 
     def _memo_for(self, precision: str, edits: Sequence) -> Callable:
         if edits:
