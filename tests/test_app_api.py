@@ -141,7 +141,8 @@ def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine
     monkeypatch.setattr(app_module, "iter_trace", endless_trace)
     fn_index = next(i for i, fn in demo.fns.items() if fn.api_name == "trace")
     session = "leaving-visitor"
-    data = ["The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *QUICK.values(), None]
+    settings = {**QUICK, "seed": 4242}  # a trace no earlier test ran (those are remembered)
+    data = ["The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *settings.values(), None]
     with httpx.Client(base_url=url, timeout=30) as http:
         http.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
                                                  "event_data": None, "trigger_id": None}).raise_for_status()
