@@ -27,16 +27,18 @@ import numpy as np
 from tracing.models import LoadedModel
 
 from .edit import Edit, EditRequest, applied
-from .hparams import ROMEHyperParams, load_hparams
-from .rome import compute_edit, model_answer
+from .hparams import HyperParams, check_method, load_hparams
+from .methods import compute
+from .rome import model_answer
 from .sampling import generate
 from .scores import EditScores, score_edit
 
 Progress = Callable[[str, float], None]
 Memo = Callable[[Hashable, Callable[[], object]], object]
 
-# Stages reported through ``progress(stage, fraction)``, in order; the middle ones come from compute_edit.
-STAGES = ("answer", "before", "templates", "statistics", "keys", "optimising", "update", "after")
+# Stages reported through ``progress(stage, fraction)``, in order; the middle ones come from the method
+# (editing.methods.STAGES: ROME's templates..update, FT's optimising and update, KN's attributing and update).
+STAGES = ("answer", "before", "templates", "statistics", "keys", "attributing", "optimising", "update", "after")
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +102,8 @@ def edit_and_compare(
     request: EditRequest,
     *,
     layer: int | None = None,
-    hparams: ROMEHyperParams | None = None,
+    hparams: HyperParams | None = None,
+    method: str = "rome",
     paraphrases: Sequence[str] = (),
     neighbours: Sequence[str] = (),
     generate_prompts: Sequence[str] | None = None,
@@ -113,7 +116,7 @@ def edit_and_compare(
     on_before: Callable[[EditComparison], None] | None = None,
     memo: Memo | None = None,
 ) -> EditComparison:
-    """Compute a ROME edit on top of ``previous`` edits and compare the model before and after it.
+    """Compute an edit (ROME, or ``method`` "ft", "ft-l", "kn") on top of ``previous`` edits; compare before and after.
 
     ``generate_prompts`` defaults to the scored prompts (rewrite, paraphrases,
     neighbours; ``{}`` in them stands for the subject). ``progress(stage,
@@ -126,9 +129,10 @@ def edit_and_compare(
     visitors of a page. Raises ValueError for invalid input before any work.
     """
     request.validate()
+    check_method(method)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    hp = hparams if hparams is not None else load_hparams(lm)
+    hp = hparams if hparams is not None else load_hparams(lm, method=method)
     previous = list(previous)
     paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
 
@@ -163,8 +167,9 @@ def edit_and_compare(
         comparison = EditComparison(req, prompts, texts, before, scores_before)
         if on_before:
             on_before(comparison)
-        edit = once(("edit", req, layer, hp, stats_spec),
-                    lambda: compute_edit(lm, req, layer=layer, hparams=hp, progress=report, stats_spec=stats_spec))
+        edit = once(("edit", method, req, layer, hp, stats_spec),
+                    lambda: compute(lm, req, method=method, layer=layer, hparams=hp, progress=report,
+                                    stats_spec=stats_spec))
 
     def after_edit():
         with applied(lm, [*previous, edit]):
@@ -173,7 +178,7 @@ def edit_and_compare(
                                          progress=lambda step, total: report("after", step / total)))
             return texts_after, score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours)
 
-    after, scores_after = once(("after", req, layer, hp, stats_spec, paraphrases, neighbours, texts, max_new_tokens,
-                                bool(sample), int(seed)), after_edit)
+    after, scores_after = once(("after", method, req, layer, hp, stats_spec, paraphrases, neighbours, texts,
+                                max_new_tokens, bool(sample), int(seed)), after_edit)
     report("after", 1.0)
     return replace(comparison, after=after, scores_after=scores_after, edit=edit)

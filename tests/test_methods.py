@@ -346,6 +346,23 @@ def test_compute_refuses_unknown_methods_and_mismatched_hyperparameters(edits_of
     assert changed(lm.model, saved) == []
 
 
+@pytest.mark.parametrize("method", DENSE)
+def test_edit_and_compare_takes_a_method_and_restores_the_model(edits_of, method):
+    from editing import edit_and_compare, generate
+
+    lm, edits = edits_of("llama")
+    saved = snapshot(lm.model)
+    stages = []
+    result = edit_and_compare(lm, REQ, method=method, hparams=TINY[method], neighbours=["The Louvre is in"],
+                              max_new_tokens=3, previous=[edits["ft"]], progress=lambda s, f: stages.append(s))
+    assert changed(lm.model, saved) == [] and result.edit.method == method
+    assert set(STAGES[method]) <= set(stages)
+    with applied(lm, [edits["ft"], result.edit]):
+        assert result.after == tuple(generate(lm, list(result.generated), 3))
+    with pytest.raises(ValueError, match="Unknown editing method"):
+        edit_and_compare(lm, REQ, method="mend")
+
+
 def test_every_methods_hparams_files_load_and_unknown_keys_fail(tmp_path):
     assert METHODS == ("rome", "ft", "ft-l", "kn")
     for method in METHODS:
