@@ -133,8 +133,8 @@ class VisitorLoop:
     def edit(self):
         if self.edits >= 3:
             self.reset()
-        out = self.client.predict(SUBJECT, "{} is located in the city of", self.city, "Paris", 1, "", "", 6, False, 0,
-                                  api_name="/edit")
+        out = self.client.predict(SUBJECT, "{} is located in the city of", self.city, "Paris", 1, "rome", "", "", 6,
+                                  False, 0, api_name="/edit")
         self._history(out[3:5])
 
     def compare(self):

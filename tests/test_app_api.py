@@ -28,7 +28,7 @@ def heatmap_values(out: tuple) -> list:
 
 
 def edit(client: Client, subject, relation, target, old, paraphrases, neighbours) -> tuple:
-    return client.predict(subject, relation, target, old, EDIT["layer"], paraphrases, neighbours,
+    return client.predict(subject, relation, target, old, EDIT["layer"], "rome", paraphrases, neighbours,
                           EDIT["max_new_tokens"], False, 0, api_name="/edit")
 
 
@@ -48,7 +48,7 @@ def test_trace_a_preset_then_edit_and_undo(served):
     comparison, scores, details, history, export, status, stats_note, progress = edit(
         client, e_subject, relation, target, old, para, neigh)
     assert [row["kind"] for row in details["rows"]] == ["rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"]
-    assert history["data"][0][1:4] == [e_subject, relation, target]
+    assert history["data"][0][1:5] == ["ROME", e_subject, relation, target]
     assert export["value"].endswith(".safetensors") and export["interactive"]
     assert "1 edit active" in status
 
@@ -72,7 +72,7 @@ def test_two_visitors_one_edits_the_other_sees_the_original(served, engine):
         edited = pool.submit(edit, editor, "The Eiffel Tower", "{} is located in the city of", "Rome", "Paris", "", "")
         watched = pool.submit(watch)
         edited, watched = edited.result(), watched.result()
-    assert edited[3]["data"][0][3] == "Rome"
+    assert edited[3]["data"][0][4] == "Rome"
     assert watched == (baseline_trace, baseline_text)
     # Later requests of the watcher still see the original; the editor sees its edit.
     assert heatmap_values(trace(watcher, prompt, "The Eiffel Tower")) == baseline_trace

@@ -1,9 +1,10 @@
 """The page in a real browser: headless Chromium (Debian package) driven by Playwright, the real model.
 
 Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
-and waits for the three heatmaps, applies the preset's edit, checks that the
-rewrite prompt's generation now contains the new object (and did not before),
-undoes it, and saves screenshots. The trace is the quick one (the subject's
+(watching its progress) and waits for the three heatmaps, applies the preset's
+edit, checks that the rewrite prompt's generation now contains the new object
+(and did not before), undoes it, compares the four editors on the same fact,
+and saves screenshots. The trace is the quick one (the subject's
 and the last token's rows) to keep the test short. Set
 ``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
 (``assets/screenshot.png``, then with a full trace; the edit and undo views go
@@ -137,6 +138,16 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             page.locator("#undo-button").click()
             expect(page.locator("#edit-status")).to_contain_text("original model", timeout=60_000)
             page.screenshot(path=str(shots / "static" / "screenshot-undo.png"), full_page=True)
+
+            # The same fact with every editor, side by side: one column per method.
+            page.locator("#editors-accordion").get_by_text("Compare editors", exact=False).first.click()
+            page.locator("#editors-button").click()
+            table = page.locator("#editors-comparison")
+            for method in ("rome", "ft", "ft-l", "kn"):
+                expect(table.locator(f'td.after[data-method="{method}"]').first).to_be_visible(timeout=900_000)
+            assert table.locator("th.le-method").count() == 4
+            expect(table).to_contain_text("Neighbourhood")
+            page.screenshot(path=str(shots / "static" / "screenshot-editors.png"), full_page=True)
         finally:
             browser.close()
     assert (shots / "screenshot.png").stat().st_size > 10_000

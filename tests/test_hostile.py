@@ -192,8 +192,8 @@ def files(tmp_path_factory, engine, tokenizer, device):
     save_file({f"edit0.{n}": getattr(good, n) for n in ("u", "v", "key", "value")}, str(made["long_request"]),
               metadata={**header, "edits": json.dumps([bad_request])})
     made["big"] = folder / "big.safetensors"
-    with open(made["big"], "wb") as f:  # sparse: 2 MB on paper, over the 1 MB import limit
-        f.truncate(2_000_000)
+    with open(made["big"], "wb") as f:  # sparse: 50 MB on paper, over the 40 MB import limit
+        f.truncate(50_000_000)
     made["good"] = save_edits([good], folder / "good.safetensors")
     return made
 
@@ -210,7 +210,7 @@ UPLOADS = [
     ("too_many", "at most 20 are accepted"),
     ("header_claims", "at most 20 are accepted"),
     ("long_request", "limit"),
-    ("big", r"(1,000,000 bytes|maximum file size of 1000000)"),  # the client checks first; see the raw upload
+    ("big", r"(40,000,000 bytes|maximum file size of 40000000)"),  # the client checks first; see the raw upload
 ]
 
 
@@ -235,6 +235,7 @@ def _rss_mb() -> float:
 
 def test_an_oversized_upload_is_refused_while_it_arrives(served, engine):
     """200 MB streamed straight to the upload route (no client-side check): refused, never held in memory."""
+    assert engine.limits.import_bytes < 200 << 20
     import httpx
 
     demo, url = served

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import app as app_module
-from editing import EditRequest
+from editing import EditRequest, ROMEHyperParams
 from webapp.limits import Limits, Refused, check_edit, check_generation, check_request, check_trace, number
 
 
@@ -16,9 +16,9 @@ def words(text: str) -> int:
 TRACE = dict(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower", answer="", samples=10,
              noise=3.0, window=10, corruption="gaussian", metric="prob", contrast="", seed=1, precision="auto",
              fast=False, precisions=("auto",))
+ROME = ROMEHyperParams(layer=1)  # 20 steps, 1 + 20 contexts
 EDIT = dict(subject="The Eiffel Tower", relation="{} is located in the city of", target="Rome", old="Paris", layer=1,
-            paraphrases="", neighbours="", max_new_tokens=16, sample=False, seed=0, edits_applied=0, steps=20,
-            templates=20)
+            paraphrases="", neighbours="", max_new_tokens=16, sample=False, seed=0, edits_applied=0, hparams=ROME)
 
 
 def test_limits_from_the_environment_and_flags():
@@ -65,7 +65,9 @@ def test_numbers_from_forms_and_apis(value, message):
 def test_edit_and_generation_checks():
     ask = check_edit(Limits(), words, 30, **EDIT)
     assert ask.request == EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris")
-    assert ask.cost == (9 + 1) * 21 * 20 * 29
+    assert ask.cost == (9 + 1) * 21 * 20 * 29 * 3
+    with pytest.raises(Refused, match="limit visitor_mb"):
+        check_edit(Limits(), words, 30, **{**EDIT, "edits_mb": 41.0})
     with pytest.raises(Refused, match="limit edits_per_visitor"):
         check_edit(Limits(), words, 30, **{**EDIT, "edits_applied": 20})
     with pytest.raises(Refused, match="limit edit_cost"):

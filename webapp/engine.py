@@ -41,6 +41,7 @@ from pathlib import Path
 
 import editing
 from editing import applied, is_edited, load_hparams
+from editing.hparams import METHODS, HyperParams
 from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
 from tracing import LoadedModel, load_model
@@ -82,6 +83,11 @@ class Visitor:
     def set_edits(self, edits: Sequence[editing.Edit]) -> None:
         self.edits = list(edits)
         self.version += 1
+
+    @property
+    def megabytes(self) -> float:
+        """Memory held by this visitor's edits (a fine-tuning edit holds a whole weight matrix)."""
+        return sum(a.nbytes for e in self.edits for a in e.arrays().values()) / 1e6
 
 
 @dataclass
@@ -159,9 +165,11 @@ class Engine:
         self.lm = lm
         self.presets = tuple(presets)
         self.presets_model = presets_model
-        self.hparams = hparams if hparams is not None else load_hparams(lm)
+        self.hparams = hparams if hparams is not None else load_hparams(lm)  # ROME's
         self.stats_spec = StatsSpec.from_hparams(self.hparams)
         self.default_layer = self.hparams.edit_layer(lm.n_layers)
+        self.methods = METHODS
+        self._method_hparams: dict[str, HyperParams] = {"rome": self.hparams}
         self.limits = limits if limits is not None else Limits()
         self.notice = notice
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="locate-edit-"))
@@ -188,6 +196,16 @@ class Engine:
         """Requests waiting for the model or running now."""
         with self._turns:
             return len(self._queue)
+
+    def hparams_for(self, method: str) -> HyperParams:
+        """The settings of an edit method for this model (ROME's as given; the others from assets/hparams)."""
+        if method not in self._method_hparams:
+            self._method_hparams[method] = load_hparams(self.lm, method=method)
+        return self._method_hparams[method]
+
+    def default_layer_for(self, method: str) -> int | None:
+        """Where a method edits by default; None for KN, which searches every layer for its neurons."""
+        return None if method == "kn" else self.hparams_for(method).edit_layer(self.lm.n_layers)
 
     def stats_layers(self) -> list[int]:
         """Layers whose key statistics are ready on disk (an edit there needs no statistics pass)."""

@@ -26,12 +26,13 @@ from pathlib import Path
 import gradio as gr
 
 from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
+from editing.edit import method_label
 from tracing import KINDS, TraceResult, iter_trace, predict
 from tracing.plots import heatmap, results_json, scores_csv
 
 from . import render
 from .engine import Engine, Stopped, Visitor
-from .limits import Refused, check_edit, check_generation, check_request, check_trace, number
+from .limits import Refused, check_edit, check_generation, check_request, check_trace, choice, number
 
 log = logging.getLogger("locate-edit.app")
 
@@ -149,7 +150,18 @@ class App:
                 "dtype": str(lm.dtype).replace("torch.", ""), "default_edit_layer": self.engine.default_layer,
                 "presets": [p.label for p in self.engine.presets], "presets_model": self.engine.presets_model,
                 "notice": self.engine.notice, "precisions": list(self.engine.precisions),
+                "methods": {m: {"label": method_label(m), "default_layer": self.engine.default_layer_for(m)}
+                            for m in self.engine.methods},
                 "stats_layers": self.engine.stats_layers(), "limits": self.limits.to_dict()}
+
+    def method_layer(self, method: str):
+        """The layer slider for a method: its default layer (KN searches every layer, so no slider)."""
+        if method not in self.engine.methods:
+            return gr.skip()
+        layer = self.engine.default_layer_for(method)
+        if layer is None:
+            return gr.Slider(interactive=False, label=f"Edit layer ({method_label(method)} searches every layer)")
+        return gr.Slider(value=layer, interactive=True, label=f"Edit layer (default for {method_label(method)}: {layer})")
 
     @user_errors
     def preset_values(self, index) -> tuple:
@@ -255,31 +267,41 @@ class App:
 
     # -- editing -----------------------------------------------------------------------------
 
+    def _check_edit(self, visitor: Visitor, method, layer, **fields):
+        """The edit request checked for ``method``; ``layer`` None lets the method choose (KN: every layer)."""
+        method = choice(method, "The method", self.engine.methods)
+        hp = self.engine.hparams_for(method)
+        ask = check_edit(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, layer=layer, method=method,
+                         hparams=hp, edits_applied=len(visitor.edits), edits_mb=visitor.megabytes, **fields)
+        if method == "rome":
+            self.engine.check_stats(ask.layer)
+        return method, hp, ask
+
     @user_errors
-    def edit(self, subject, relation, target, old, layer, paraphrases, neighbours, max_new_tokens, sample, seed,
-             visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
-        """Compute a ROME edit on top of the visitor's edits; yields (comparison, scores, details, visitor,
-        history, export file, status, statistics note, progress)."""
+    def edit(self, subject, relation, target, old, layer, method, paraphrases, neighbours, max_new_tokens, sample,
+             seed, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+        """Compute an edit (ROME, FT, FT+L or KN) on top of the visitor's edits; yields (comparison, scores,
+        details, visitor, history, export file, status, statistics note, progress)."""
         visitor = visitor if visitor is not None else Visitor()
-        hp = self.engine.hparams
-        ask = check_edit(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, subject=subject,
-                         relation=relation, target=target, old=old, layer=layer, paraphrases=paraphrases,
-                         neighbours=neighbours, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
-                         edits_applied=len(visitor.edits), steps=hp.v_num_grad_steps,
-                         templates=sum(count for _, count in hp.context_templates))
-        self.engine.check_stats(ask.layer)
+        method, hp, ask = self._check_edit(
+            visitor, method, None if method == "kn" else layer, subject=subject, relation=relation, target=target,
+            old=old, paraphrases=paraphrases, neighbours=neighbours, max_new_tokens=max_new_tokens, sample=sample,
+            seed=seed)
         previous, version = list(visitor.edits), visitor.version
 
         def work(lm, job) -> None:
             job.emit(edit_and_compare(
-                lm, ask.request, layer=ask.layer, hparams=hp, paraphrases=ask.paraphrases,
+                lm, ask.request, layer=ask.layer, hparams=hp, method=method, paraphrases=ask.paraphrases,
                 neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample, seed=ask.seed,
                 previous=previous, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
                 memo=job.memo))
 
+        def describe(stage: str, fraction: float) -> tuple[float, str]:
+            return render.edit_progress(stage, fraction, method)
+
         # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
         stream = self.engine.stream(work, visitor=visitor, label="edit")
-        for tag, result in self._drive(stream, progress, render.edit_progress, "edit-progress"):
+        for tag, result in self._drive(stream, progress, describe, "edit-progress"):
             if tag == "tick":
                 yield (SKIP,) * 8 + (result,)
                 continue
@@ -298,6 +320,51 @@ class App:
             yield (render.comparison_table(result), render.scores_card(result), details, visitor,
                    render.history_rows(edits), self._export_button(edits), render.history_status(edits),
                    self.stats_note(), "")
+
+    @user_errors
+    def compare_editors(self, subject, relation, target, old, paraphrases, neighbours, max_new_tokens,
+                        visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+        """The same fact written by every editor in turn, each at its default layer, on top of the visitor's
+        edits and undone after each (none is added): yields (editors table HTML, progress)."""
+        visitor = visitor if visitor is not None else Visitor()
+        methods = self.engine.methods
+        checked = [self._check_edit(visitor, m, self.engine.default_layer_for(m), subject=subject, relation=relation,
+                                    target=target, old=old, paraphrases=paraphrases, neighbours=neighbours,
+                                    max_new_tokens=max_new_tokens, sample=False, seed=0) for m in methods]
+        ask = checked[0][2]
+        shown = [ask.request.prompt] + [p for p in (ask.paraphrases[:1] + ask.neighbours[:1])]
+        previous = list(visitor.edits)
+
+        def work(lm, job) -> None:
+            for i, (method, hp, ask_m) in enumerate(checked):
+                def report(stage, fraction, i=i, method=method):
+                    job.progress(f"{i}|{method}|{stage}", fraction)
+
+                job.emit(("running", method))
+                job.emit(("done", method, edit_and_compare(
+                    lm, ask_m.request, layer=ask_m.layer, hparams=hp, method=method, paraphrases=ask_m.paraphrases,
+                    neighbours=ask_m.neighbours, generate_prompts=shown, max_new_tokens=ask_m.max_new_tokens,
+                    previous=previous, stats_spec=self.engine.stats_spec, progress=report, memo=job.memo)))
+
+        def describe(stage: str, fraction: float) -> tuple[float, str]:
+            index, method, name = stage.split("|", 2)
+            within, text = render.edit_progress(name, fraction, method)
+            return (int(index) + within) / len(methods), f"{method_label(method)} ({int(index) + 1}/{len(methods)}): {text}"
+
+        results: dict = {}
+        running = None
+        stream = self.engine.stream(work, visitor=visitor, label="compare_editors")
+        for tag, item in self._drive(stream, progress, describe, "editors-progress"):
+            if tag == "tick":
+                yield SKIP, item
+                continue
+            if item[0] == "running":
+                running = item[1]
+            else:
+                results[item[1]] = item[2]
+                running = None
+            yield render.editors_table(results, methods, running), SKIP
+        yield render.editors_table(results, methods), ""
 
     @user_errors
     def undo(self, visitor: Visitor | None) -> tuple:
@@ -339,12 +406,16 @@ class App:
         if room <= 0:
             raise self.limits.refuse("edits_per_visitor", "The number of your edits", len(visitor.edits) + 1,
                                      "Undo or reset some before importing.")
-        loaded = load_edits(path, max_bytes=self.limits.import_bytes, max_edits=room)
+        loaded = load_edits(path, max_bytes=self.limits.import_bytes, max_edits=room, lm=self.engine.lm)
         if not loaded:
             raise Refused(f"{name[:80]} holds no edits.")
         for i, edit in enumerate(loaded):
             check_request(self.limits, self.engine.count_tokens, edit.request, where=f"Edit {i + 1} of the file: ")
         check_edits(self.engine.lm, loaded)  # made for these weights, shapes fit (nothing is applied)
+        megabytes = sum(a.nbytes for e in loaded for a in e.arrays().values()) / 1e6
+        if visitor.megabytes + megabytes > self.limits.visitor_mb:
+            raise self.limits.refuse("visitor_mb", "The size of your edits with this file in megabytes",
+                                     f"{visitor.megabytes + megabytes:.1f}", "Undo or reset some first.")
         with self._visitors:
             visitor.set_edits(visitor.edits + loaded)
         return self._history(visitor, f"Imported {len(loaded)} edit{'s' if len(loaded) > 1 else ''}.")

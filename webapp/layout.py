@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from editing.edit import method_label
 from editing.presets import guess_subject
 from tracing.result import CORRUPTIONS, METRICS
 
@@ -142,6 +143,10 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
                                         info="Empty: the model's current answer.", elem_id="edit-old")
                     ui.layer = gr.Slider(0, n_layers - 1, value=engine.default_layer, step=1,
                                          label=f"Edit layer (default {engine.default_layer})", elem_id="edit-layer")
+                    ui.method = gr.Dropdown([(method_label(m), m) for m in engine.methods], value="rome",
+                                            label="Method", elem_id="edit-method",
+                                            info="ROME, fine-tuning (FT), constrained fine-tuning (FT+L), "
+                                                 "Knowledge Neurons (KN).")
                 ui.stats_note = gr.HTML(app.stats_note())
                 with gr.Row():
                     ui.paraphrases = gr.Textbox(
@@ -176,6 +181,12 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
             ui.import_btn = gr.UploadButton("Import edits", file_types=[".safetensors"], size="sm",
                                             elem_id="import-edits")
             ui.retrace_btn = gr.Button("Trace the edited model →", size="sm", elem_id="retrace-button")
+        with gr.Accordion("Compare editors: the same fact with ROME, FT, FT+L and KN", open=False,
+                          elem_id="editors-accordion"):
+            gr.Markdown(render.static_text("help-editors.md"))
+            ui.editors_btn, ui.editors_stop = run_and_stop("Compare editors on this fact", "editors")
+            ui.editors_progress = gr.HTML(elem_id="editors-status")
+            ui.editors_out = gr.HTML(elem_id="editors")
         with gr.Accordion("Try your own prompt", open=False):
             with gr.Row():
                 ui.free_prompt = gr.Textbox("The Eiffel Tower is in", label="Prompt", scale=4, max_length=chars)
@@ -202,11 +213,17 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
                           queue=False, api_visibility="private")
 
     history_outputs = [visitor, ed.history, ed.export_btn, ed.status, ed.stats_note]
-    edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.paraphrases, ed.neighbours, ed.max_new,
-                   ed.sample, ed.seed, visitor]
+    edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.method, ed.paraphrases, ed.neighbours,
+                   ed.max_new, ed.sample, ed.seed, visitor]
     edit_outputs = [ed.comparison, ed.scores, ed.details, *history_outputs, ed.progress]
     edit_event = ed.edit_btn.click(edit_fn, edit_inputs, edit_outputs, api_name="edit", **model_events)
     ed.stop_btn.click(None, None, None, cancels=[edit_event])
+    ed.method.change(app.method_layer, ed.method, ed.layer, queue=False, api_visibility="private")
+    editors_event = ed.editors_btn.click(
+        on_gpu(app.compare_editors), [ed.subject, ed.relation, ed.target, ed.old, ed.paraphrases, ed.neighbours,
+                                      ed.max_new, visitor],
+        [ed.editors_out, ed.editors_progress], api_name="compare_editors", **model_events)
+    ed.editors_stop.click(None, None, None, cancels=[editors_event])
     # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
     ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")
     ed.reset_btn.click(app.reset, visitor, history_outputs, api_name="reset")

@@ -54,9 +54,10 @@ class Limits:
     test_lines: int = 5  # paraphrase lines, and neighbour lines, of one edit
     line_tokens: int = 40  # tokens of one test prompt or free prompt
     new_tokens: int = 60  # tokens generated per prompt
-    edit_cost: int = 600_000  # (prompt + object tokens) x (templates + 1) x steps x layers from the edit layer up
+    edit_cost: int = 3_000_000  # token-layer passes of one edit's optimisation (see edit_work); ROME here: ~370,000
     edits_per_visitor: int = 20  # edits one visitor can have applied (typed and imported)
-    import_bytes: int = 1_000_000  # size of an uploaded edits file (Gradio refuses larger uploads while receiving)
+    visitor_mb: float = 40.0  # megabytes of one visitor's edits (a fine-tuning edit of the default model: 3.5 MB)
+    import_bytes: int = 40_000_000  # size of an uploaded edits file (Gradio refuses larger uploads while receiving)
     waiting_per_visitor: int = 2  # model requests of one visitor waiting or running at once
     queue_size: int = 16  # model requests waiting or running, all visitors together
     deadline_s: float = 300.0  # seconds a request may hold the model before it is stopped and undone
@@ -208,7 +209,7 @@ class EditAsk:
     """An edit request that passed every check: what to hand to :func:`editing.edit_and_compare`."""
 
     request: EditRequest
-    layer: int
+    layer: int | None
     paraphrases: tuple[str, ...]
     neighbours: tuple[str, ...]
     max_new_tokens: int
@@ -281,14 +282,42 @@ def check_request(limits: Limits, count: TokenCounter, request: EditRequest, whe
     return checked
 
 
+def edit_work(method: str, hparams, width: int, n_layers: int, layer: int | None) -> tuple[int, str]:
+    """An edit's estimated work in token-layer passes (a backward pass counts as two), and how it was counted.
+
+    ROME optimises v* on the templated prompts through the layers above the
+    edit layer; FT and FT+L run the whole model per step; KN integrates
+    gradients for every searched layer through the whole model.
+    """
+    if method == "rome":
+        contexts = sum(count for _, count in hparams.context_templates) + 1
+        steps, layers = hparams.v_num_grad_steps, n_layers - (layer or 0)
+        return width * contexts * steps * layers * 3, f"{width} tokens × {contexts} contexts × {steps} steps × " \
+                                                       f"{layers} layers × 3"
+    if method in ("ft", "ft-l"):
+        return width * hparams.num_steps * n_layers * 3, f"{width} tokens × {hparams.num_steps} steps × " \
+                                                          f"{n_layers} layers × 3"
+    searched = len(hparams.search_layers(n_layers)) if layer is None else 1
+    return width * hparams.steps * searched * n_layers * 3, f"{width} tokens × {hparams.steps} steps × " \
+                                                             f"{searched} searched layers × {n_layers} layers × 3"
+
+
 def check_edit(limits: Limits, count: TokenCounter, n_layers: int, *, subject, relation, target, old, layer,
-               paraphrases, neighbours, max_new_tokens, sample, seed, edits_applied: int, steps: int,
-               templates: int) -> EditAsk:
-    """Check an edit request from the page or the API; Refused (a ValueError) says what to change."""
+               paraphrases, neighbours, max_new_tokens, sample, seed, edits_applied: int, method: str = "rome",
+               hparams, edits_mb: float = 0.0) -> EditAsk:
+    """Check an edit request from the page or the API; Refused (a ValueError) says what to change.
+
+    ``layer`` None lets the method choose (KN searches every layer); ``edits_mb`` is the size of the
+    visitor's edits so far.
+    """
     limits.at_most("edits_per_visitor", edits_applied + 1, "The number of your edits with this one",
                    "Undo or reset some first.")
+    if edits_mb >= limits.visitor_mb:
+        raise limits.refuse("visitor_mb", "The size of your edits in megabytes", f"{edits_mb:.1f}",
+                            "Undo or reset some first (fine-tuning edits are large).")
     request = check_request(limits, count, EditRequest(subject, relation, target, old))
-    layer = number(layer, "The edit layer", low=0, high=n_layers - 1, integer=True)
+    if layer is not None:
+        layer = number(layer, "The edit layer", low=0, high=n_layers - 1, integer=True)
     para = limits.lines(paraphrases, "Paraphrases")
     neigh = limits.lines(neighbours, "Neighbour prompts")
     for line in (*para, *neigh):
@@ -299,9 +328,8 @@ def check_edit(limits: Limits, count: TokenCounter, n_layers: int, *, subject, r
     sample = _flag(sample, "Sample")
     seed = number(seed, "The sampling seed", low=0, high=SEED_MAX, integer=True)
     width = count(request.text) + count(request.target)
-    cost = width * (templates + 1) * steps * (n_layers - layer)
-    limits.at_most("edit_cost", cost, f"This edit's cost ({width} tokens × {templates + 1} contexts × {steps} steps × "
-                   f"{n_layers - layer} layers)", "Shorten the prompt or edit a later layer.")
+    cost, counted = edit_work(method, hparams, width, n_layers, layer)
+    limits.at_most("edit_cost", cost, f"This edit's cost ({counted})", "Shorten the prompt or edit a later layer.")
     return EditAsk(request, layer, tuple(para), tuple(neigh), max_new_tokens, sample, seed, cost)
 
 

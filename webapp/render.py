@@ -16,6 +16,7 @@ import numpy as np
 
 import editing
 from editing import EditComparison
+from editing.edit import method_label
 from tracing import TraceResult
 from tracing.assets import STATIC
 
@@ -32,7 +33,16 @@ EDIT_STAGES = {
     "update": (0.85, 0.87, "Writing the rank-one update"),
     "after": (0.87, 1.0, "Generating and scoring after the edit"),
 }
-HISTORY_HEADERS = ["#", "Subject", "Relation", "New object", "Old object", "Layer", "‖ΔW‖"]
+# What the other methods do in the stages they report (editing.methods.STAGES).
+METHOD_STAGES = {
+    "ft": {"optimising": (0.2, 0.85, "Fine-tuning the layer's weights"),
+           "update": (0.85, 0.87, "Collecting the weight change")},
+    "ft-l": {"optimising": (0.2, 0.85, "Fine-tuning the layer's weights within the norm bound"),
+             "update": (0.85, 0.87, "Collecting the weight change")},
+    "kn": {"attributing": (0.2, 0.85, "Attributing the old object to neurons (integrated gradients)"),
+           "update": (0.85, 0.87, "Changing the chosen neurons' value vectors")},
+}
+HISTORY_HEADERS = ["#", "Method", "Subject", "Relation", "New object", "Old object", "Layer", "‖ΔW‖"]
 
 
 def static_text(name: str) -> str:
@@ -54,10 +64,15 @@ def pct(value: float | None) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.0%}"
 
 
-def edit_progress(stage: str, fraction: float) -> tuple[float, str]:
+def edit_progress(stage: str, fraction: float, method: str = "rome") -> tuple[float, str]:
     """(overall fraction, description) of an edit request's stage and its own fraction."""
-    start, end, text = EDIT_STAGES.get(stage, (0.0, 1.0, stage))
+    start, end, text = METHOD_STAGES.get(method, {}).get(stage) or EDIT_STAGES.get(stage, (0.0, 1.0, stage))
     return start + (end - start) * min(max(float(fraction), 0.0), 1.0), text
+
+
+def layers_text(edit: editing.Edit) -> str:
+    layers = list(edit.layers)
+    return f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(map(str, layers))
 
 
 def highlight(text: str, new: str, old: str | None) -> str:
@@ -196,9 +211,9 @@ def scores_card(result: EditComparison) -> str:
         + cell("Efficacy", b.efficacy, a.efficacy, "rewrite prompt: p(new) > p(old)")
         + cell("Paraphrase", b.paraphrase, a.paraphrase, "paraphrases: p(new) > p(old)")
         + cell("Neighbourhood", b.neighbourhood, a.neighbourhood, "neighbours keep p(old) > p(new)")
-        + f'<div class="le-score"><div class="le-score-name">Update</div><div class="le-score-value">{edit.norm:.3g}</div>'
-        f'<div class="le-small">‖ΔW‖ at layer {edit.layer}</div><div class="le-small">computed in {edit.seconds:.1f} s'
-        f'</div></div></div>'
+        + f'<div class="le-score"><div class="le-score-name">Update ({method_label(edit.method)})</div>'
+        f'<div class="le-score-value">{edit.norm:.3g}</div><div class="le-small">‖ΔW‖ at {layers_text(edit)}</div>'
+        f'<div class="le-small">computed in {edit.seconds:.1f} s</div></div></div>'
     )
 
 
@@ -215,8 +230,8 @@ def free_comparison(prompt: str, original: str, edited: str | None, edits: Seque
 def history_rows(edits: Sequence[editing.Edit]) -> list[list]:
     """One table row per edit of the visitor, oldest first."""
     return [
-        [i + 1, e.request.subject, e.request.prompt, e.request.target, e.request.target_true or "", e.layer,
-         round(e.norm, 3)]
+        [i + 1, method_label(e.method), e.request.subject, e.request.prompt, e.request.target,
+         e.request.target_true or "", ", ".join(map(str, e.layers)), round(e.norm, 3)]
         for i, e in enumerate(edits)
     ]
 
@@ -226,3 +241,66 @@ def history_status(edits: Sequence[editing.Edit]) -> str:
         return '<div class="le-small" id="edit-status">No edits: you are talking to the original model.</div>'
     return (f'<div class="le-small" id="edit-status"><b>{len(edits)} edit{"s" if len(edits) > 1 else ""} active</b> '
             "in your session (only you see them; the shared model is restored after each of your requests).</div>")
+
+
+# What each editor trades away, as the paper found it (Table 4, Fig. 6); shown above its column.
+METHOD_NOTES = {
+    "rome": "One rank-one change of one MLP's key-value memory. The paper: edits, generalises to paraphrases and "
+            "leaves other subjects alone.",
+    "ft": "Fine-tunes one MLP layer on the rewrite prompt. The paper: edits and generalises, but spills over onto "
+          "other subjects.",
+    "ft-l": "Fine-tuning with a bound on every weight's change. The paper: stays specific, but generalises little.",
+    "kn": "Knowledge Neurons: rewrites a few neurons found by integrated gradients. The paper: barely edits.",
+}
+
+
+def editors_table(results: dict, methods: Sequence[str], running: str | None = None) -> str:
+    """One column per editor for the same fact: generations after its edit, its scores and its update.
+
+    ``results`` maps a method to its :class:`EditComparison` (the first one's
+    before column is shown once); ``running`` marks the method being computed.
+    """
+    done = [results[m] for m in methods if m in results]
+    if not done:
+        return f'<div class="le-card" id="editors-comparison">Computing {method_label(running or methods[0])}…</div>'
+    first = done[0]
+    new, old = first.request.target, first.request.target_true
+    heads = "".join(
+        f'<th class="le-method" data-method="{m}"><div>{method_label(m)}</div>'
+        f'<div class="le-small le-note">{esc(METHOD_NOTES.get(m, ""))}</div></th>' for m in methods)
+    kinds = {text: kind for kind, text in first.prompts}
+    body = []
+    for i, text in enumerate(first.generated):
+        kind = kinds.get(text, "prompt")
+        cells = []
+        for m in methods:
+            if m in results and results[m].after is not None:
+                cells.append(f'<td class="after" data-method="{m}">{highlight(results[m].after[i], new, old)}</td>')
+            else:
+                cells.append(f'<td data-method="{m}"><span class="le-wait">{"editing…" if m == running else ""}'
+                             f'</span></td>')
+        body.append(f'<tr><td><span class="le-tag le-{kind}">{kind}</span> <span class="le-prompt">{esc(text)}'
+                    f'</span></td><td class="before">{highlight(first.before[i], new, old)}</td>{"".join(cells)}</tr>')
+
+    def score_row(name: str, key: str, as_pct: bool, help_text: str) -> str:
+        value = first.scores_before.summary()[key]
+        cells = "".join(
+            f'<td data-method="{m}"><b>{(pct if as_pct else fmt_p)(results[m].scores_after.summary()[key])}</b></td>'
+            if m in results and results[m].scores_after is not None else f'<td data-method="{m}"></td>'
+            for m in methods)
+        return (f'<tr class="le-score-row"><td>{name} <span class="le-small">{help_text}</span></td>'
+                f'<td>{(pct if as_pct else fmt_p)(value)}</td>{cells}</tr>')
+
+    body.append(score_row("Efficacy", "ES", True, "rewrite: p(new) > p(old)"))
+    body.append(score_row("Paraphrase", "PS", True, "p(new) > p(old)"))
+    body.append(score_row("Neighbourhood", "NS", True, "neighbours keep p(old) > p(new)"))
+    body.append(score_row("Efficacy magnitude", "EM", False, "mean p(new) − p(old)"))
+    body.append(score_row("Paraphrase magnitude", "PM", False, "mean p(new) − p(old)"))
+    body.append(score_row("Neighbourhood magnitude", "NM", False, "mean p(old) − p(new)"))
+    updates = "".join(
+        f'<td data-method="{m}">{results[m].edit.norm:.3g} at {layers_text(results[m].edit)}, '
+        f'{results[m].edit.seconds:.1f} s</td>' if m in results and results[m].edit is not None
+        else f'<td data-method="{m}"></td>' for m in methods)
+    body.append(f'<tr class="le-score-row"><td>Update ‖ΔW‖, time</td><td>–</td>{updates}</tr>')
+    return (f'<table class="le-compare le-editors" id="editors-comparison"><tr><th>Prompt</th><th>Before</th>{heads}'
+            f'</tr>{"".join(body)}</table>')
