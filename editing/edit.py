@@ -1,14 +1,16 @@
 """Edits as data: requests, weight changes, reversible application, edit stacks and files.
 
-An :class:`Edit` is one request written into the model by one method, as a
-change of named weights: ROME's is rank-one, ``ΔW = v uᵀ`` of one layer's MLP
-down-projection (stored ``u ⊗ v`` for GPT-2's Conv1D, whose weight is (in,
-out)); FT, FT+L and KN (:mod:`editing.methods`) carry dense deltas of the
-weights they touch (:class:`WeightDelta`: a whole weight, or the value vectors
-of a few neurons). Applying edits never loses the original weights:
-:func:`applied` and :class:`EditStack` keep a copy of each touched weight and
-copy it back, byte for byte, when the context ends (also on exceptions) or on
-undo/reset. Edits of every method are saved in one ``.safetensors`` format
+An :class:`Edit` is one request (MEMIT: a batch of requests) written into the
+model by one method, as a change of named weights: ROME's is rank-one, ``ΔW =
+v uᵀ`` of one layer's MLP down-projection (stored ``u ⊗ v`` for GPT-2's
+Conv1D, whose weight is (in, out)); FT, FT+L, KN and MEMIT
+(:mod:`editing.methods`) carry deltas of the weights they touch
+(:class:`WeightDelta`: a whole weight, the value vectors of a few neurons, or
+a low-rank change along a few input directions). Applying edits never loses
+the original weights: :func:`applied` and :class:`EditStack` keep a copy of
+each touched weight and copy it back, byte for byte, when the context ends
+(also on exceptions) or on undo/reset; a MEMIT batch is one edit, undone in
+one step. Edits of every method are saved in one ``.safetensors`` format
 whose header holds the requests and metadata as JSON; nothing is ever pickled.
 
 Example::
@@ -41,8 +43,9 @@ from tracing.models import LoadedModel
 log = logging.getLogger(__name__)
 
 FILE_FORMAT = "locate-edit/rome-edits"  # the name is historical: the format holds edits of every method
-FILE_VERSION = "2"  # "1": ROME edits only (still read); "2": adds the method and dense weight deltas
-READ_VERSIONS = ("1", "2")
+FILE_VERSION = "3"  # "1": ROME edits only; "2": adds the method and dense weight deltas; "3": adds several
+# requests per edit (MEMIT batches) and low-rank weight deltas. Every version is still read.
+READ_VERSIONS = ("1", "2", "3")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ _METHOD = re.compile(r"[a-z][a-z0-9+\-]{0,31}")  # a method's name in files: "ro
 MAX_VECTOR = 1 << 20  # longest vector or matrix side in an edits file (any supported d_model / d_ff is far below)
 MAX_DENSE = 1 << 27  # most elements of one weight delta (GPT-J's down-projection has 2^26)
 MAX_DELTAS = 256  # most weight deltas one edit may carry (KN: one per layer it touches)
+MAX_REQUESTS = 4096  # most requests one edit may write (a MEMIT batch)
 
 
 def _vector(raw, name: str) -> np.ndarray:
@@ -121,41 +125,80 @@ def _vector(raw, name: str) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class WeightDelta:
-    """A dense change of one layer's weight: the whole weight, or the value vectors of some of its neurons.
+    """A change of one layer's weight: the whole weight, the value vectors of some neurons, or a low-rank product.
 
-    Without ``neurons`` ``delta`` has the weight's own shape and layout ((out,
-    in) for ``nn.Linear``, (in, out) for GPT-2's Conv1D) and is added to all of
-    it. With ``neurons`` (k,) int64 indices of the module's input units,
-    ``delta`` is (k, d_out), neuron-major whatever the layout, and only those
-    neurons' value vectors change (KN).
+    Without ``neurons`` or ``basis`` ``delta`` has the weight's own shape and
+    layout ((out, in) for ``nn.Linear``, (in, out) for GPT-2's Conv1D) and is
+    added to all of it. With ``neurons`` (k,) int64 indices of the module's
+    input units, ``delta`` is (k, d_out), neuron-major whatever the layout, and
+    only those neurons' value vectors change (KN). With ``basis`` (r, d_in),
+    ``delta`` is (r, d_out) and the change is ``ΔW = deltaᵀ basis`` in (out,
+    in) orientation: the value ``delta[i]`` is written along the input
+    direction ``basis[i]`` (MEMIT; neurons are the special case of one-hot
+    directions).
 
     Example::
 
         WeightDelta("model.layers.1.mlp.down_proj", 1, np.zeros((576, 1536), np.float32))
+        WeightDelta("model.layers.1.mlp.down_proj", 1, values, basis=directions)   # (r, 576), (r, 1536)
     """
 
     module: str  # dotted name of the module whose .weight changes
     layer: int  # the block it belongs to
     delta: np.ndarray  # float32, see above
-    neurons: np.ndarray | None = None  # (k,) int64, or None for the whole weight
+    neurons: np.ndarray | None = None  # (k,) int64, or None
+    basis: np.ndarray | None = None  # (r, d_in) float32, or None
+
+    def __post_init__(self):
+        if self.neurons is not None and self.basis is not None:
+            raise ValueError(f"the delta of {self.module!r} has both neurons and a basis; it can have one of them")
+        if self.basis is not None and (self.basis.ndim != 2 or self.basis.shape[0] != self.delta.shape[0]):
+            raise ValueError(f"the delta of {self.module!r} needs one basis row per value row")
+
+    @classmethod
+    def low_rank(cls, module: str, layer: int, values: np.ndarray, basis: np.ndarray, conv1d: bool) -> "WeightDelta":
+        """``ΔW = valuesᵀ basis`` ((r, d_out), (r, d_in)), stored as factors, or dense when that is smaller."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        basis = np.ascontiguousarray(basis, dtype=np.float32)
+        rank, d_out = values.shape
+        d_in = basis.shape[1]
+        if rank * (d_in + d_out) < d_in * d_out:
+            return cls(module, layer, values, basis=basis)
+        dense = basis.T @ values if conv1d else values.T @ basis  # (in, out) or (out, in)
+        return cls(module, layer, np.ascontiguousarray(dense, dtype=np.float32))
 
     @property
     def norm(self) -> float:
         """Frobenius norm of this change."""
-        return float(np.linalg.norm(self.delta.astype(np.float64)))
+        delta = self.delta.astype(np.float64)
+        if self.basis is None:
+            return float(np.linalg.norm(delta))
+        basis = self.basis.astype(np.float64)
+        return float(np.sqrt(max(0.0, float(np.sum((delta @ delta.T) * (basis @ basis.T))))))  # ‖Dᵀ B‖_F
 
     def header(self) -> dict:
         """What a file's header says about this change (checked before its tensors are read)."""
-        return {"module": self.module, "layer": self.layer, "shape": list(self.delta.shape),
-                "neurons": None if self.neurons is None else int(len(self.neurons))}
+        out = {"module": self.module, "layer": self.layer, "shape": list(self.delta.shape),
+               "neurons": None if self.neurons is None else int(len(self.neurons))}
+        if self.basis is not None:
+            out["basis"] = list(self.basis.shape)
+        return out
 
     @classmethod
-    def from_header(cls, entry: dict, delta, neurons=None) -> "WeightDelta":
+    def from_header(cls, entry: dict, delta, neurons=None, basis=None) -> "WeightDelta":
         """Rebuild from :meth:`header` and the arrays; ValueError when they disagree or are malformed."""
         check_delta_header(entry)
         delta = np.asarray(delta, dtype=np.float32)
         if delta.shape != tuple(entry["shape"]) or not np.isfinite(delta).all():
             raise ValueError(f"the delta of {entry['module']!r} must be a finite array of shape {tuple(entry['shape'])}")
+        if entry.get("basis") is not None:
+            basis = np.asarray(basis, dtype=np.float32) if basis is not None else None
+            if basis is None or basis.shape != tuple(entry["basis"]) or not np.isfinite(basis).all():
+                raise ValueError(f"the basis of {entry['module']!r} must be a finite array of shape "
+                                 f"{tuple(entry['basis'])}")
+            return cls(entry["module"], int(entry["layer"]), delta, basis=basis)
+        if basis is not None:
+            raise ValueError(f"the delta of {entry['module']!r} has a basis its header does not announce")
         if entry.get("neurons") is None:
             if neurons is not None:
                 raise ValueError(f"the delta of {entry['module']!r} has neuron indices its header does not announce")
@@ -169,36 +212,50 @@ class WeightDelta:
         return cls(entry["module"], int(entry["layer"]), delta, index)
 
 
+def _bounded_shape(shape) -> bool:
+    return (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_VECTOR for n in shape)
+            and shape[0] * shape[1] <= MAX_DENSE)
+
+
 def check_delta_header(entry) -> None:
-    """A ValueError unless ``entry`` describes a bounded weight change: module, layer, 2-D shape, neuron count."""
+    """A ValueError unless ``entry`` describes a bounded weight change: module, layer, 2-D shapes, neuron count."""
     if not isinstance(entry, dict):
         raise ValueError("a weight delta's header must be an object")
     module, layer, shape, neurons = entry.get("module"), entry.get("layer"), entry.get("shape"), entry.get("neurons")
+    basis = entry.get("basis")
     if not isinstance(module, str) or not module or len(module) > 200:
         raise ValueError("a weight delta must name its module")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"the delta of {module!r} has no valid layer")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_VECTOR for n in shape)
-            or shape[0] * shape[1] > MAX_DENSE):
+    if not _bounded_shape(shape):
         raise ValueError(f"the delta of {module!r} has shape {shape!r}; weight deltas are 2-D with at most "
                          f"{MAX_DENSE:,} elements")
     if neurons is not None and (isinstance(neurons, bool) or not isinstance(neurons, int) or neurons != shape[0]):
         raise ValueError(f"the delta of {module!r} announces {neurons!r} neurons but has {shape[0]} rows")
+    if basis is not None:
+        if neurons is not None:
+            raise ValueError(f"the delta of {module!r} announces both neurons and a basis")
+        if not _bounded_shape(basis) or basis[0] != shape[0]:
+            raise ValueError(f"the delta of {module!r} announces a basis of shape {basis!r}; it must be 2-D, at most "
+                             f"{MAX_DENSE:,} elements, with one row per value row ({shape[0]})")
 
 
 @dataclass(frozen=True, eq=False)
 class Edit:
-    """One request written into the model by one method: ROME's rank-one update or other methods' dense deltas.
+    """Requests written into the model by one method: ROME's rank-one update or other methods' weight deltas.
 
     ROME (``method="rome"``): ``ΔW = v uᵀ`` of ``module`` in (out, in)
     orientation, with ``u`` (d_in,) the unit vector C⁻¹k*/‖C⁻¹k*‖, ``v``
     (d_out,), ``key`` k* (d_in,) and ``value`` v* (d_out,), the pair the edited
     layer maps (``W' k* + b = v*``). Other methods (``"ft"``, ``"ft-l"``,
-    ``"kn"``): ``deltas``, one :class:`WeightDelta` per touched weight, and
-    ``u``/``v``/``key``/``value`` None; ``layer``/``module`` name the main one.
-    ``timings`` holds seconds per stage, which add up to :attr:`seconds`;
-    ``info`` the method's diagnostics; ``hparams`` its settings.
+    ``"kn"``, ``"memit"``): ``deltas``, one :class:`WeightDelta` per touched
+    weight, and ``u``/``v``/``key``/``value`` None; ``layer``/``module`` name
+    the main one. ``requests`` holds every request the edit writes (a MEMIT
+    batch: several, undone as one step); ``request`` is the first, and the only
+    one of every other method. ``timings`` holds seconds per stage, which add
+    up to :attr:`seconds`; ``info`` the method's diagnostics; ``hparams`` its
+    settings.
     """
 
     request: EditRequest
@@ -214,8 +271,9 @@ class Edit:
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     hparams: dict = field(default_factory=dict)
-    method: str = ROME  # "rome", "ft", "ft-l", "kn" (editing.methods.METHODS)
+    method: str = ROME  # "rome", "ft", "ft-l", "kn", "memit" (editing.methods.METHODS)
     deltas: tuple[WeightDelta, ...] = ()  # other methods: the weight changes, applied in order
+    requests: tuple[EditRequest, ...] = ()  # every request written, the first being `request`; () = (request,)
 
     def __post_init__(self):
         rank_one = [getattr(self, n) is not None for n in ("u", "v", "key", "value")]
@@ -223,6 +281,14 @@ class Edit:
             raise ValueError("A ROME edit needs its vectors u, v, key and value.")
         if self.method != ROME and (any(rank_one) or not self.deltas):
             raise ValueError(f"A {self.method!r} edit carries weight deltas (and no rank-one vectors).")
+        requests = tuple(self.requests) or (self.request,)
+        if requests[0] != self.request:
+            raise ValueError("An edit's first request must be its `request`.")
+        if len(requests) > MAX_REQUESTS:
+            raise ValueError(f"An edit writes at most {MAX_REQUESTS} requests, not {len(requests)}.")
+        if self.method == ROME and len(requests) != 1:
+            raise ValueError("A ROME edit writes exactly one request; batches are MEMIT's (method 'memit').")
+        object.__setattr__(self, "requests", requests)
 
     @property
     def seconds(self) -> float:
@@ -259,7 +325,16 @@ class Edit:
         where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
         neurons = sum(len(d.neurons) for d in self.deltas if d.neurons is not None)
         what = f" ({neurons} neuron{'s' * (neurons != 1)})" if neurons else ""
-        return f"{r.text!r} -> {r.target!r}{old} by {method_label(self.method)} at {where}{what}, |ΔW| = {self.norm:.3g}"
+        fact = f"{r.text!r} -> {r.target!r}{old}"
+        if len(self.requests) > 1:
+            fact = f"{len(self.requests)} facts ({fact}, ...)"
+        return f"{fact} by {method_label(self.method)} at {where}{what}, |ΔW| = {self.norm:.3g}"
+
+    def title(self) -> str:
+        """The edit in a few words, for messages: its fact, or the first of its facts and how many there are."""
+        r = self.request
+        text = f"{r.text!r} → {r.target!r}"
+        return text if len(self.requests) == 1 else f"{len(self.requests)} facts: {text}, ..."
 
     def metadata(self) -> dict:
         """Everything but the arrays, JSON-serialisable (dense edits list their deltas' headers)."""
@@ -269,10 +344,12 @@ class Edit:
                 "hparams": dict(self.hparams), "method": self.method}
         if self.method != ROME:
             data["deltas"] = [d.header() for d in self.deltas]
+        if len(self.requests) > 1:
+            data["requests"] = [r.to_dict() for r in self.requests]
         return data
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by their names in files: u, v, key, value (ROME), or delta{j} and neurons{j}."""
+        """The arrays by their names in files: u, v, key, value (ROME), or delta{j}, neurons{j} and basis{j}."""
         if self.method == ROME:
             return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float32)
                     for name in ("u", "v", "key", "value")}
@@ -281,6 +358,8 @@ class Edit:
             out[f"delta{j}"] = np.ascontiguousarray(d.delta, dtype=np.float32)
             if d.neurons is not None:
                 out[f"neurons{j}"] = np.ascontiguousarray(d.neurons, dtype=np.int64)
+            if d.basis is not None:
+                out[f"basis{j}"] = np.ascontiguousarray(d.basis, dtype=np.float32)
         return out
 
     def to_dict(self) -> dict:
@@ -311,14 +390,23 @@ class Edit:
                 if not isinstance(headers, list) or not 0 < len(headers) <= MAX_DELTAS:
                     raise ValueError(f"a {method!r} edit needs 1 to {MAX_DELTAS} weight deltas")
                 arrays["deltas"] = tuple(
-                    WeightDelta.from_header(entry, source[f"delta{j}"], source.get(f"neurons{j}"))
+                    WeightDelta.from_header(entry, source[f"delta{j}"], source.get(f"neurons{j}"),
+                                            source.get(f"basis{j}"))
                     for j, entry in enumerate(headers))
             layer = int(data["layer"])
             if layer < 0:
                 raise ValueError("negative layer")
             request = EditRequest.from_dict(data["request"])
             request.validate()
-            return cls(request=request, layer=layer, module=str(data["module"]), method=method,
+            requests = (request,)
+            if data.get("requests") is not None:
+                check_request_count(data["requests"])
+                requests = tuple(EditRequest.from_dict(r) for r in data["requests"])
+                for r in requests:
+                    r.validate()
+                if requests[0] != request:
+                    raise ValueError("its first request differs from its request")
+            return cls(request=request, requests=requests, layer=layer, module=str(data["module"]), method=method,
                        variant=str(data.get("variant", "r-rome" if method == ROME else "")),
                        model=str(data.get("model", "")), fingerprint=str(data.get("fingerprint", "")),
                        timings=dict(data.get("timings") or {}), info=dict(data.get("info") or {}),
@@ -327,9 +415,16 @@ class Edit:
             raise ValueError(f"Malformed edit record: {exc}") from None
 
 
+def check_request_count(requests) -> int:
+    """How many requests a record's ``requests`` list holds; ValueError unless it is a list of 1 to MAX_REQUESTS."""
+    if not isinstance(requests, list) or not 0 < len(requests) <= MAX_REQUESTS:
+        raise ValueError(f"an edit's requests must be a list of 1 to {MAX_REQUESTS}")
+    return len(requests)
+
+
 def method_label(method: str) -> str:
-    """How tables and the page name a method: ROME, FT, FT+L, KN."""
-    return {"rome": "ROME", "ft": "FT", "ft-l": "FT+L", "kn": "KN"}.get(method, method.upper())
+    """How tables and the page name a method: ROME, FT, FT+L, KN, MEMIT."""
+    return {"rome": "ROME", "ft": "FT", "ft-l": "FT+L", "kn": "KN", "memit": "MEMIT"}.get(method, method.upper())
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +528,13 @@ def _delta_weight(lm: LoadedModel, change: WeightDelta | dict) -> torch.nn.Param
         raise ValueError(f"This edit changes {module!r}, but this model's editable weight at layer {layer} is {name!r}; "
                          "it was made for another architecture.")
     weight = lm.down_proj(layer).weight
-    if header.get("neurons") is None:
+    d_in, d_out = weight.shape if lm.spec.conv1d else tuple(reversed(weight.shape))
+    if header.get("basis") is not None:
+        expected = (header["shape"][0], d_out)
+        if header["basis"][1] != d_in:
+            raise ValueError(f"This edit writes along directions of {header['basis'][1]} inputs, but {name} has {d_in}; "
+                             "it was made for another model.")
+    elif header.get("neurons") is None:
         expected = tuple(weight.shape)
     else:
         d_in, d_out = weight.shape if lm.spec.conv1d else tuple(reversed(weight.shape))
@@ -457,7 +558,7 @@ def check_edits(lm: LoadedModel, edits: Iterable[Edit], *, same_model: bool = Tr
     model has the same shapes.
     """
     for i, edit in enumerate(edits):
-        where = f"Edit {i + 1} ({edit.request.text!r} → {edit.request.target!r})"
+        where = f"Edit {i + 1} ({edit.title()})"
         try:
             _targets(lm, edit)
         except ValueError as exc:
@@ -479,6 +580,11 @@ def _add(lm: LoadedModel, edit: Edit, targets: Sequence[tuple[torch.Tensor, Weig
                 weight.copy_((weight.float() + update).to(weight.dtype))
                 continue
             delta = torch.from_numpy(np.ascontiguousarray(change.delta, dtype=np.float32)).to(weight.device)
+            if change.basis is not None:  # ΔW = deltaᵀ basis, (out, in)
+                basis = torch.from_numpy(np.ascontiguousarray(change.basis, dtype=np.float32)).to(weight.device)
+                update = basis.T @ delta if lm.spec.conv1d else delta.T @ basis  # (in, out) or (out, in)
+                weight.copy_((weight.float() + update).to(weight.dtype))
+                continue
             if change.neurons is None:
                 weight.copy_((weight.float() + delta).to(weight.dtype))
                 continue
@@ -632,11 +738,13 @@ def _planned_tensors(record: dict, version: str) -> list[tuple[str, tuple[int, .
     """The tensors one record's edit needs, as (name, exact shape or None for a 1-D vector, dtype), from its header.
 
     Dense deltas must be announced with a bounded 2-D shape (and their neuron
-    count) before anything is read; ROME's vectors are 1-D.
+    count or basis shape) before anything is read; ROME's vectors are 1-D.
     """
     method = ROME if version == "1" else record.get("method", ROME)
     if not isinstance(method, str) or not _METHOD.fullmatch(method):
         raise ValueError(f"unknown method {method!r}")
+    if record.get("requests") is not None:
+        check_request_count(record["requests"])
     if method == ROME:
         return [(name, None, "F32") for name in ("u", "v", "key", "value")]
     headers = record.get("deltas")
@@ -648,11 +756,13 @@ def _planned_tensors(record: dict, version: str) -> list[tuple[str, tuple[int, .
         planned.append((f"delta{j}", tuple(entry["shape"]), "F32"))
         if entry.get("neurons") is not None:
             planned.append((f"neurons{j}", (entry["neurons"],), "I64"))
+        if entry.get("basis") is not None:
+            planned.append((f"basis{j}", tuple(entry["basis"]), "F32"))
     return planned
 
 
 def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int | None = None,
-               lm: LoadedModel | None = None) -> list[Edit]:
+               lm: LoadedModel | None = None, max_requests: int | None = None) -> list[Edit]:
     """Read edits written by :func:`save_edits` (any method, files of every version); ValueError for anything else.
 
     Example::
@@ -661,10 +771,11 @@ def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int
         check_edits(lm, edits)            # made for this model? (nothing is applied)
 
     Cheap checks come first: the file's size (before it is opened), the
-    header's format, version and number of edits, then each edit's announced
-    tensors: ROME's vectors must be 1-D, every dense delta must have the
-    bounded 2-D shape its record announces (with ``lm``, also the shape of the
-    weight it names in that model) and the file must agree, all before any
+    header's format, version and number of edits (and with ``max_requests``
+    of requests: a MEMIT batch writes several), then each edit's announced
+    tensors: ROME's vectors must be 1-D, every weight delta must have the
+    bounded 2-D shapes its record announces (with ``lm``, also the shape of
+    the weight it names in that model) and the file must agree, all before any
     tensor is read. Only the tensors the header names are read, and every
     request is validated as a typed one would be. Nothing is ever unpickled.
     """
@@ -690,6 +801,15 @@ def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int
             names = set(f.keys())
             records = _records(path, metadata, max_edits)
             version = metadata["version"]
+            if max_requests is not None:
+                total = 0
+                for i, record in enumerate(records):
+                    try:
+                        total += 1 if record.get("requests") is None else check_request_count(record["requests"])
+                    except ValueError as exc:
+                        raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
+                if total > max_requests:
+                    raise ValueError(f"{path.name} writes {total} facts; at most {max_requests} are accepted at once.")
             wanted: list[tuple[str, tuple[int, ...] | None, str]] = []
             for i, record in enumerate(records):
                 try:
