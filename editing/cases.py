@@ -20,9 +20,15 @@ given model actually knows:
 Records use the CounterFact field names, so ``python -m editing.evaluate``
 reads this file and the original ``counterfact.json`` alike.
 
+:func:`split_cases` divides a set once, by subject, into a tuning part and a
+held-out part (seeded, so the same command gives the same split): settings are
+chosen on the first and reported on the second.
+
 Example::
 
     python -m editing.cases --out assets/counterfact_smollm2.json --n 60
+    python -m editing.cases --out assets/counterfact_smollm2_all.json --n 0 \
+        --split assets/counterfact_smollm2_tune.json assets/counterfact_smollm2_heldout.json
 """
 
 from __future__ import annotations
@@ -123,6 +129,23 @@ def build_cases(lm: LoadedModel, facts: Sequence[dict], n: int = 60, *, seed: in
     return cases
 
 
+def split_cases(cases: Sequence[dict], tune_fraction: float = 0.5, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Split cases by subject into (tuning, held-out): no subject is in both; seeded and order-independent.
+
+    The distinct subjects are sorted, shuffled by ``random.Random(seed)`` and
+    the first ``round(tune_fraction × subjects)`` go to the tuning part; each
+    part keeps the cases' original order.
+    """
+    if not 0.0 < tune_fraction < 1.0:
+        raise ValueError(f"tune_fraction must lie strictly between 0 and 1, not {tune_fraction}.")
+    subjects = sorted({c["requested_rewrite"]["subject"] for c in cases})
+    random.Random(seed).shuffle(subjects)
+    tuning = set(subjects[: round(tune_fraction * len(subjects))])
+    tune = [c for c in cases if c["requested_rewrite"]["subject"] in tuning]
+    held = [c for c in cases if c["requested_rewrite"]["subject"] not in tuning]
+    return tune, held
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m editing.cases``: write a CounterFact-style set of facts the model knows."""
     from tracing.models import load_model
@@ -131,8 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output JSON file")
     parser.add_argument("--facts", default=str(DEFAULT_FACTS), help="known facts JSON (known_1000.json format)")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--n", type=int, default=60, help="number of cases")
+    parser.add_argument("--n", type=int, default=60, help="number of cases (0: every fact the model knows that can "
+                                                          "be made a case)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", nargs=2, default=None, metavar=("TUNE", "HELDOUT"),
+                        help="also write the cases split by subject into a tuning and a held-out file")
+    parser.add_argument("--tune-fraction", type=float, default=0.5, help="share of subjects in the tuning part")
+    parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -140,12 +168,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.split and not 0.0 < args.tune_fraction < 1.0:
+        parser.error("--tune-fraction must lie strictly between 0 and 1")
     lm = load_model(args.model)
     facts = read_facts(args.facts)
-    cases = build_cases(lm, facts, args.n, seed=args.seed)
+    cases = build_cases(lm, facts, args.n if args.n > 0 else len(facts), seed=args.seed)
     Path(args.out).write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     relations = len({c["requested_rewrite"]["relation_id"] for c in cases})
     print(f"wrote {len(cases)} cases over {relations} relations to {args.out}")
+    if args.split:
+        parts = split_cases(cases, args.tune_fraction, seed=args.split_seed)
+        for path, part in zip(args.split, parts):
+            Path(path).write_text(json.dumps(part, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            subjects = len({c["requested_rewrite"]["subject"] for c in part})
+            print(f"wrote {len(part)} cases ({subjects} subjects) to {path}")
     return 0
 
 
