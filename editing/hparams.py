@@ -1,12 +1,13 @@
 """Hyperparameters of every editing method: JSON files under ``assets/hparams/``, one per model family.
 
 ROME's files sit in ``assets/hparams/`` itself, the other methods' in
-``assets/hparams/<method>/`` (``ft``, ``ft-l``, ``kn``). Each file names the
-models it fits (``match``: hub ids or their last path part, compared
+``assets/hparams/<method>/`` (``ft``, ``ft-l``, ``kn``, ``memit``). Each file
+names the models it fits (``match``: hub ids or their last path part, compared
 case-insensitively), says where its values come from (``description``) and
 sets any fields of the method's dataclass (:class:`ROMEHyperParams`,
-:class:`FTHyperParams`, :class:`KNHyperParams`); fields it leaves out keep the
-dataclass defaults (the paper's GPT-2 XL settings). ``default.json`` is the
+:class:`FTHyperParams`, :class:`KNHyperParams`, :class:`MEMITHyperParams`);
+fields it leaves out keep the dataclass defaults (the paper's GPT-2 XL
+settings). ``default.json`` is the
 fallback for models no file matches. Unknown keys fail loudly.
 
 Example::
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 HPARAMS_DIR = HPARAMS
 VARIANTS = ("r-rome", "original", "exact")
-METHODS = ("rome", "ft", "ft-l", "kn")  # ROME, fine-tuning, constrained fine-tuning, Knowledge Neurons
+METHODS = ("rome", "ft", "ft-l", "kn", "memit")  # ROME, fine-tuning, constrained fine-tuning, Knowledge Neurons,
+# MEMIT (many facts at once)
 _META_KEYS = ("description", "match")
 
 
@@ -225,8 +227,103 @@ class KNHyperParams(HyperParams):
         return tuple(sorted(set(layers)))
 
 
+@dataclass(frozen=True)
+class MEMITHyperParams(HyperParams):
+    """MEMIT (Meng et al., 2023): a batch of facts written into a range of MLP layers.
+
+    Defaults: the paper code's GPT-2 XL settings (kmeng01/memit,
+    hparams/MEMIT/gpt2-xl.json: layers 13-17 of 48, target vectors optimised at
+    the last of them with 20 Adam steps at lr 0.5, clamp 0.75 of the residual's
+    norm, weight decay 0.5, KL 0.0625, five sampled context texts of 10 tokens,
+    ``mom2_update_weight`` λ = 20000). λ weighs the preserved keys' second
+    moment C against the batch's keys (``(λC + KKᵀ)``) and has to grow with the
+    key width: GPT-J (16384 keys) used 15000. The null-space fields are
+    AlphaEdit's (Fang et al., 2025), used by sequential edits with the
+    projection (:mod:`editing.sequential`).
+    """
+
+    LABEL: ClassVar[str] = "MEMIT"
+
+    layers: tuple[int, ...] = ()  # the edited layers, ascending; (): `span` consecutive layers ending at
+    # int(layer_fraction * n_layers)
+    layer_fraction: float = 0.354  # GPT-2 XL: 17 / 48
+    span: int = 5  # how many layers when `layers` is empty
+    # Target vectors z = h + δ at the last layer's output (paper eq. 16, optimised as ROME's v*)
+    v_num_grad_steps: int = 20  # Adam steps on each δ
+    v_lr: float = 0.5  # Adam learning rate
+    v_weight_decay: float = 0.5  # weight of ||δ|| / ||h||^2
+    clamp_norm_factor: float = 0.75  # ||δ|| <= factor * ||h|| (h: the residual stream at the last subject token)
+    kl_factor: float = 0.0625  # weight of the essence-drift KL term
+    kl_prompt: str = "{} is a"  # the KL term's prompt, {} = subject
+    early_stop_loss: float = 0.05  # a fact's δ stops once its total loss is below this
+    early_stop_nll: float = 0.0  # also once its NLL alone is below this (0: off, as in the paper)
+    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count) of sampled context texts
+    context_top_k: int = 5
+    context_seed: int = 0
+    # The update of each layer: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹, R the residual spread over the layers left
+    mom2_update_weight: float = 20000.0  # λ
+    # Key statistics C = E[k kᵀ] (as ROME's)
+    stats_corpus: str = "model"
+    stats_tokens: int = 100_000
+    stats_seed: int = 0
+    stats_sample_length: int = 256
+    stats_top_k: int = 0
+    # The projection (AlphaEdit; compute_memit(project=True), sequential edits): updates only along directions
+    # that earlier edits' keys do not use and, with a threshold, that C hardly uses
+    nullspace_threshold: float | None = None  # eigen-directions of C below this × the mean eigenvalue; None: all
+    projection_l2: float = 10.0  # AlphaEdit's ridge L2, in units of C's mean eigenvalue
+    description: str = field(default="", compare=False)
+    match: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        problems = []
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
+            problems.append(f"layers must be non-negative integers, not {list(self.layers)}")
+        elif list(self.layers) != sorted(set(self.layers)):
+            problems.append(f"layers must be ascending without repeats, not {list(self.layers)}")
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            problems.append(f"layer_fraction must lie in [0, 1], not {self.layer_fraction}")
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            problems.append("span must be a positive integer")
+        if not isinstance(self.v_num_grad_steps, int) or self.v_num_grad_steps < 1:
+            problems.append("v_num_grad_steps must be at least 1")
+        if self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            problems.append("v_lr and clamp_norm_factor must be positive")
+        if self.v_weight_decay < 0 or self.kl_factor < 0 or self.early_stop_nll < 0:
+            problems.append("v_weight_decay, kl_factor and early_stop_nll must not be negative")
+        if self.kl_prompt.count("{}") != 1:
+            problems.append(f"kl_prompt needs exactly one {{}} for the subject, got {self.kl_prompt!r}")
+        if any(len(pair) != 2 or pair[0] < 1 or pair[1] < 0 for pair in self.context_templates):
+            problems.append(f"context_templates must be [tokens >= 1, count >= 0] pairs, got {self.context_templates}")
+        if not self.mom2_update_weight > 0:
+            problems.append("mom2_update_weight must be positive")
+        if self.stats_tokens < 1 or self.stats_sample_length < 2:
+            problems.append("stats_tokens must be positive and stats_sample_length at least 2")
+        if (self.nullspace_threshold is not None and not self.nullspace_threshold > 0) or not self.projection_l2 >= 0:
+            problems.append("nullspace_threshold must be positive (or null) and projection_l2 not negative")
+        if problems:
+            raise ValueError("Invalid MEMIT hyperparameters: " + "; ".join(problems) + ".")
+
+    def edit_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The edited layers of a model with ``n_layers`` blocks (``layers``, else ``span`` ending at the fraction)."""
+        if self.layers:
+            layers = tuple(self.layers)
+        else:
+            last = min(n_layers - 1, int(self.layer_fraction * n_layers))
+            layers = tuple(range(max(0, last - self.span + 1), last + 1))
+        bad = [x for x in layers if x >= n_layers]
+        if bad:
+            raise ValueError(f"MEMIT layers {bad} are out of range: the model has layers 0 to {n_layers - 1}.")
+        return layers
+
+    def edit_layer(self, n_layers: int) -> int:
+        """The last edited layer, where the target vectors are set."""
+        return self.edit_layers(n_layers)[-1]
+
+
 HPARAMS_CLASSES: dict[str, type[HyperParams]] = {
-    "rome": ROMEHyperParams, "ft": FTHyperParams, "ft-l": FTHyperParams, "kn": KNHyperParams}
+    "rome": ROMEHyperParams, "ft": FTHyperParams, "ft-l": FTHyperParams, "kn": KNHyperParams,
+    "memit": MEMITHyperParams}
 
 
 def check_method(method: str) -> str:

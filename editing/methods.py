@@ -1,4 +1,4 @@
-"""The paper's editors behind one entry point: ROME, fine-tuning (FT and FT+L) and Knowledge Neurons (KN).
+"""The editors behind one entry point: ROME, fine-tuning (FT and FT+L), Knowledge Neurons (KN) and MEMIT.
 
 The ROME paper argues by comparison (Table 4): FT generalises but spills over
 onto other subjects, FT+L stays specific but does not generalise, KN barely
@@ -9,7 +9,10 @@ the page work the same for all of them:
 
 * ``"rome"``: :func:`editing.rome.compute_edit`, a rank-one update (``Edit.u``, ``Edit.v``);
 * ``"ft"``, ``"ft-l"``: :func:`editing.ft.compute_ft`, a dense delta of one down-projection;
-* ``"kn"``: :func:`editing.kn.compute_kn`, deltas of a few neurons' value vectors.
+* ``"kn"``: :func:`editing.kn.compute_kn`, deltas of a few neurons' value vectors;
+* ``"memit"``: :func:`editing.memit.compute_memit`, low-rank deltas of a range of
+  down-projections; the only method that writes a batch of facts as one edit
+  (:func:`compute_batch`).
 
 None of them modifies the model's weights: deltas are computed on the side
 and the weights are bitwise unchanged afterwards, also when the computation
@@ -25,12 +28,13 @@ Example::
     edit.method, edit.layer, edit.norm          # 'ft-l', 1, 0.9
     with applied(lm, [edit]):
         ...
+    batch = compute_batch(lm, requests, method="memit")   # one Edit writing every request; undone as one step
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tracing.models import LoadedModel
 
@@ -45,6 +49,7 @@ STAGES = {
     "ft": ("optimising", "update"),
     "ft-l": ("optimising", "update"),
     "kn": ("attributing", "update"),
+    "memit": ("templates", "statistics", "keys", "optimising", "update"),
 }
 
 
@@ -66,7 +71,9 @@ def compute(
 
     ``hparams`` defaults to the method's file for this model (see
     :func:`editing.hparams.load_hparams`); ``layer`` overrides its layer (KN:
-    searches that layer only instead of every layer). ``progress(stage,
+    searches that layer only instead of every layer; MEMIT: the range keeps
+    its length and ends at ``layer``, as the paper's GPT-2 XL range 13-17 ends
+    at ROME's layer 17). ``progress(stage,
     fraction)`` is called at every optimisation step with the stages of
     :data:`STAGES`; an exception it raises stops the work. ``stats_spec`` only
     matters to ROME. Raises ValueError for invalid input, before any work.
@@ -85,9 +92,89 @@ def compute(
         from .ft import compute_ft
 
         return compute_ft(lm, request, method=method, layer=layer, hparams=hparams, progress=progress)
+    if method == "memit":
+        return compute_batch(lm, [request], method=method, layer=layer, hparams=hparams, progress=progress,
+                             stats_spec=stats_spec)
     from .kn import compute_kn
 
     return compute_kn(lm, request, layer=layer, hparams=hparams, progress=progress)
+
+
+def memit_layers(lm: LoadedModel, hparams, layer: int | None) -> tuple[int, ...]:
+    """MEMIT's range: the hyperparameters' layers, or as many ending at ``layer``."""
+    from .rome import check_layer
+
+    layers = hparams.edit_layers(lm.n_layers)
+    if layer is None:
+        return layers
+    last = check_layer(lm, layer)
+    return tuple(range(max(0, last - len(layers) + 1), last + 1))
+
+
+def compute_batch(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    *,
+    method: str = "memit",
+    layer: int | None = None,
+    layers: Sequence[int] | None = None,
+    hparams: HyperParams | None = None,
+    progress: Progress | None = None,
+    stats_spec=None,
+    previous: Sequence[Edit] = (),
+    project: bool = False,
+) -> Edit:
+    """One edit that writes every request (MEMIT), computed on top of ``previous`` edits.
+
+    Example::
+
+        batch = compute_batch(lm, [EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"),
+                                   EditRequest("Michael Jordan", "{} plays the sport of", "golf")],
+                              progress=lambda stage, fraction: None)
+        with applied(lm, [*previous, batch]):     # undo = drop it from the list
+            ...
+        nxt = compute_batch(lm, more, previous=[*previous, batch], project=True)   # keeps earlier edits' keys
+
+    ``previous`` are applied for the computation (on top of the model as it
+    is; the weights are the same again afterwards) and, with ``project``,
+    the new update leaves the keys of all their requests unchanged (see
+    :mod:`editing.memit`). ``layers`` sets MEMIT's range directly, ``layer``
+    its last layer. Other methods write one fact per edit: a batch of one is
+    passed to :func:`compute`, more raise a ValueError.
+    ``progress(stage, fraction)`` is called at every optimisation step with
+    the stages of :data:`STAGES`; an exception it raises stops the work and
+    leaves every weight bitwise as it was. Raises ValueError for invalid input,
+    before any work.
+    """
+    from .edit import applied
+
+    check_method(method)
+    requests = [requests] if isinstance(requests, EditRequest) else list(requests)
+    previous = list(previous)
+    if method != "memit":
+        if len(requests) != 1:
+            raise ValueError(f"{method.upper()} writes one fact per edit; write a batch with method='memit', or "
+                             "apply single edits one after another (editing.sequential).")
+        if project or layers is not None:
+            raise ValueError("project and layers are MEMIT's; leave them out for method " + repr(method))
+        with applied(lm, previous):
+            return compute(lm, requests[0], method=method, layer=layer, hparams=hparams, progress=progress,
+                           stats_spec=stats_spec)
+    from .hparams import MEMITHyperParams
+    from .memit import compute_memit
+
+    hp = hparams if hparams is not None else load_hparams(lm, method="memit")
+    if not isinstance(hp, MEMITHyperParams):
+        raise ValueError(f"The 'memit' method takes MEMITHyperParams, not {type(hp).__name__}; "
+                         "load them with load_hparams(lm, method='memit').")
+    if layers is not None and layer is not None:
+        raise ValueError("Give MEMIT either layers (the range) or layer (its last layer), not both.")
+    if layers is None:
+        layers = memit_layers(lm, hp, layer)
+    keep = [r for edit in previous for r in edit.requests] if project else []
+    with applied(lm, previous):
+        return compute_memit(lm, requests, layers=layers, hparams=hp, progress=progress, stats_spec=stats_spec,
+                             project=project, keep=keep)
 
 
 def with_old_object(lm: LoadedModel, request: EditRequest) -> EditRequest:
@@ -122,4 +209,5 @@ class Stopwatch:
         return dict(self.timings)
 
 
-__all__ = ["METHODS", "STAGES", "Stopwatch", "compute", "load_hparams", "with_old_object"]
+__all__ = ["METHODS", "STAGES", "Stopwatch", "compute", "compute_batch", "load_hparams", "memit_layers",
+           "with_old_object"]

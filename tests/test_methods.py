@@ -331,8 +331,8 @@ def test_dense_deltas_are_checked_before_they_are_read(edits_of, tokenizer, devi
 def test_compute_refuses_unknown_methods_and_mismatched_hyperparameters(edits_of):
     lm, _ = edits_of("llama")
     saved = snapshot(lm.model)
-    with pytest.raises(ValueError, match="Unknown editing method 'memit'.*rome, ft, ft-l, kn"):
-        compute(lm, REQ, method="memit")
+    with pytest.raises(ValueError, match="Unknown editing method 'mend'.*rome, ft, ft-l, kn, memit"):
+        compute(lm, REQ, method="mend")
     with pytest.raises(ValueError, match="takes FTHyperParams"):
         compute(lm, REQ, method="ft", hparams=ROMEHyperParams())
     with pytest.raises(ValueError, match="needs a norm_constraint"):
@@ -364,13 +364,14 @@ def test_edit_and_compare_takes_a_method_and_restores_the_model(edits_of, method
 
 
 def test_every_methods_hparams_files_load_and_unknown_keys_fail(tmp_path):
-    assert METHODS == ("rome", "ft", "ft-l", "kn")
+    assert METHODS == ("rome", "ft", "ft-l", "kn", "memit")
     for method in METHODS:
         for path in hparams_files(method=method):
             hp = load_hparams(path=path, method=method)
             assert json.loads(path.read_text()).get("description"), path
         assert type(load_hparams("some/unknown-model", method=method)).__name__ == {
-            "rome": "ROMEHyperParams", "ft": "FTHyperParams", "ft-l": "FTHyperParams", "kn": "KNHyperParams"}[method]
+            "rome": "ROMEHyperParams", "ft": "FTHyperParams", "ft-l": "FTHyperParams", "kn": "KNHyperParams",
+            "memit": "MEMITHyperParams"}[method]
     paper_ft, paper_ftl = load_hparams("gpt2-xl", method="ft"), load_hparams("gpt2-xl", method="ft-l")
     assert (paper_ft.layer, paper_ft.lr, paper_ft.num_steps, paper_ft.norm_constraint) == (1, 5e-4, 25, None)
     assert (paper_ftl.layer, paper_ftl.norm_constraint) == (0, 5e-4)
