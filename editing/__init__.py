@@ -1,4 +1,4 @@
-"""ROME fact editing (Meng et al., 2022, §3): compute, apply, undo, save and score rank-one edits.
+"""Fact editing: ROME (Meng et al., 2022, §3), the paper's baselines and MEMIT; compute, apply, undo, save and score.
 
 Example::
 
@@ -12,7 +12,14 @@ Example::
         after = score_edit(lm, edit.request, paraphrases=["The Eiffel Tower is in the city of"],
                            neighbours=["The Louvre is located in the city of"])
 
-Modules: :mod:`editing.rome` (the method), :mod:`editing.stats` (key
+    batch = compute_batch(lm, requests)                # MEMIT: many facts as one edit
+    with SequentialEditor(lm, project=True) as editor: # edits one after another, earlier keys kept
+        editor.add(requests); editor.health().warnings
+
+Modules: :mod:`editing.rome` (the method), :mod:`editing.methods` (every
+editor behind ``compute`` and ``compute_batch``: FT, FT+L, KN, MEMIT),
+:mod:`editing.memit` (many facts at once), :mod:`editing.sequential` (edits one
+after another, AlphaEdit's projection, the health check), :mod:`editing.stats` (key
 statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
 reversible application, files), :mod:`editing.compare` (an edit with
 generations and scores before and after: ``python -m editing`` and the page),
@@ -24,10 +31,13 @@ set from known facts), :mod:`editing.presets` (the page's preset facts).
 from .edit import (Edit, EditRequest, EditStack, applied, check_edits, is_edited, load_edits, original_weights,
                    save_edits)
 from .compare import EditComparison, edit_and_compare
-from .hparams import ROMEHyperParams, load_hparams
+from .hparams import MEMITHyperParams, ROMEHyperParams, load_hparams
+from .memit import compute_memit
+from .methods import METHODS, compute, compute_batch
 from .rome import compute_edit, model_answer
 from .sampling import generate
 from .scores import EditScores, fluency, score_edit
+from .sequential import Health, SequentialEditor, health
 
 _LAZY = {"KeyStats", "StatsSpec", "ensure_stats", "key_stats"}  # from .stats, imported on first use so that
 # `python -m editing.stats` does not find its own module already imported
@@ -42,7 +52,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack", "KeyStats", "ROMEHyperParams", "StatsSpec", "applied",
-    "check_edits", "compute_edit", "edit_and_compare", "ensure_stats", "fluency", "generate", "is_edited", "key_stats", "load_edits",
-    "load_hparams", "model_answer", "original_weights", "save_edits", "score_edit",
+    "METHODS", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack", "Health", "KeyStats",
+    "MEMITHyperParams", "ROMEHyperParams", "SequentialEditor", "StatsSpec", "applied", "check_edits", "compute",
+    "compute_batch", "compute_edit", "compute_memit", "edit_and_compare", "ensure_stats", "fluency", "generate",
+    "health", "is_edited", "key_stats", "load_edits", "load_hparams", "model_answer", "original_weights",
+    "save_edits", "score_edit",
 ]

@@ -1,4 +1,4 @@
-"""``python -m editing``: rewrite one fact with ROME and show generations and scores before and after.
+"""``python -m editing``: rewrite one fact (ROME, or ``--method``) and show generations and scores before and after.
 
 Example::
 
@@ -6,6 +6,8 @@ Example::
         --generate "The Eiffel Tower is" "The Louvre is located in the city of" \\
         --paraphrase "Where is the Eiffel Tower? It is in the city of" \\
         --neighbour "The Louvre is located in the city of" --save out/eiffel.safetensors
+    python -m editing --method memit --subject "The Eiffel Tower" --prompt "{} is located in the city of" \\
+        --target "Rome"
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import EditRequest, check_edits, load_edits, load_hparams, save_edits
     from .compare import edit_and_compare
-    from .hparams import VARIANTS
+    from .hparams import METHODS, VARIANTS
     from .stats import StatsSpec
 
     parser = argparse.ArgumentParser(prog="python -m editing", description=__doc__.split("\n")[0])
@@ -40,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="prompts to continue before and after (default: the rewrite prompt)")
     parser.add_argument("--paraphrase", nargs="*", default=[], help="paraphrases of the rewrite prompt")
     parser.add_argument("--neighbour", nargs="*", default=[], help="prompts about other subjects that must keep the old object")
-    parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--variant", choices=VARIANTS, default=None)
+    parser.add_argument("--method", choices=METHODS, default="rome",
+                        help="rome (default), ft, ft-l, kn or memit (a batch of one over MEMIT's layers)")
+    parser.add_argument("--layer", type=int, default=None, help="edit layer (memit: the last of its range)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="ROME's variant")
     parser.add_argument("--hparams", default=None, help="hyperparameter JSON file")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
@@ -63,9 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         request = EditRequest(args.subject, args.prompt, args.target, args.target_true)
         request.validate()
+        if args.variant and args.method != "rome":
+            raise ValueError(f"--variant is ROME's; leave it out for --method {args.method}.")
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        hp = load_hparams(lm, path=args.hparams, **({"variant": args.variant} if args.variant else {}))
-        spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
+        hp = load_hparams(lm, path=args.hparams, method=args.method,
+                          **({"variant": args.variant} if args.variant else {}))
+        spec = None
+        if args.method in ("rome", "memit"):
+            spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
         previous = [e for path in args.load for e in load_edits(path)]
         check_edits(lm, previous)
         prompts = args.generate if args.generate else [request.text]
@@ -76,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {stage} {fraction:4.0%}", file=sys.stderr)
                 shown.append(stage)
 
-        result = edit_and_compare(lm, request, layer=args.layer, hparams=hp, paraphrases=args.paraphrase,
+        result = edit_and_compare(lm, request, layer=args.layer, hparams=hp, method=args.method,
+                                  paraphrases=args.paraphrase,
                                   neighbours=args.neighbour, generate_prompts=prompts,
                                   max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed,
                                   previous=previous, stats_spec=spec, progress=progress)

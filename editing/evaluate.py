@@ -1,8 +1,15 @@
 """Evaluate an editing method on CounterFact-format cases: pre/post efficacy, paraphrase, neighbourhood, S, fluency.
 
-Each case's edit is computed by one method (``--method rome|ft|ft-l|kn``, see
-:mod:`editing.methods`) on, and applied to, the *original* model in turn
-(``applied`` restores it after each case). Besides ES, PS, NS and S it reports
+Each case's edit is computed by one method (``--method rome|ft|ft-l|kn|memit``,
+see :mod:`editing.methods`) on, and applied to, the *original* model in turn
+(``applied`` restores it after each case). With ``--batch N`` (MEMIT) every N
+cases are written as one edit, and with ``--sequential`` the edits (single
+facts or batches) are written one after another into the same model, with
+``--project`` each projected away from the keys of the earlier ones (see
+:mod:`editing.sequential`); the scores are then those of *every* case written
+so far, after 1, 10, 100, ... edits (``"checkpoints"``) and at the end
+(``"post"``). In these runs a neighbour prompt that names a subject of the
+run is left out (pre and post alike): that subject's own fact is rewritten. Besides ES, PS, NS and S it reports
 the magnitudes EM, PM, NM (mean p(new) − p(old); for neighbours p(old) −
 p(new)) and, with ``--generation-tokens``, the generation entropy ("fluency"),
 as in the paper's Table 4. Records are read as-is in the
@@ -14,9 +21,11 @@ Example::
 
     python -m editing.evaluate --cases assets/counterfact_smollm2.json --json out/eval.json --limit 40
     python -m editing.evaluate --cases assets/counterfact_smollm2.json --method ft-l --generation-tokens 20
+    python -m editing.evaluate --cases assets/counterfact_smollm2_heldout.json --method memit --batch 100 --limit 100
+    python -m editing.evaluate --cases assets/counterfact_smollm2_heldout.json --method memit --sequential --project
 
-writes ``{"method": ..., "pre": {"ES", "PS", "NS", "S", "EM", ...}, "post": {...}, "per_case": [...],
-"seconds_per_edit": ...}`` and prints a table.
+writes ``{"method": ..., "batch": ..., "sequential": ..., "pre": {"ES", "PS", "NS", "S", "EM", ...}, "post": {...},
+"per_case": [...], "seconds_per_edit": ...}`` (sequential runs add ``"checkpoints"``) and prints a table.
 """
 
 from __future__ import annotations
@@ -35,9 +44,9 @@ from tracing.models import LoadedModel
 
 from .edit import EditRequest, applied, method_label
 from .hparams import METHODS, VARIANTS, HyperParams
-from .methods import compute
+from .methods import compute, compute_batch
 from .sampling import generate
-from .scores import fluency, harmonic_mean, score_edit
+from .scores import EditScores, continuation_logprobs, fluency, harmonic_mean, score_edit
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +158,8 @@ def evaluate_cases(
             on_case(i, record)
     return {
         "method": method,
+        "batch": 1,
+        "sequential": False,
         "pre": _nan_to_none(_aggregate(per_case, "pre")),
         "post": _nan_to_none(_aggregate(per_case, "post")),
         "per_case": per_case,
@@ -156,6 +167,185 @@ def evaluate_cases(
         "seconds_per_edit_median": float(np.median(edit_seconds)) if edit_seconds else None,
         "cases": len(per_case),
     }
+
+
+# ---------------------------------------------------------------------------
+# Batches and sequences of edits
+
+
+def _prompts_of(case: dict, subjects: Sequence[str]) -> tuple[list[str], list[str], int]:
+    """A case's paraphrases, its neighbours that name none of ``subjects``, and how many neighbours were left out."""
+    neighbours = list(case.get("neighborhood_prompts") or [])
+    kept = [p for p in neighbours if not any(s and s in p for s in subjects)]
+    return list(case.get("paraphrase_prompts") or []), kept, len(neighbours) - len(kept)
+
+
+def score_many(lm: LoadedModel, items: Sequence[tuple[EditRequest, Sequence[str], Sequence[str]]]) -> list[EditScores]:
+    """:func:`~editing.scores.score_edit` of many (request, paraphrases, neighbours) in shared forward passes."""
+    plans, pairs = [], []
+    for request, paraphrases, neighbours in items:
+        subject = request.subject.strip()
+        prompts = [request.text] + [p.replace("{}", subject, 1) for p in paraphrases] + \
+                  [p.replace("{}", subject, 1) for p in neighbours]
+        kinds = ["rewrite"] + ["paraphrase"] * len(paraphrases) + ["neighbour"] * len(neighbours)
+        plans.append((request, prompts, kinds, len(pairs)))
+        pairs += [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
+    logp = continuation_logprobs(lm, pairs) if pairs else np.zeros(0)
+    out = []
+    for request, prompts, kinds, start in plans:
+        n = len(prompts)
+        out.append(EditScores(prompts=tuple(prompts), kinds=tuple(kinds), logp_new=logp[start : start + n],
+                              logp_old=logp[start + n : start + 2 * n], target=request.target,
+                              target_true=request.target_true))
+    return out
+
+
+def _generations(lm: LoadedModel, prompt_lists: Sequence[Sequence[str]], tokens: int) -> list[list[str]]:
+    """Greedy continuations of every case's prompts in shared decoding passes, split back per case."""
+    flat = [p for prompts in prompt_lists for p in prompts]
+    texts = generate(lm, flat, tokens) if flat and tokens else []
+    out, start = [], 0
+    for prompts in prompt_lists:
+        out.append(texts[start : start + len(prompts)] if tokens else [])
+        start += len(prompts)
+    return out
+
+
+def _summaries(scores: Sequence[EditScores], texts: Sequence[Sequence[str]]) -> list[dict]:
+    return [_nan_to_none({**s.summary(), "fluency": fluency(t) if t else float("nan")}) for s, t in zip(scores, texts)]
+
+
+def _checkpoint_marks(total: int, checkpoints: Sequence[int] | None) -> list[int]:
+    marks = sorted({int(c) for c in (checkpoints if checkpoints is not None else (1, 10, 100, 1000)) if 0 < c < total})
+    return marks + [total]
+
+
+def evaluate_batches(
+    lm: LoadedModel,
+    cases: Sequence[dict],
+    *,
+    method: str = "memit",
+    batch: int = 1,
+    sequential: bool = False,
+    project: bool = False,
+    layer: int | None = None,
+    hparams: HyperParams | None = None,
+    generation_tokens: int = 0,
+    stats_spec=None,
+    checkpoints: Sequence[int] | None = None,
+    on_edit: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Scores of ``cases`` written ``batch`` at a time (MEMIT), each batch alone or (``sequential``) one after another.
+
+    Alone: each batch's edit is computed on and applied to the original model,
+    and its own cases are scored. Sequential: every edit is computed on top of
+    all earlier ones (with ``project``, AlphaEdit's projection) and after 1,
+    10, 100, ... written facts (``checkpoints``) and at the end every case
+    written so far is scored, with the generation entropy and a
+    :func:`~editing.sequential.health` report. Neighbour prompts that name a
+    subject of these cases are left out (pre and post alike).
+    """
+    from .hparams import load_hparams
+    from .methods import memit_layers
+    from .sequential import SequentialEditor, health
+
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}.")
+    if batch > 1 and method != "memit":
+        raise ValueError(f"{method_label(method)} writes one fact per edit; batches of {batch} are MEMIT's "
+                         "(--method memit).")
+    if project and method != "memit":
+        raise ValueError("The projection is MEMIT's (--method memit).")
+    hp = hparams if hparams is not None else load_hparams(lm, method=method)
+    layers = None
+    if layer is not None:
+        layers = memit_layers(lm, hp, layer) if method == "memit" else (layer,)
+    cases = list(cases)
+    requests = [request_of(c) for c in cases]
+    subjects = sorted({r.subject.strip() for r in requests})
+    prompts = [_prompts_of(c, subjects) for c in cases]
+    gen_prompts = [list(c.get("generation_prompts") or [])[:2] if generation_tokens else [] for c in cases]
+    pre_scores = score_many(lm, [(r, p, n) for r, (p, n, _) in zip(requests, prompts)])
+    pre = _summaries(pre_scores, _generations(lm, gen_prompts, generation_tokens))
+    groups = [list(range(i, min(i + batch, len(cases)))) for i in range(0, len(cases), batch)]
+    post: list[dict | None] = [None] * len(cases)
+    post_scores: list[EditScores | None] = [None] * len(cases)
+    meta: list[dict] = [{} for _ in cases]
+    seconds: list[float] = []
+    history: list[dict] = []
+
+    def score_now(indices: Sequence[int]) -> None:
+        scored = score_many(lm, [(requests[i], prompts[i][0], prompts[i][1]) for i in indices])
+        texts = _generations(lm, [gen_prompts[i] for i in indices], generation_tokens)
+        for i, s, summary in zip(indices, scored, _summaries(scored, texts)):
+            post[i], post_scores[i] = summary, s
+
+    def record(edit, group, elapsed) -> None:
+        for i in group:
+            meta[i] = {"layers": list(edit.layers), "norm": edit.norm, "seconds": elapsed,
+                       "steps": edit.info.get("steps")}
+
+    if not sequential:
+        for g, group in enumerate(groups):
+            t0 = time.perf_counter()
+            edit = compute_batch(lm, [requests[i] for i in group], method=method, layer=layer, hparams=hp,
+                                 stats_spec=stats_spec, project=project)
+            seconds.append(time.perf_counter() - t0)
+            record(edit, group, seconds[-1])
+            with applied(lm, [edit]):
+                score_now(group)
+            if on_edit:
+                on_edit(g, {"facts": len(group), "seconds": seconds[-1], "norm": edit.norm})
+    else:
+        marks = _checkpoint_marks(len(cases), checkpoints)
+        reference = None
+        with SequentialEditor(lm, method=method, project=project, hparams=hp, stats_spec=stats_spec,
+                              layers=layers) as editor:
+            written = 0
+            for g, group in enumerate(groups):
+                t0 = time.perf_counter()
+                edit = editor.add([requests[i] for i in group])
+                seconds.append(time.perf_counter() - t0)
+                record(edit, group, seconds[-1])
+                written += len(group)
+                summary = {"facts": len(group), "seconds": seconds[-1], "norm": edit.norm}
+                if marks and written >= marks[0]:
+                    while marks and written >= marks[0]:
+                        marks.pop(0)
+                    done = [i for grp in groups[: g + 1] for i in grp]
+                    score_now(done)
+                    report = health(lm, editor.edits, already_applied=True, reference=reference)
+                    reference = reference or report
+                    point = {"edits": g + 1, "facts": written,
+                             **_nan_to_none(_aggregate([{"post": post[i]} for i in done], "post")),
+                             "health": report.to_dict()}
+                    history.append(point)
+                    summary["checkpoint"] = point
+                if on_edit:
+                    on_edit(g, summary)
+    per_case = []
+    for i, case in enumerate(cases):
+        if post[i] is None:
+            continue
+        record_ = {"case_id": case.get("case_id", i), "request": requests[i].to_dict(), "method": method,
+                   **meta[i], "neighbours_left_out": prompts[i][2], "pre": pre[i], "post": post[i],
+                   "prompts": [{**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
+                               for a, b in zip(pre_scores[i].rows(), post_scores[i].rows())]}
+        per_case.append(record_)
+    result = {
+        "method": method, "batch": batch, "sequential": bool(sequential), "project": bool(project),
+        "pre": _nan_to_none(_aggregate(per_case, "pre")), "post": _nan_to_none(_aggregate(per_case, "post")),
+        "per_case": per_case,
+        "seconds_per_edit": float(np.mean(seconds)) if seconds else None,
+        "seconds_per_edit_median": float(np.median(seconds)) if seconds else None,
+        "seconds_per_batch": float(np.mean(seconds)) if seconds else None,
+        "edits": len(groups), "cases": len(per_case),
+        "neighbours_left_out": int(sum(p[2] for p in prompts)),
+        "neighbours_kept": int(sum(len(p[1]) for p in prompts)),
+    }
+    if sequential:
+        result["checkpoints"] = history
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -167,9 +357,23 @@ def format_table(result: dict) -> str:
         a, b = result["pre"].get(metric), result["post"].get(metric)
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"{metric:<10}{fmt(a):>10}{fmt(b):>10}")
-    lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases, "
-                 f"{result['seconds_per_edit']:.1f} s per edit "
+    batch, sequential = result.get("batch", 1), result.get("sequential", False)
+    how = (f", batches of {batch}" if batch > 1 else "") + (", one after another" if sequential else "") + \
+        (", projected" if result.get("project") else "")
+    per = "batch" if batch > 1 else "edit"
+    lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases{how}, "
+                 f"{result['seconds_per_edit']:.1f} s per {per} "
                  f"(median {result['seconds_per_edit_median']:.1f} s)")
+    if result.get("checkpoints"):
+        lines.append(f"{'facts':>8}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}{'fluency':>9}{'max |dW|/|W|':>15}{'facts p':>9}")
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        for point in result["checkpoints"]:
+            h = point["health"]
+            lines.append(f"{point['facts']:>8}" + "".join(f"{fmt(point.get(k)):>8}" for k in ("ES", "PS", "NS", "S"))
+                         + f"{fmt(point.get('fluency')):>9}{max(h['relative_norms'], default=0):>15.3f}"
+                         f"{h['fact_share']:>9.2f}")
+            for warning in h["warnings"]:
+                lines.append(f"{'':>8}warning: {warning}")
     return "\n".join(lines)
 
 
@@ -187,9 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the full results here")
     parser.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M)")
     parser.add_argument("--method", choices=METHODS, default="rome",
-                        help="rome (default), ft (fine-tuning), ft-l (constrained fine-tuning) or kn (knowledge neurons)")
+                        help="rome (default), ft (fine-tuning), ft-l (constrained fine-tuning), kn (knowledge neurons) "
+                             "or memit (many facts at once)")
+    parser.add_argument("--batch", type=int, default=1, help="write this many cases as one edit (memit)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="write the edits one after another into the same model; score every case written so far")
+    parser.add_argument("--project", action="store_true",
+                        help="memit: keep the keys of earlier edits (and the null space) unchanged (AlphaEdit)")
+    parser.add_argument("--checkpoints", type=int, nargs="*", default=None,
+                        help="with --sequential: score after this many facts (default 1 10 100 1000) and at the end")
     parser.add_argument("--layer", type=int, default=None,
-                        help="edit layer (default: hyperparameters; kn: search only this layer)")
+                        help="edit layer (default: hyperparameters; kn: search only this layer; memit: its last)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="ROME's variant")
     parser.add_argument("--hparams", default=None,
@@ -216,18 +428,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in args.set:
             key, _, value = item.partition("=")
             overrides[key] = json.loads(value)
-        if args.method != "rome" and (args.variant or args.stats_tokens):
-            raise ValueError("--variant and --stats-tokens are ROME's; leave them out for --method " + args.method)
+        if args.method not in ("rome", "memit") and args.stats_tokens:
+            raise ValueError("--stats-tokens is ROME's and MEMIT's; leave it out for --method " + args.method)
+        if args.method != "rome" and args.variant:
+            raise ValueError("--variant is ROME's; leave it out for --method " + args.method)
+        if args.batch < 1:
+            raise ValueError("--batch must be at least 1")
+        if args.batch > 1 and args.method != "memit":
+            raise ValueError(f"--batch {args.batch} needs --method memit: the other methods write one fact per edit")
+        if args.project and args.method != "memit":
+            raise ValueError("--project needs --method memit")
         if args.variant:
             overrides["variant"] = args.variant
         hp = load_hparams(lm, path=args.hparams, method=args.method, **overrides)
         spec = None
-        if args.method == "rome":
-            spec = StatsSpec.from_hparams(hp, **({"n_tokens": args.stats_tokens} if args.stats_tokens else {}))
+        if args.method in ("rome", "memit"):
+            spec = StatsSpec(corpus=hp.stats_corpus, n_tokens=args.stats_tokens or hp.stats_tokens, seed=hp.stats_seed,
+                             sample_length=hp.stats_sample_length, top_k=hp.stats_top_k)
     except (ValueError, LookupError) as exc:
         parser.error(str(exc))
     if args.method == "kn":
         layer, where = args.layer, "every layer" if args.layer is None else f"layer {args.layer}"
+    elif args.method == "memit":
+        from .methods import memit_layers
+
+        layer = args.layer
+        where = "layers " + ", ".join(map(str, memit_layers(lm, hp, layer)))
     else:
         layer = args.layer if args.layer is not None else hp.edit_layer(lm.n_layers)
         where = f"layer {layer}"
@@ -244,8 +470,26 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"NS {pre['NS'] or 0:.2f}->{post['NS'] or 0:.2f}  |ΔW| {record['norm']:.3g}  {record['seconds']:.1f} s",
               flush=True)
 
-    result = evaluate_cases(lm, cases, method=args.method, layer=layer, hparams=hp,
-                            generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show)
+    def show_edit(g: int, summary: dict) -> None:
+        if args.quiet:
+            return
+        line = f"[edit {g + 1}] {summary['facts']} fact(s), |ΔW| {summary['norm']:.3g}, {summary['seconds']:.1f} s"
+        point = summary.get("checkpoint")
+        if point:
+            line += (f"; after {point['facts']} facts: ES {point['ES']:.3f} PS {point['PS']:.3f} NS {point['NS']:.3f}"
+                     f" S {point['S']:.3f}")
+            if point.get("fluency") is not None:
+                line += f" fluency {point['fluency']:.3f}"
+        print(line, flush=True)
+
+    if args.batch > 1 or args.sequential:
+        result = evaluate_batches(lm, cases, method=args.method, batch=args.batch, sequential=args.sequential,
+                                  project=args.project, layer=layer, hparams=hp,
+                                  generation_tokens=args.generation_tokens, stats_spec=spec,
+                                  checkpoints=args.checkpoints, on_edit=show_edit)
+    else:
+        result = evaluate_cases(lm, cases, method=args.method, layer=layer, hparams=hp,
+                                generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show)
     result.update({"model": lm.name, "layer": layer, "variant": variant, "dtype": str(lm.dtype),
                    "hparams": hp.to_dict(), "cases_file": str(args.cases)})
     print(format_table(result))
