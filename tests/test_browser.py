@@ -51,7 +51,9 @@ def chromium() -> str:
 def page_url():
     """``python app.py`` on a free port; yields its URL, stops it afterwards."""
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    # The page's deadline is for crowds; on a busy test machine the four editors may take longer than it.
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "LOCATE_EDIT_LIMIT_DEADLINE_S": "3600"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"

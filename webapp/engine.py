@@ -54,6 +54,7 @@ from .limits import Limits, Refused
 log = logging.getLogger("locate-edit.engine")
 
 MODEL_ENV = "LOCATE_EDIT_MODEL"
+EDITORS = ("rome", "ft", "ft-l", "kn")  # the paper's single-fact editors, in the order the page shows them
 MEMO_SIZE = 64  # results of the unedited model kept for the next visitors (traces, generations, edits)
 POLL_S = 0.25  # how often a waiting or running request reports back (so Stop and disconnects act promptly)
 ABANDONED_S = 15.0  # a request whose events nobody has read for this long was abandoned (its visitor left)
@@ -168,7 +169,7 @@ class Engine:
         self.hparams = hparams if hparams is not None else load_hparams(lm)  # ROME's
         self.stats_spec = StatsSpec.from_hparams(self.hparams)
         self.default_layer = self.hparams.edit_layer(lm.n_layers)
-        self.methods = METHODS
+        self.methods = tuple(m for m in EDITORS if m in METHODS)  # single-fact editors the page offers
         self._method_hparams: dict[str, HyperParams] = {"rome": self.hparams}
         self.limits = limits if limits is not None else Limits()
         self.notice = notice
