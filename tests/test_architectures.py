@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracing import ARCHITECTURES, TraceConfig, trace, trace_reference
+from tracing import ARCHITECTURES, TraceConfig, iter_trace, trace, trace_reference
 from tracing.models import arch_spec, get_module
 
 from conftest import TINY_CONFIGS
@@ -44,7 +44,7 @@ def test_unknown_architecture_names_supported_ones():
 @pytest.mark.parametrize("metric", ["prob", "logit_diff"])
 def test_fast_trace_equals_oracle(tiny, metric):
     """Every plan (one pass per kind and token; kinds apart with padded token buckets; everything together,
-    also one cell per pass) gives the oracle's scores."""
+    also one cell per pass; the progressive order) gives the oracle's scores."""
     config = TraceConfig(samples=3, window=2, metric=metric, contrast="Rome" if metric == "logit_diff" else None)
     slow = trace_reference(tiny, PROMPT, SUBJECT, config=config)
     for plan in (dict(batching="auto"), dict(batching="token"), dict(batching="all"), dict(batching="all", memory_mb=0)):
@@ -56,6 +56,10 @@ def test_fast_trace_equals_oracle(tiny, metric):
             assert abs(a.low_score - b.low_score) <= 1e-5 * scale
             assert abs(a.high_score - b.high_score) <= 1e-5 * scale
             assert not np.isnan(a.scores).any()
+    progressive = [r for r in iter_trace(tiny, PROMPT, SUBJECT, config=config, progressive=True)
+                   if r.settings["complete"]]
+    for a, b in zip(progressive, slow):
+        assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5 * max(abs(a.high_score), abs(a.low_score), 1e-3)
 
 
 def test_fast_trace_without_skipping_equals_oracle(tiny):

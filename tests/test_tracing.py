@@ -183,6 +183,68 @@ def test_progress_counts_heatmap_rows_and_kinds_come_in_order(llama, batching):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+def test_progressive_trace_draws_the_story_rows_first_and_ends_with_the_same_results(llama):
+    config = TraceConfig(samples=2, batching="token")
+    final = trace(llama, PROMPT, SUBJECT, config=config)
+    calls = []
+    snapshots = list(iter_trace(llama, PROMPT, SUBJECT, config=config, progressive=True,
+                                progress=lambda done, total: calls.append((done, total))))
+    enc = encode_prompt(llama.tokenizer, PROMPT, SUBJECT)
+    story = [enc.subject_end - 1, len(enc) - 1]
+    arrivals, seen = [], set()  # (kind, token) rows in the order they first appear, past the untouched prefix
+    for snap in snapshots:
+        rows = {(snap.kind, t) for t in range(enc.subject_start, len(enc)) if not np.isnan(snap.scores[t]).any()}
+        arrivals += sorted(rows - seen, key=lambda row: row[1])
+        seen |= rows
+        if not snap.settings["complete"]:
+            assert np.isnan(snap.scores).any()
+    assert {t for _, t in arrivals[: 2 * len(KINDS)]} == set(story)  # every kind's story rows come first
+    rest = [t for _, t in arrivals[2 * len(KINDS):]]
+    assert rest == sorted(rest)  # then the other rows top to bottom, each token's kinds together
+    complete = [s for s in snapshots if s.settings["complete"]]
+    assert [s.kind for s in complete] == list(KINDS)
+    for kind in KINDS:  # a kind's final result is its last snapshot
+        assert [s for s in snapshots if s.kind == kind][-1].settings["complete"]
+    for a, b in zip(complete, final):
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert b.settings["complete"] is True
+    total = len(KINDS) * len(enc)
+    assert calls[-1] == (total, total) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_parallel_passes_equal_one_at_a_time_and_leave_threads_and_hooks_as_they_were(llama, monkeypatch):
+    from tracing.trace import WORKERS_ENV
+
+    config = TraceConfig(samples=2, batching="token")
+    threads = torch.get_num_threads()
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    one = trace(llama, PROMPT, SUBJECT, config=config)
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    three = trace(llama, PROMPT, SUBJECT, config=config)
+    for a, b in zip(one, three):
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+    assert torch.get_num_threads() == threads and active_hook_count(llama.model) == 0
+    snapshots = iter_trace(llama, PROMPT, SUBJECT, config=config, progressive=True)
+    next(snapshots)
+    snapshots.close()  # a visitor who leaves mid-trace: the threads, hooks and thread setting go with it
+    assert torch.get_num_threads() == threads and active_hook_count(llama.model) == 0
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        trace(llama, PROMPT, SUBJECT, config=config)
+
+
+def test_profile_names_every_stage(llama):
+    from tracing.trace import PROFILE_STAGES, trace_profile
+
+    profile = trace_profile(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2, tokens="subject_last"))
+    assert set(PROFILE_STAGES) <= set(profile) and profile["block_calls"] > 0 and profile["passes"] > 0
+    assert all(profile[stage] >= 0 for stage in PROFILE_STAGES if stage != "bookkeeping")
+    for suffix in ("", "_cpu"):  # wall and CPU seconds
+        parts = sum(profile[k + suffix] for k in ("base_runs", "blocks", "unembedding", "bookkeeping"))
+        assert parts == pytest.approx(profile["total" + suffix])
+        assert profile["attention" + suffix] + profile["mlp" + suffix] <= profile["blocks" + suffix] + 1e-3
+
+
 def test_plan_pads_tokens_together_only_where_passes_cost_more_than_arithmetic(llama, monkeypatch):
     """A launch-bound device (a GPU) merges tokens into one padded pass; an arithmetic-bound one keeps them apart."""
     engine = importlib.import_module("tracing.trace")

@@ -16,7 +16,13 @@ Two implementations of the same definitions live here:
   are the corrupted run's), computes only positions from the restored token on
   (earlier positions keep the corrupted run's keys and values), and unembeds
   only the last position. Positions before the subject are never corrupted, so
-  restoring them gives the low score without any work.
+  restoring them gives the low score without any work. Work that cannot
+  change a score is skipped further (:meth:`_FastTracer.entries`): an MLP
+  window's first block changes only its token, by the MLP output it adds, so
+  its rows join one block later; windows clipped at layer 0 share their rows
+  until the shorter one ends; the last block runs its MLP at the last
+  position only; a hidden state restored in the last layer before the last
+  token changes nothing scored.
 
   Which cells share a forward pass is a plan; it never changes a score. A GPU
   is bound by kernel launches, not arithmetic: there the three kinds run in
@@ -24,9 +30,13 @@ Two implementations of the same definitions live here:
   at the bucket's first token (the extra positions recompute the corrupted
   run's states). A CPU is bound by arithmetic: there each kind runs on its own
   (its heatmap streams as soon as it is done) and tokens keep their own
-  passes. :meth:`_FastTracer.buckets` chooses from a rough cost model
-  (arithmetic against passes), so tiny models on a CPU are grouped too;
-  ``TraceConfig.batching`` overrides the plan.
+  passes, two (one per torch thread) computed at once in threads of one
+  torch thread each (``$LOCATE_EDIT_TRACE_WORKERS`` overrides).
+  :meth:`_FastTracer.buckets` chooses from a rough cost model (arithmetic
+  against passes), so tiny models on a CPU are grouped too;
+  ``TraceConfig.batching`` overrides the plan. ``iter_trace(...,
+  progressive=True)`` runs the rows that carry the story first and yields
+  every kind's map as its rows arrive; :func:`trace_profile` times the stages.
 * :func:`trace_reference` restores one cell per forward pass of the whole
   model, like the paper's code. It is the oracle for tests and the baseline of
   ``benchmarks/trace_speed.py``.
@@ -44,8 +54,12 @@ import bisect
 import copy
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,13 +128,18 @@ def _with_precision(lm: LoadedModel, precision: str) -> LoadedModel:
 
 
 def _prepare(
-    lm: LoadedModel, prompt: str, subject: str, answer: str | None, config: TraceConfig, occurrence: int
+    lm: LoadedModel, prompt: str, subject: str, answer: str | None, config: TraceConfig, occurrence: int,
+    record: Sequence[Hook] = (),
 ) -> tuple[_Setup, float, int]:
-    """Tokenise, find the subject, fix the answer; return the setup, clean score and answer id."""
+    """Tokenise, find the subject, fix the answer; return the setup, clean score and answer id.
+
+    ``record``: hooks active during the clean run (e.g. to keep its states).
+    """
     enc = encode_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence, max_length=lm.max_length)
     ids = torch.tensor([enc.ids], device=lm.device)
-    with torch.inference_mode():
-        logits = lm.model(ids).logits[0, -1]
+    with torch.inference_mode(), hooks(lm.model, *record):
+        last = lm.model.base_model(ids, use_cache=False).last_hidden_state[:, -1]  # (1, d_model), final norm applied
+        logits = lm.unembed(last)[0]  # (vocab,): the last position only
     if answer is None or not str(answer).strip():
         answer_id = int(logits.argmax())
     else:
@@ -271,9 +290,10 @@ _BUCKET_SPAN = 64  # tokens one bucket may cover (bounds the planner's work on l
 class _Cell:
     """One heatmap cell: restore ``kind`` at ``token`` in ``layer``.
 
-    Its rows join the forward pass at block ``start`` (the corrupted run's
-    input there, with the clean block output at ``token`` for ``hidden``);
-    ``window`` lists the blocks whose ``kind`` output is restored at ``token``.
+    Its rows differ from the corrupted run from block ``start`` on (its input
+    there is the corrupted run's, with the clean block output at ``token``
+    for ``hidden``); ``window`` lists the blocks whose ``kind`` output is
+    restored at ``token``.
     """
 
     kind: str
@@ -281,6 +301,24 @@ class _Cell:
     layer: int
     start: int
     window: range
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one cell's rows enter a forward pass, and what they start from (see :meth:`_FastTracer.entries`).
+
+    At block ``join`` the rows are the corrupted run's input there, or, with
+    ``parent``, a copy of that cell's rows (identical up to there). ``patch``:
+    the input at the cell's token is replaced on entry (``hidden``: the clean
+    block output; ``mlp``: the first window block's output with the clean MLP
+    output in place of the corrupted one). ``depth`` orders copies after
+    their parents.
+    """
+
+    join: int
+    parent: int | None = None
+    patch: bool = False
+    depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -301,6 +339,57 @@ def _speed(device: torch.device, dtype: torch.dtype, tf32: bool) -> _Speed:
     return _Speed(flops=1e14 if tf32 else 4e13, per_call=1e-3)
 
 
+PROFILE_STAGES = ("base_runs", "blocks", "attention", "mlp", "rest_of_blocks", "unembedding", "bookkeeping")
+
+
+class _Profile:
+    """Wall and CPU seconds per stage of one trace (see :func:`trace_profile`), timed around synchronous work."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = dict.fromkeys(PROFILE_STAGES, 0.0)
+        self.cpu_seconds: dict[str, float] = dict.fromkeys(PROFILE_STAGES, 0.0)
+        self.block_calls = 0
+        self._open: dict[int, tuple[float, float]] = {}
+
+    def _now(self) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter(), time.process_time()
+
+    def _add(self, name: str, since: tuple[float, float]) -> None:
+        wall, cpu = self._now()
+        self.seconds[name] += wall - since[0]
+        self.cpu_seconds[name] += cpu - since[1]
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        since = self._now()
+        try:
+            yield
+        finally:
+            self._add(name, since)
+
+    def module_hooks(self, lm: LoadedModel) -> list[Hook]:
+        """Timers around every attention and MLP module (pre-hook starts, forward hook stops)."""
+
+        def start(module, args, kwargs):
+            self._open[id(module)] = self._now()
+
+        def stop(stage):
+            def done(module, args, output):
+                self._add(stage, self._open.pop(id(module)))
+
+            return done
+
+        out = []
+        for kind, stage in (("attn", "attention"), ("mlp", "mlp")):
+            for j in range(lm.n_layers):
+                name = lm.module_name(kind, j)
+                out += [Hook(name, start, pre=True), Hook(name, stop(stage))]
+        return out
+
+
 class _FastTracer:
     """Clean and corrupted runs once, then restored rows batched layer by layer.
 
@@ -308,22 +397,28 @@ class _FastTracer:
     compute positions ``t0..`` (``t0`` at most each cell's token).
     """
 
-    def __init__(self, setup: _Setup):
+    def __init__(self, setup: _Setup, profile: _Profile | None = None, workers: int = 1):
         self.setup = setup
         lm = setup.lm
         self.lm = lm
+        self.profile = profile
+        self.workers = workers  # passes computed at once, each in its own thread
+        self._local = threading.local()  # the plan of the pass this thread runs (see pass_hooks)
         self.n_layers = lm.n_layers
         self.n_tokens = len(setup.enc)
         self.copies = setup.corruption.copies
         self.calls: dict[int, list[BlockCall]] = {}
-        self.sweeps = 0  # forward passes run by sweep()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._stage("base_runs"):
             self._base_runs()
-        self.budget = self._budget_bytes()  # after the base runs: what is free for restored rows
+        self.budget = self._budget_bytes() // workers  # after the base runs: what is free for restored rows
+
+    def _stage(self, name: str):
+        return self.profile.stage(name) if self.profile else nullcontext()
 
     def calls_for(self, start: int) -> list[BlockCall]:
         if start not in self.calls:
-            self.calls[start] = capture_calls(self.lm, self.setup.enc.ids, start)[0]
+            with self._stage("base_runs"):
+                self.calls[start] = capture_calls(self.lm, self.setup.enc.ids, start)[0]
         return self.calls[start]
 
     def _base_runs(self) -> None:
@@ -333,23 +428,28 @@ class _FastTracer:
 
         # Clean run: keep every block output and every MLP / attention output.
         self.clean = {kind: [None] * self.n_layers for kind in KINDS}
+        self.corrupt_mlp: list[torch.Tensor | None] = [None] * self.n_layers  # (copies, tokens, d_model) each
 
-        def keeper(kind, layer):
+        def keeper(store, layer, row=None):
             def keep(module, args, output):
-                self.clean[kind][layer] = main_tensor(output)[0]  # (tokens, d_model)
+                state = main_tensor(output)
+                store[layer] = state if row is None else state[row]
 
             return keep
 
-        specs = [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(self.n_layers)]
+        specs = [Hook(lm.module_name(kind, j), keeper(self.clean[kind], j, 0)) for kind in KINDS
+                 for j in range(self.n_layers)]
         with hooks(lm.model, *specs):
             final = self._run_layers(clean_in, 0, 0, PrefixCache())
         self.high = float(setup.score(self._logits(final))[0])
 
-        # Corrupted run: keep every block's input and every layer's keys and values.
+        # Corrupted run: keep every block's input, every MLP output and every layer's keys and values.
         corrupt_in = self._corrupted_input()
         recorder = PrefixCache(record=True)
         self.corrupt_in: list[torch.Tensor] = []  # n_layers + 1 entries of (copies, tokens, d_model)
-        final = self._run_layers(corrupt_in, 0, 0, recorder, keep_inputs=self.corrupt_in)
+        specs = [Hook(lm.module_name("mlp", j), keeper(self.corrupt_mlp, j)) for j in range(self.n_layers)]
+        with hooks(lm.model, *specs):
+            final = self._run_layers(corrupt_in, 0, 0, recorder, keep_inputs=self.corrupt_in)
         self.corrupt_in.append(final)
         self.kv = [recorder.recorded[j] for j in range(self.n_layers)]  # (copies, heads, tokens, head_dim) each
         self.low_rows = setup.score(self._logits(final))  # (copies,)
@@ -484,68 +584,130 @@ class _FastTracer:
 
     # --- one forward pass ----------------------------------------------------
 
-    def sweep(self, t0: int, cells: Sequence[_Cell]) -> np.ndarray:
-        """Mean scores (cells,) of one batch of cells sorted by start; rows compute positions ``t0..``.
+    def entries(self, cells: Sequence[_Cell]) -> list[_Entry | None]:
+        """Where each cell's rows enter a pass: only where they first differ from rows already computed.
 
-        Rows are cell-major (cell i owns rows i*copies ... i*copies + copies - 1,
-        copy s reading copy s's prefix). A row of token t > t0 recomputes
-        positions t0..t-1 exactly as the corrupted run did.
+        * A ``hidden`` cell of the last layer at an earlier token than the
+          last changes nothing the score reads: None (its score is the low
+          score).
+        * An ``mlp`` cell skips the first block of its window: there only its
+          token's MLP output changes, and the block adds that output to the
+          residual stream, so the next block's input is the corrupted run's
+          with (clean - corrupted MLP output) added at the token.
+        * Window cells of one kind and token that start at the same block
+          (windows clipped at layer 0) restore the same states until the
+          shorter window ends: the longer one joins there as a copy of the
+          shorter one's rows.
+        """
+        last_token = self.n_tokens - 1
+        out: list[_Entry | None] = []
+        for c in cells:
+            if c.kind == "hidden":
+                out.append(None if c.start == self.n_layers and c.token < last_token else _Entry(c.start, patch=True))
+            elif c.kind == "mlp":
+                out.append(_Entry(c.start + 1, patch=True))
+            else:
+                out.append(_Entry(c.start))
+        same_start: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cells):
+            if c.kind != "hidden":
+                same_start.setdefault((c.kind, c.token, c.start), []).append(i)
+        for members in same_start.values():
+            members.sort(key=lambda i: cells[i].window.stop)
+            for depth, (shorter, longer) in enumerate(zip(members, members[1:]), start=1):
+                out[longer] = _Entry(cells[shorter].window.stop, parent=shorter, depth=depth)
+        return out
+
+    def sweep(self, t0: int, cells: Sequence[_Cell]) -> np.ndarray:
+        """Mean scores (cells,) of one batch of cells; rows compute positions ``t0..``.
+
+        Each cell owns ``copies`` consecutive rows (copy s reading copy s's
+        prefix), in the order the cells join (:meth:`entries`). A row of token
+        t > t0 recomputes positions t0..t-1 exactly as the corrupted run did.
         """
         lm, copies, n_layers = self.lm, self.copies, self.n_layers
         device = lm.device
-        assert all(c.token >= t0 for c in cells) and all(a.start <= b.start for a, b in zip(cells, cells[1:]))
-        starts = [c.start for c in cells]
-        restore = self._restore_plan(t0, cells)  # (kind, layer) -> (rows, positions, clean states)
-        patch = [
-            Hook(lm.module_name(kind, j), self._patch_hook(*restore[kind, j]))
-            for kind, j in restore
-            if kind != "hidden"
-        ]
+        assert all(c.token >= t0 for c in cells)
+        entries = self.entries(cells)
+        order = sorted((i for i, e in enumerate(entries) if e is not None),
+                       key=lambda i: (entries[i].join, entries[i].depth, i))
+        slot = {cell: rank for rank, cell in enumerate(order)}  # cell index -> its block of rows
+        out = np.full(len(cells), self.low)  # cells without an entry keep the low score
+        if not order:
+            return out
+        restore = self._restore_plan(t0, cells, entries, slot)  # (kind, layer) -> (rows, positions, clean states)
+        patches = self._input_patches(t0, cells, entries, slot)  # block -> (rows, positions, states)
         calls = self.calls_for(t0)
         prefix = [(k[:, :, :t0], v[:, :, :t0]) for k, v in self.kv]
-        sample = torch.arange(copies, device=device).repeat(len(cells))  # (rows,) the copy each row belongs to
+        sample = torch.arange(copies, device=device).repeat(len(order))  # (rows,) the copy each row belongs to
+        joins = [entries[i].join for i in order]
         hidden, joined = None, 0
-        with hooks(lm.model, *patch):
-            for j in range(starts[0], n_layers + 1):
-                upto = bisect.bisect_right(starts, j)
-                if upto > joined:  # cells joining at block j: the corrupted run's input there
-                    rows = self.corrupt_in[j][:, t0:].repeat(upto - joined, 1, 1)  # (new rows, positions, d_model)
-                    hidden = rows if hidden is None else torch.cat([hidden, rows])
-                    joined = upto
-                    if ("hidden", j) in restore:
-                        index, position, clean = restore["hidden", j]
-                        hidden[index, position] = clean
-                if j == n_layers:
-                    break
-                cache = PrefixCache(prefix, rows=sample[: hidden.shape[0]])
-                hidden = calls[j](lm.block(j), hidden, cache)
-        self.sweeps += 1
-        scores = self._scores(hidden)  # (rows,)
-        return scores.reshape(len(cells), copies).mean(1).double().cpu().numpy()
+        timers = self.profile.module_hooks(lm) if self.profile else []
+        self._local.restore, self._local.positions = restore, self.n_tokens - t0  # read by the pass hooks
+        try:
+            with hooks(lm.model, *timers):
+                for j in range(joins[0], n_layers + 1):
+                    upto = bisect.bisect_right(joins, j)
+                    if upto > joined:
+                        hidden = self._join(hidden, t0, j, order[joined:upto], entries, slot, patches.get(j))
+                        joined = upto
+                    if j == n_layers:
+                        break
+                    cache = PrefixCache(prefix, rows=sample[: hidden.shape[0]])
+                    with self._stage("blocks"):
+                        hidden = calls[j](lm.block(j), hidden, cache)
+                    if self.profile:
+                        self.profile.block_calls += 1
+        finally:
+            self._local.restore, self._local.positions, self._local.widen = None, 0, None
+        with self._stage("unembedding"):
+            scores = self._scores(hidden)  # (rows,)
+        means = scores.reshape(len(order), copies).mean(1).double().cpu().numpy()
+        out[order] = means
+        return out
 
-    def _restore_plan(self, t0: int, cells: Sequence[_Cell]) -> dict[tuple[str, int], tuple]:
-        """(kind, block) -> (row index, position index, clean states) of every restore in one pass.
+    def _join(self, hidden, t0: int, j: int, joining: Sequence[int], entries, slot, patch) -> torch.Tensor:
+        """Rows of the cells joining at block ``j`` appended to ``hidden``: new rows, their patches, then copies."""
+        fresh = [i for i in joining if entries[i].parent is None]
+        if fresh:
+            rows = self.corrupt_in[j][:, t0:].repeat(len(fresh), 1, 1)  # (new rows, positions, d_model)
+            hidden = rows if hidden is None else torch.cat([hidden, rows])
+        if patch is not None:
+            index, position, states = patch
+            hidden[index, position] = states
+        forks = [i for i in joining if entries[i].parent is not None]
+        for depth in sorted({entries[i].depth for i in forks}):  # a parent's rows exist before they are copied
+            parents = [slot[entries[i].parent] for i in forks if entries[i].depth == depth]
+            index = torch.from_numpy(self._rows_of(parents)).to(hidden.device)
+            hidden = torch.cat([hidden, hidden[index]])
+        return hidden
 
-        ``hidden`` cells are restored in their input when they join (the clean
-        output of the block below); ``mlp``/``attn`` cells in that module's
-        output in every block of their window. One upload for the whole pass.
+    def _rows_of(self, slots: Sequence[int]) -> np.ndarray:
+        """Row indices (slots * copies,) of the cells in these row slots."""
+        return (np.asarray(slots, dtype=np.int64)[:, None] * self.copies + np.arange(self.copies)).ravel()
+
+    def _rows(self, members: Sequence[int], slot) -> np.ndarray:
+        return self._rows_of([slot[i] for i in members])
+
+    def _restore_plan(self, t0: int, cells: Sequence[_Cell], entries, slot) -> dict[tuple[str, int], tuple]:
+        """(kind, block) -> (row index, position index, clean states) of every ``mlp``/``attn`` restore in a pass.
+
+        A cell restores its kind's output at its token in every block of its
+        window from the block it joins at (a copied cell's earlier blocks were
+        restored in its parent's rows). One upload for the whole pass.
         """
         wanted: dict[tuple[str, int], list[int]] = {}
         for i, c in enumerate(cells):
-            if c.kind == "hidden":
-                if c.start > 0:
-                    wanted.setdefault(("hidden", c.start), []).append(i)
-            else:
+            if c.kind != "hidden" and entries[i] is not None:
                 for j in c.window:
-                    wanted.setdefault((c.kind, j), []).append(i)
+                    if j >= entries[i].join:
+                        wanted.setdefault((c.kind, j), []).append(i)
         if not wanted:
             return {}
-        copy = np.arange(self.copies)
         tokens = np.array([c.token for c in cells])
         pieces, bounds = [], {}
         for key, members in wanted.items():
-            members = np.array(members)
-            rows = (members[:, None] * self.copies + copy).ravel()
+            rows = self._rows(members, slot)
             toks = np.repeat(tokens[members], self.copies)
             bounds[key] = (sum(p.shape[1] for p in pieces), rows.size)
             pieces.append(np.stack([rows, toks - t0, toks]))
@@ -553,13 +715,70 @@ class _FastTracer:
         out = {}
         for (kind, j), (offset, size) in bounds.items():
             index, position, token = flat[:, offset : offset + size]
-            clean = self.clean[kind][j - 1 if kind == "hidden" else j]  # (tokens, d_model)
-            out[kind, j] = (index, position, clean[token])
+            out[kind, j] = (index, position, self.clean[kind][j][token])
         return out
 
-    @staticmethod
-    def _patch_hook(index: torch.Tensor, position: torch.Tensor, clean: torch.Tensor) -> Callable:
+    def _input_patches(self, t0: int, cells: Sequence[_Cell], entries, slot) -> dict[int, tuple]:
+        """block -> (row index, position index, states) written into joining rows' inputs (see :meth:`entries`)."""
+        by_block: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            if e is not None and e.patch:
+                by_block.setdefault(e.join, []).append(i)
+        out = {}
+        device = self.lm.device
+        for j, members in by_block.items():
+            states = []
+            for i in members:
+                c = cells[i]
+                if c.kind == "hidden":
+                    states.append(self.clean["hidden"][j - 1][c.token].expand(self.copies, -1))
+                else:  # mlp: block j-1's output with the clean MLP output at the token (computed in float32)
+                    before = self.corrupt_in[j][:, c.token].float() - self.corrupt_mlp[j - 1][:, c.token].float()
+                    states.append((before + self.clean["mlp"][j - 1][c.token].float()).to(self.lm.dtype))
+            rows = torch.from_numpy(self._rows(members, slot)).to(device)
+            position = torch.tensor([cells[i].token - t0 for i in members], device=device).repeat_interleave(self.copies)
+            out[j] = (rows, position, torch.cat(states))  # states: (rows, d_model)
+        return out
+
+    def pass_hooks(self) -> list[Hook]:
+        """The hooks every pass needs, registered once around all of a trace's passes.
+
+        Each applies the plan of the pass that its own thread is running
+        (thread-local, set by :meth:`sweep`), so that passes may run in
+        parallel threads: the restores of MLP and attention outputs, and the
+        last block's MLP run at the last position only (the scores read
+        nothing else there). Outside a pass they do nothing.
+        """
+        last = self.lm.module_name("mlp", self.n_layers - 1)
+        specs = [Hook(last, self._last_position_only, pre=True), Hook(last, self._widen)]  # before its restore
+        for kind in ("mlp", "attn"):
+            specs += [Hook(self.lm.module_name(kind, j), self._restorer(kind, j)) for j in range(self.n_layers)]
+        return specs
+
+    def _last_position_only(self, module, args, kwargs):
+        positions = getattr(self._local, "positions", 0)
+        if positions > 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3 \
+                and args[0].shape[1] == positions:
+            self._local.widen = positions
+            return (args[0][:, -1:], *args[1:]), kwargs  # (rows, 1, d_model)
+        return None
+
+    def _widen(self, module, args, output):
+        positions = getattr(self._local, "widen", None)
+        if not positions:
+            return None
+        self._local.widen = None
+        state = main_tensor(output)  # (rows, 1, d_model)
+        full = state.new_zeros(state.shape[0], positions, state.shape[-1])  # earlier positions: never read
+        full[:, -1:] = state
+        return replace_main(output, full)
+
+    def _restorer(self, kind: str, layer: int) -> Callable:
         def restore(module, args, output):
+            plan = getattr(self._local, "restore", None)
+            if not plan or (kind, layer) not in plan:
+                return None
+            index, position, clean = plan[kind, layer]
             state = main_tensor(output)
             state[index, position] = clean
             return replace_main(output, state)
@@ -573,6 +792,126 @@ class _FastTracer:
         return torch.cat([self.setup.score(self._logits(hidden[i : i + step])) for i in range(0, hidden.shape[0], step)])
 
 
+def _story_tokens(setup: _Setup) -> tuple[int, ...]:
+    """The rows that carry the story: the last subject token and the last token."""
+    return tuple(dict.fromkeys((setup.enc.last_subject_token, len(setup.enc) - 1)))
+
+
+WORKERS_ENV = "LOCATE_EDIT_TRACE_WORKERS"
+
+
+def _workers(device: torch.device) -> int:
+    """Passes computed at once: on a CPU one per torch thread, each pass single-threaded; elsewhere one.
+
+    Two single-threaded passes keep two cores busier than one pass on two
+    threads (whose small matrix products and elementwise steps wait on each
+    other), and a busy shared machine cannot stall them at every operation.
+    ``$LOCATE_EDIT_TRACE_WORKERS`` overrides (1: one pass at a time on torch's threads).
+    """
+    if device.type != "cpu":
+        return 1
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"${WORKERS_ENV}={value!r} is not a number; set it to the passes to run at once "
+                             "(1: one at a time), or unset it.") from None
+    return max(1, torch.get_num_threads())
+
+
+def _iter_fast(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    *,
+    answer: str | None,
+    kinds: Sequence[str],
+    config: TraceConfig,
+    occurrence: int,
+    progress: Progress | None,
+    progressive: bool,
+    profile: _Profile | None = None,
+) -> Iterator[TraceResult]:
+    kinds = _check_kinds(kinds)
+    started = time.perf_counter()
+    lm = _with_precision(lm, config.precision)
+    policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
+    workers = 1 if profile else _workers(lm.device)
+    with kernel_policy(lm.device, **policy):
+        setup, _, _ = _prepare(lm, prompt, subject, answer, config, occurrence)
+        tracer = _FastTracer(setup, profile, workers)
+    positions = setup.token_positions()
+    skipped = [t for t in positions if config.skip and t < setup.enc.subject_start]
+    swept = [t for t in positions if t not in skipped]
+    if progressive:  # the story's rows first, then the others top to bottom, each token's kinds together
+        story = [t for t in _story_tokens(setup) if t in swept]
+        rank = {t: i for i, t in enumerate(story + [t for t in swept if t not in story])}
+        passes = []
+        for group in (story, [t for t in swept if t not in story]):
+            planned = tracer.plan(kinds, group, config.batching)
+            passes += sorted(planned, key=lambda p: min(rank[c.token] for c in p[1]))  # stable: kinds in order
+    else:
+        passes = tracer.plan(kinds, swept, config.batching)
+    raw = {kind: np.full((tracer.n_tokens, tracer.n_layers), np.nan) for kind in kinds}
+    for kind in kinds:
+        raw[kind][skipped] = tracer.low  # these states are identical in the clean and corrupted runs
+    left = {(kind, t): tracer.n_layers for kind in kinds for t in swept}  # cells still to compute
+    kinds_left = {kind: len(swept) for kind in kinds}
+    total, done, swept_passes = len(kinds) * len(positions), len(kinds) * len(skipped), 0
+    if progress and done:
+        progress(done, total)
+    batching = config.batching if config.batching != "auto" else ("kind" if lm.device.type == "cpu" else "all")
+
+    def result(kind: str) -> TraceResult:
+        complete = kinds_left[kind] == 0
+        run = _run_settings(lm, config, started) | {"batching": batching, "passes": swept_passes,
+                                                     "complete": complete}
+        return _results(setup, kind, raw[kind] if complete else raw[kind].copy(), tracer.low, tracer.high, run)
+
+    def sweep(t0: int, cells: Sequence[_Cell]) -> np.ndarray:
+        with torch.inference_mode(), kernel_policy(lm.device, **policy):  # both are per thread
+            return tracer.sweep(t0, cells)
+
+    with ExitStack() as stack:  # spans the yields below: the hooks and threads serve every pass of this trace
+        stack.enter_context(hooks(lm.model, *tracer.pass_hooks()))
+        if workers > 1 and len(passes) > 1:
+            for t0 in dict.fromkeys(t0 for t0, _ in passes):
+                tracer.calls_for(t0)  # captured here: capturing runs the model, which the workers then share
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(1)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="trace-pass")
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            futures = [pool.submit(sweep, t0, cells) for t0, cells in passes]
+            outcomes = (future.result for future in futures)
+        else:
+            outcomes = (lambda t0=t0, cells=cells: sweep(t0, cells) for t0, cells in passes)
+        pending = list(kinds)
+        for item, outcome in zip([None, *passes], [None, *outcomes]):  # None first: a kind with nothing to sweep
+            changed: list[str] = []  # is ready at once
+            if item is not None:
+                scores = outcome()
+                swept_passes += 1
+                finished = 0
+                for cell, score in zip(item[1], scores):
+                    raw[cell.kind][cell.token, cell.layer] = score
+                    left[cell.kind, cell.token] -= 1
+                    if left[cell.kind, cell.token] == 0:
+                        kinds_left[cell.kind] -= 1
+                        finished += 1
+                        if cell.kind not in changed:
+                            changed.append(cell.kind)
+                done += finished
+                if progress and finished:
+                    progress(done, total)
+            if progressive:
+                for kind in kinds:
+                    if kind in changed and kinds_left[kind] > 0:
+                        yield result(kind)
+            while pending and kinds_left[pending[0]] == 0:
+                yield result(pending.pop(0))
+
+
 def iter_trace(
     lm: LoadedModel,
     prompt: str,
@@ -583,48 +922,27 @@ def iter_trace(
     config: TraceConfig = TraceConfig(),
     occurrence: int = 0,
     progress: Progress | None = None,
+    progressive: bool = False,
 ) -> Iterator[TraceResult]:
-    """Like :func:`trace`, but yield each kind's result as soon as it is done (in ``kinds`` order)."""
-    kinds = _check_kinds(kinds)
-    started = time.perf_counter()
-    lm = _with_precision(lm, config.precision)
-    policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
-    with kernel_policy(lm.device, **policy):
-        setup, _, _ = _prepare(lm, prompt, subject, answer, config, occurrence)
-        tracer = _FastTracer(setup)
-    positions = setup.token_positions()
-    skipped = [t for t in positions if config.skip and t < setup.enc.subject_start]
-    swept = [t for t in positions if t not in skipped]
-    passes = tracer.plan(kinds, swept, config.batching)
-    raw = {kind: np.full((tracer.n_tokens, tracer.n_layers), np.nan) for kind in kinds}
-    for kind in kinds:
-        raw[kind][skipped] = tracer.low  # these states are identical in the clean and corrupted runs
-    left = {(kind, t): tracer.n_layers for kind in kinds for t in swept}  # cells still to compute
-    kinds_left = {kind: len(swept) for kind in kinds}
-    total, done = len(kinds) * len(positions), len(kinds) * len(skipped)
-    if progress and done:
-        progress(done, total)
-    batching = config.batching if config.batching != "auto" else ("kind" if lm.device.type == "cpu" else "all")
-    pending = list(kinds)
-    for item in [None, *passes]:  # None first: a kind with nothing to sweep is ready at once
-        if item is not None:
-            t0, cells = item
-            with torch.inference_mode(), kernel_policy(lm.device, **policy):
-                scores = tracer.sweep(t0, cells)
-            finished = 0
-            for cell, score in zip(cells, scores):
-                raw[cell.kind][cell.token, cell.layer] = score
-                left[cell.kind, cell.token] -= 1
-                if left[cell.kind, cell.token] == 0:
-                    kinds_left[cell.kind] -= 1
-                    finished += 1
-            done += finished
-            if progress and finished:
-                progress(done, total)
-        while pending and kinds_left[pending[0]] == 0:
-            kind = pending.pop(0)
-            run = _run_settings(lm, config, started) | {"batching": batching, "passes": tracer.sweeps}
-            yield _results(setup, kind, raw[kind], tracer.low, tracer.high, run)
+    """Like :func:`trace`, but yield each kind's result as soon as it is done (in ``kinds`` order).
+
+    Example::
+
+        for result in iter_trace(lm, prompt, subject, progressive=True):
+            figures[result.kind] = heatmap(result)       # redraw; rows not computed yet are NaN
+            if result.settings["complete"]: ...
+
+    With ``progressive`` the rows that carry the story come first -- the last
+    subject token and the last token, for every kind -- then the others, top
+    to bottom, each token's kinds together; after every forward pass that
+    completes rows, a snapshot of each kind it touched is yielded, with
+    ``settings["complete"]`` False (rows not computed yet are NaN) until the
+    kind's final result (True). Without it each kind is yielded once,
+    complete. The scores are the same either way; on a CPU (one pass per kind
+    and token) the order costs nothing.
+    """
+    yield from _iter_fast(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
+                          progress=progress, progressive=progressive)
 
 
 def trace(
@@ -654,6 +972,49 @@ def trace(
     return list(
         iter_trace(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence, progress=progress)
     )
+
+
+def trace_profile(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    *,
+    answer: str | None = None,
+    kinds: Sequence[str] = KINDS,
+    config: TraceConfig = TraceConfig(),
+    occurrence: int = 0,
+) -> dict:
+    """Seconds per stage of one fast trace, for benchmarks (timers slow it slightly; the scores are the same).
+
+    Example::
+
+        trace_profile(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+        # {'total': 41.2, 'base_runs': 0.3, 'blocks': 35.1, 'attention': 7.9, 'mlp': 22.0, ..., 'total_cpu': ...}
+
+    Wall seconds under each stage's name, this process's CPU seconds (all
+    threads) under ``<stage>_cpu``: on a shared machine the CPU seconds say
+    what the work cost, the wall seconds what it took.
+    ``blocks`` is the time inside direct block calls, of which ``attention``
+    and ``mlp`` are the modules and ``rest_of_blocks`` the norms, residual
+    additions and rotary embeddings; ``unembedding`` is the final norm, the
+    unembedding and the metric; ``base_runs`` the clean and corrupted runs
+    (and the captured block arguments); ``bookkeeping`` everything else
+    (planning, joining and patching rows, Python). ``base_runs`` includes
+    capturing each first position's block arguments.
+    """
+    profile = _Profile(lm.device)
+    started = profile._now()
+    results = list(_iter_fast(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
+                              progress=None, progressive=False, profile=profile))
+    ended = profile._now()
+    out = {"block_calls": profile.block_calls, "passes": results[-1].settings["passes"]}
+    for suffix, seconds, index in (("", profile.seconds, 0), ("_cpu", profile.cpu_seconds, 1)):
+        s = dict(seconds)
+        s["rest_of_blocks"] = s["blocks"] - s["attention"] - s["mlp"]
+        total = ended[index] - started[index]
+        s["bookkeeping"] = total - s["base_runs"] - s["blocks"] - s["unembedding"]
+        out.update({"total" + suffix: total, **{k + suffix: s[k] for k in PROFILE_STAGES}})
+    return out
 
 
 def predict(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]:
