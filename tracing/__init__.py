@@ -5,6 +5,7 @@ Example::
     from tracing import load_model, trace, TraceConfig
     lm = load_model()
     hidden, mlp, attn = trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+    previews = estimate(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")  # a second's preview
 """
 
 from .hooks import Hook, hooks
@@ -12,9 +13,10 @@ from .models import ARCHITECTURES, ArchSpec, LoadedModel, load_model, wrap_model
 from .result import KINDS, TraceConfig, TraceResult
 from .tokens import EncodedPrompt, continuation_ids, encode_prompt
 from .trace import iter_trace, predict, trace, trace_reference
+from .preview import estimate, preview_verdict
 
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "EncodedPrompt", "Hook", "KINDS", "LoadedModel", "TraceConfig", "TraceResult",
-    "continuation_ids", "encode_prompt", "hooks", "iter_trace", "load_model", "predict", "trace",
-    "trace_reference", "wrap_model",
+    "continuation_ids", "encode_prompt", "estimate", "hooks", "iter_trace", "load_model", "predict",
+    "preview_verdict", "trace", "trace_reference", "wrap_model",
 ]

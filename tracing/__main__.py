@@ -1,6 +1,7 @@
 """Command line: causal traces of one prompt, printed and optionally saved as JSON and HTML.
 
     python -m tracing --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower"
+    python -m tracing --prompt "..." --subject "..." --estimate --json preview.json   # a second's estimate
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto loads fp32; bf16/fp16 are faster on GPUs; tf32 is fp32 weights with TF32 matrix products (CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
     p.add_argument("--no-skip", action="store_true", help="compute cells that provably equal the low score too")
+    p.add_argument("--estimate", action="store_true",
+                   help="a first-order estimate (attribution patching: one backward pass) instead of the exact "
+                   "trace; results say \"estimate\": true")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
     p.add_argument("--html", metavar="OUT", default=None, help="write the three heatmaps as an HTML page")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .models import load_model
+    from .preview import estimate
     from .trace import iter_trace
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -84,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(done - bar.n)
 
         results = []
-        for result in iter_trace(
-            lm, args.prompt, args.subject, answer=args.answer, kinds=kinds, config=config,
-            occurrence=args.occurrence, progress=progress,
-        ):
-            results.append(result)
+        if args.estimate:
+            results = estimate(lm, args.prompt, args.subject, answer=args.answer, kinds=kinds, config=config,
+                               occurrence=args.occurrence)
+        else:
+            for result in iter_trace(
+                lm, args.prompt, args.subject, answer=args.answer, kinds=kinds, config=config,
+                occurrence=args.occurrence, progress=progress,
+            ):
+                results.append(result)
         bar.close()
     except (ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     subject_tokens = "".join(first.tokens[first.subject_range[0] : first.subject_range[1]])
     print(f"model: {lm.name}   answer: {first.answer!r}   subject tokens: {subject_tokens!r}")
     print(f"clean {first.metric}: {first.high_score:.4f}   corrupted: {first.low_score:.4f}")
-    print(f"on {run['device']} in {run['dtype']}: trace {run['seconds']:.2f} s ({seconds:.1f} s with loading)")
+    what = "estimate (attribution patching, not the exact trace)" if args.estimate else "trace"
+    print(f"on {run['device']} in {run['dtype']}: {what} {run['seconds']:.2f} s ({seconds:.1f} s with loading)")
     last_subject = first.subject_range[1] - 1
     for r in results:
         token, layer = r.peak()
@@ -120,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace_seconds": run["seconds"],
             "device": run["device"],
             "dtype": run["dtype"],
+            "estimate": bool(args.estimate),
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
@@ -128,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         from .plots import heatmap
 
         with open(args.html, "w", encoding="utf-8") as f:
-            f.write(f"<html><head><meta charset='utf-8'><title>Causal trace: {args.prompt}</title></head><body>\n")
+            title = "Estimated causal trace" if args.estimate else "Causal trace"
+            f.write(f"<html><head><meta charset='utf-8'><title>{title}: {args.prompt}</title></head><body>\n")
+            if args.estimate:
+                f.write("<p><b>Estimate</b> (attribution patching, a first-order approximation), not the exact "
+                        "trace.</p>\n")
             for i, r in enumerate(results):
                 f.write(heatmap(r).to_html(full_html=False, include_plotlyjs=(i == 0)))
             f.write("</body></html>\n")

@@ -1,0 +1,208 @@
+"""A gradient preview of causal traces (attribution patching): every cell of every kind in one backward pass.
+
+The exact trace restores each clean state in a forward pass of its own. To
+first order, restoring a state x at one token changes the metric m by
+``(x_clean - x_corrupted) · ∂m/∂x``, the gradient taken in the corrupted run.
+One clean forward pass (the clean states), one corrupted forward pass of every
+noisy copy and one backward pass (the gradients of every block, MLP and
+attention output at every token) therefore estimate all cells of all kinds at
+once: a cell's estimate is the low score plus the mean over the copies of its
+term, and a windowed (MLP/attention) cell sums the terms of its window's
+layers. The noise is the exact trace's (same settings, same seed), so the
+estimate approximates the very heatmap the exact engine then computes.
+
+It is an estimate: the metric is not linear in the states, least so where the
+noise is large (near the embeddings, the early hidden states at the subject).
+``benchmarks/preview_quality.py`` measures it against exact traces and writes
+``assets/preview_quality.json``; :func:`preview_verdict` reads which kinds
+were good enough to show for a model.
+
+Example::
+
+    hidden, mlp, attn = estimate(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+    mlp.settings["estimate"], mlp.settings["seconds"]      # True, 0.3
+    preview_verdict(lm)                                    # {'hidden': ..., 'mlp': True, 'attn': ...} or None
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .assets import ROOT
+from .backends import kernel_policy
+from .hooks import Hook, hooks, main_tensor
+from .models import LoadedModel
+from .result import KINDS, TraceConfig, TraceResult, window_layers
+from .trace import _check_kinds, _prepare, _results, _run_settings, _with_precision
+
+PREVIEW_QUALITY = ROOT / "preview_quality.json"  # written by benchmarks/preview_quality.py --write-verdict
+METHOD = "attribution patching"
+SPACE = "metric"  # where the first-order step of a probability is taken (see _restored); measured, see below
+# Settings that change what a heatmap shows (and so how well it is estimated); samples and seed only redraw the noise.
+QUALITY_KEYS = ("noise", "noise_scale", "corruption", "replacement", "window", "metric", "contrast")
+
+
+def estimate(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    *,
+    answer: str | None = None,
+    kinds: Sequence[str] = KINDS,
+    config: TraceConfig = TraceConfig(),
+    occurrence: int = 0,
+) -> list[TraceResult]:
+    """First-order estimates of the causal traces of ``subject`` in ``prompt``, one :class:`TraceResult` per kind.
+
+    Example::
+
+        previews = estimate(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+        previews[1].scores.shape        # (tokens, layers), like trace()
+
+    Same arguments, shapes and fields as :func:`tracing.trace`, with
+    ``settings["estimate"] = True`` and ``settings["seconds"]`` (this
+    estimate's own time). ``low_score`` and ``high_score`` are exact; cells
+    outside ``config.tokens`` are NaN. The weights are never modified;
+    gradients are enabled here even if the caller is in ``torch.inference_mode``.
+    """
+    return _estimate(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence)
+
+
+def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, space: str = "auto") -> list[TraceResult]:
+    """:func:`estimate`, with the space the first-order step is taken in (``space``, see :func:`_restored`)."""
+    kinds = _check_kinds(kinds)
+    started = time.perf_counter()
+    lm = _with_precision(lm, config.precision)
+    policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
+    with torch.inference_mode(False), kernel_policy(lm.device, **policy):
+        clean, keepers = _state_keepers(lm)
+        setup, high, _ = _prepare(lm, prompt, subject, answer, config, occurrence, record=keepers)
+        with torch.enable_grad():
+            terms, rows = _first_order_terms(lm, setup, clean)
+    if space == "auto":
+        space = SPACE if config.metric != "logit_diff" else "metric"
+    n_tokens, n_layers = len(setup.enc), lm.n_layers
+    positions = setup.token_positions()
+    low = float(rows.mean())
+    run = _run_settings(lm, config, started) | {"estimate": True, "method": METHOD, "space": space}
+    out = []
+    for kind in kinds:
+        raw = np.full((n_tokens, n_layers), np.nan)
+        per_layer = terms[kind][:, :, positions]  # (copies, layers, computed tokens)
+        for layer in range(n_layers):
+            span = [layer] if kind == "hidden" else list(window_layers(layer, config.window, n_layers))
+            raw[positions, layer] = _restored(rows, per_layer[:, span].sum(1), space)
+        out.append(_results(setup, kind, raw, low, high, run))
+    return out
+
+
+def _restored(rows: np.ndarray, steps: np.ndarray, space: str) -> np.ndarray:
+    """Estimated scores (tokens,) from each copy's corrupted metric ``rows`` (copies,) and first-order steps
+    (copies, tokens) in the metric's units.
+
+    ``metric``: the step is taken in the metric itself, as written in the
+    method (mean over copies of metric + step). ``logit``: for probabilities,
+    the same step taken in log-odds, log(p / (1 - p)), whose derivative is the
+    metric's divided by p (1 - p), then mapped back (the estimate stays a
+    probability).
+    """
+    if space == "metric":
+        return (rows[:, None] + steps).mean(0)
+    p = np.clip(rows, 1e-12, 1 - 1e-12)[:, None]  # (copies, 1)
+    log_odds = np.log(p) - np.log1p(-p) + steps / (p * (1 - p))
+    return (1 / (1 + np.exp(-log_odds))).mean(0)
+
+
+def _state_keepers(lm: LoadedModel) -> tuple[dict[str, list], list[Hook]]:
+    """Hooks that keep every block, MLP and attention output of a one-row run: kind -> layers of (tokens, d_model)."""
+    states: dict[str, list[torch.Tensor | None]] = {kind: [None] * lm.n_layers for kind in KINDS}
+
+    def keeper(kind: str, layer: int):
+        def keep(module, args, output):
+            states[kind][layer] = main_tensor(output)[0].detach()
+
+        return keep
+
+    return states, [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(lm.n_layers)]
+
+
+def _first_order_terms(lm: LoadedModel, setup, clean) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per kind (copies, layers, tokens): (clean - corrupted state) · ∂metric/∂state in each copy; and each
+    copy's corrupted metric (copies,)."""
+    copies = setup.corruption.copies
+    ids = setup.input_ids.expand(copies, -1)  # (copies, tokens)
+    with torch.no_grad():
+        embedded = setup.corruption.embeddings(lm.embed(ids).clone())  # (copies, tokens, d_model)
+    embedded.requires_grad_(True)  # a leaf, so that every state downstream is in the graph (weights stay frozen)
+    states: dict[str, list[torch.Tensor | None]] = {kind: [None] * lm.n_layers for kind in KINDS}
+
+    def keeper(kind: str, layer: int):
+        def keep(module, args, output):
+            states[kind][layer] = main_tensor(output)  # (copies, tokens, d_model)
+
+        return keep
+
+    def corrupted(module, args, output):
+        return embedded
+
+    specs = [Hook(lm.spec.embed, corrupted)]
+    specs += [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(lm.n_layers)]
+    with hooks(lm.model, *specs):
+        lm.model.base_model(ids, use_cache=False)
+    last = states["hidden"][-1][:, -1:]  # (copies, 1, d_model): the last block's output at the last position
+    metric = setup.score(lm.unembed(lm.final_norm(last))[:, -1])  # (copies,); copies never mix, so one backward
+    flat = [state for kind in KINDS for state in states[kind]]  # gives each copy's own gradients
+    grads = torch.autograd.grad(metric.sum(), flat, allow_unused=True)
+    terms = {}
+    for k, kind in enumerate(KINDS):
+        layers = []
+        for j in range(lm.n_layers):
+            grad, state = grads[k * lm.n_layers + j], states[kind][j].detach()
+            if grad is None:  # the metric does not depend on this state
+                layers.append(torch.zeros(state.shape[:2], device=state.device))
+                continue
+            delta = clean[kind][j].float() - state.float()  # (copies, tokens, d_model)
+            layers.append((delta * grad.float()).sum(-1))  # (copies, tokens)
+        terms[kind] = torch.stack(layers, 1).double().cpu().numpy()  # (copies, layers, tokens)
+    return terms, metric.detach().double().cpu().numpy()
+
+
+def preview_verdict(lm: LoadedModel, config: TraceConfig = TraceConfig(),
+                    path: str | Path = PREVIEW_QUALITY) -> dict[str, bool] | None:
+    """Per kind, whether the estimate was measured good enough to show, for this model and these settings.
+
+    Example::
+
+        verdict = preview_verdict(lm)          # {'hidden': False, 'mlp': True, 'attn': True}
+        shown = [r for r in estimate(lm, prompt, subject) if verdict and verdict[r.kind]]
+
+    Reads the file ``benchmarks/preview_quality.py --write-verdict`` writes.
+    None when it holds no measurement for this model (its fingerprint) or for
+    settings that change the maps (noise, corruption, window, metric; the
+    number of samples and the seed do not matter), or when it is missing.
+    """
+    record = quality_record(path)
+    if record is None or record.get("fingerprint") != lm.fingerprint:
+        return None
+    measured = record.get("settings", {})
+    asked = config.to_dict()
+    if any(measured.get(key) != asked.get(key) for key in QUALITY_KEYS):
+        return None
+    return {kind: bool(figures["show"]) for kind, figures in record["kinds"].items()}
+
+
+def quality_record(path: str | Path = PREVIEW_QUALITY) -> dict | None:
+    """The measured quality of the preview (per kind: r, peak agreement, whether to show), or None if absent."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("kinds"), dict):
+        return None
+    return data
