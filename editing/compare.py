@@ -92,6 +92,45 @@ class EditComparison:
             out["edit"] = self.edit.metadata()
         return out
 
+    def to_record(self) -> dict:
+        """Everything but the edit's arrays, losslessly, as JSON; :meth:`from_record` reads it back.
+
+        Example::
+
+            record = comparison.to_record()                   # the edit's arrays: save_edits([comparison.edit], ...)
+            EditComparison.from_record(json.loads(json.dumps(record)), edit=comparison.edit)
+        """
+        return {
+            "request": self.request.to_dict(), "prompts": [list(p) for p in self.prompts],
+            "generated": list(self.generated), "before": list(self.before),
+            "scores_before": self.scores_before.to_dict(),
+            "after": None if self.after is None else list(self.after),
+            "scores_after": None if self.scores_after is None else self.scores_after.to_dict(),
+            "edit": None if self.edit is None else self.edit.metadata(),
+        }
+
+    @classmethod
+    def from_record(cls, data: dict, edit: Edit | None = None) -> "EditComparison":
+        """Rebuild from :meth:`to_record` and the edit (whose arrays the record does not hold); ValueError when
+        malformed or when ``edit`` is not the one the record describes."""
+        try:
+            if (data["edit"] is None) != (edit is None):
+                raise ValueError("the record and the edit passed disagree on whether there is an edit")
+            if edit is not None and edit.metadata()["request"] != data["edit"]["request"]:
+                raise ValueError("the edit passed is not the record's")
+            after = data["after"]
+            return cls(
+                request=EditRequest.from_dict(data["request"]),
+                prompts=tuple((str(kind), str(text)) for kind, text in data["prompts"]),
+                generated=tuple(data["generated"]), before=tuple(data["before"]),
+                scores_before=EditScores.from_dict(data["scores_before"]),
+                after=None if after is None else tuple(after),
+                scores_after=None if data["scores_after"] is None else EditScores.from_dict(data["scores_after"]),
+                edit=edit,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"Malformed edit comparison record: {exc}") from None
+
 
 def _summary(scores: EditScores) -> dict:
     return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in scores.summary().items()}
