@@ -101,15 +101,16 @@ def test_log_odds_space_keeps_probabilities_in_range():
 # --- hygiene -------------------------------------------------------------------------
 
 
-def test_weights_hooks_and_grad_mode_are_left_as_they_were(llama):
+def test_weights_hooks_threads_and_grad_mode_are_left_as_they_were(llama):
     saved = snapshot(llama.model)
+    threads = torch.get_num_threads()
     with torch.inference_mode():
         previews = estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
         assert torch.is_inference_mode_enabled()
     assert len(previews) == 3 and changed(llama.model, saved) == []
     assert active_hook_count(llama.model) == 0
     assert not any(p.requires_grad for p in llama.model.parameters())
-    assert torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads
 
 
 def test_no_hook_survives_an_estimate_that_fails(llama, monkeypatch):
