@@ -10,6 +10,7 @@ import csv
 import json
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
@@ -94,18 +95,28 @@ def one_edit(engine):
 # --- tracing -----------------------------------------------------------------------
 
 
-def test_trace_streams_kind_by_kind_then_exports(app):
-    updates = trace(app)
-    assert len(updates) >= 4  # prediction, then hidden, mlp, attn figures
+def titles(update) -> list[str]:
+    return [f.layout.title.text if isinstance(f, go.Figure) else "" for f in update[1:4]]
+
+
+def test_trace_shows_estimates_then_exact_rows_then_exports(app):
+    updates = trace(app, seed=99)  # a trace no other test remembered
     final = updates[-1]
     prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, state, progress = final
     assert progress == ""  # the progress card is cleared at the end
     assert all(isinstance(f, go.Figure) for f in (hidden, mlp, attn))
-    assert "Impact of restoring MLP" in mlp.layout.title.text
-    # Before the end, later figures are still empty: results arrive kind by kind.
-    figures_seen = [sum(isinstance(u[i], go.Figure) for i in (1, 2, 3)) for u in updates]
-    assert figures_seen == sorted(figures_seen) and figures_seen[0] < 3
+    assert all(t.startswith("Impact of restoring") for t in titles(final))
+    # First the prediction, then first-order estimates of the maps, then the exact rows as they arrive.
+    estimated = [i for i, u in enumerate(updates) if any(t.startswith("Estimate") for t in titles(u))]
+    partial = [i for i, u in enumerate(updates)
+               if any(isinstance(f, go.Figure) and "still being computed" in f.layout.title.subtitle.text
+                      for f in u[1:4])]
+    assert estimated and estimated[0] < len(updates) - 1
+    assert partial and min(partial) > estimated[0]
+    assert "first-order estimates" in updates[estimated[0]][0]
     assert "Model's next token" in prediction and "corrupted" in prediction
+    again = trace(app, seed=99)  # the next visitor: remembered, no queue, no estimate
+    assert len(again) == 1 and titles(again[0]) == titles(final)
     data = json.loads(Path(json_btn.value["path"]).read_text())
     results = [TraceResult.from_dict(d) for d in data["results"]]
     assert [r.kind for r in results] == ["hidden", "mlp", "attn"]
@@ -121,8 +132,8 @@ def test_progress_cards_name_the_stage_and_its_fraction(app):
     seen: list[str] = []
     settings = {**QUICK, "seed": 12345}  # not remembered from another test: the trace really runs
     run(app.trace(PROMPT, SUBJECT, "", *settings.values(), Visitor(), progress=no_progress), seen)
-    assert any("Tracing: restoring hidden states" in card and "%" in card for card in seen)
-    assert any("restoring attn states · 100%" in card for card in seen)
+    assert any("Tracing: restoring" in card and "%" in card for card in seen)
+    assert any("· 100%" in card for card in seen)
     seen.clear()
     run(app.edit(*{**EDIT, "target": "Madrid", "seed": 7}.values(), Visitor(), progress=no_progress), seen)
     stages = " ".join(seen)
@@ -166,8 +177,8 @@ def test_failure_mid_trace_restores_everything(app, one_edit, monkeypatch):
     real = handlers_module.iter_trace
 
     def failing(*args, **kwargs):
-        iterator = real(*args, **kwargs)
-        yield next(iterator)
+        with closing(real(*args, **kwargs)) as iterator:
+            yield next(iterator)
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(handlers_module, "iter_trace", failing)

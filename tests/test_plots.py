@@ -144,3 +144,11 @@ def test_figures_of_a_real_trace(tokenizer, device):
         assert np.asarray(data.z, dtype=float).shape == (len(result.tokens), lm.n_layers)
         assert data.zmin == pytest.approx(result.low_score)
         json.loads(fig.to_json())  # serialisable for the page
+
+
+def test_estimates_and_partial_maps_say_so():
+    assert heatmap(make_result(estimate=True)).layout.title.text.startswith("Estimate: impact of restoring")
+    assert "gradient" in heatmap(make_result(estimate=True)).layout.title.subtitle.text
+    assert "still being computed" in heatmap(make_result(complete=False)).layout.title.subtitle.text
+    exact = heatmap(make_result(complete=True)).layout.title
+    assert exact.text.startswith("Impact") and "estimate" not in exact.subtitle.text

@@ -159,6 +159,11 @@ def heatmap(
         f"answer <b>{answer!s}</b> · clean {result.high_score:.3g} · corrupted {result.low_score:.3g}"
     )
     default_title = f"Impact of restoring {KIND_TITLE[result.kind]} after corrupted input"
+    if result.settings.get("estimate"):
+        default_title = f"Estimate: {default_title[0].lower()}{default_title[1:]}"
+        subtitle += " · <i>first-order (gradient) estimate; the exact map follows</i>"
+    elif result.settings.get("complete") is False:
+        subtitle += " · <i>rows still being computed</i>"
     fig.update_layout(
         title=dict(text=title or default_title, subtitle=dict(text=subtitle), x=0.0, xanchor="left"),
         margin=dict(l=10, r=10, t=70, b=50),

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import editing
-from editing import applied, is_edited, load_hparams
+from editing import EditRequest, applied, is_edited, load_hparams
 from editing.hparams import METHODS, HyperParams
 from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
@@ -58,6 +58,13 @@ EDITORS = ("rome", "ft", "ft-l", "kn")  # the paper's single-fact editors, in th
 MEMO_SIZE = 64  # results of the unedited model kept for the next visitors (traces, generations, edits)
 POLL_S = 0.25  # how often a waiting or running request reports back (so Stop and disconnects act promptly)
 ABANDONED_S = 15.0  # a request whose events nobody has read for this long was abandoned (its visitor left)
+
+
+def comparison_key(method: str, request, layer, hparams, paraphrases, neighbours, max_new_tokens: int, sample: bool,
+                   seed: int) -> tuple:
+    """The memo key of an edit comparison of the unedited model, as the page asks for it."""
+    return ("comparison", method, request, layer, hparams, tuple(paraphrases), tuple(neighbours), int(max_new_tokens),
+            bool(sample), int(seed))
 
 
 class Stopped(Exception):
@@ -179,6 +186,7 @@ class Engine:
         self._turns = threading.Condition()
         self._queue: deque[_Ticket] = deque()
         self._memo: OrderedDict = OrderedDict()
+        self._shipped: dict = {}  # results computed in advance (editing.shipped), never forgotten
         self._copies: dict[str, LoadedModel] = {"auto": lm}
         self.records: deque[Record] = deque(maxlen=10_000)  # the latest requests, for benchmarks and operators
         self.precisions = tuple(precisions) if precisions is not None else self._default_precisions()
@@ -238,21 +246,57 @@ class Engine:
         the same preset only the first visitor waits. Only call it from a
         request's work with no edits applied.
         """
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
-        value = compute()
+        value = self._recall(key)
+        return self._remember(key, compute()) if value is None else value
+
+    def recall(self, key: Hashable, precision: str = "auto"):
+        """A result of the unedited model in ``precision`` remembered by a request's work, or shipped; else None.
+
+        Cheap and lock-free: a handler asks before queueing, so a result that
+        is already known never waits for the model.
+        """
+        return self._recall((precision, key))
+
+    def _recall(self, key: Hashable):
+        if key in self._shipped:
+            return self._shipped[key]
+        if key not in self._memo:
+            return None
+        self._memo.move_to_end(key)
+        return self._memo[key]
+
+    def _remember(self, key: Hashable, value):
         self._memo[key] = value
         while len(self._memo) > MEMO_SIZE:
             self._memo.popitem(last=False)
         return value
 
-    def recall(self, key: Hashable):
-        """What :meth:`memo` kept for ``key``, else None."""
-        if key not in self._memo:
-            return None
-        self._memo.move_to_end(key)
-        return self._memo[key]
+    def preload_shipped(self) -> int:
+        """Remember the presets' shipped exact traces and edit comparisons (never forgotten); how many fitted.
+
+        They fit only the model they were computed on (fingerprint) and the
+        page's default settings; anything else is computed as usual.
+        """
+        from editing.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
+        from tracing import TraceConfig
+
+        found = 0
+        for p in self.presets:
+            traces = shipped_trace(self.lm, p.prompt, p.subject, p.attribute, TraceConfig())
+            if traces is not None:
+                self._shipped[("auto", ("trace", p.prompt, p.subject, p.attribute, TraceConfig()))] = traces
+                found += 1
+            request = EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute)
+            layer = self.default_layer
+            comparison = shipped_comparison(
+                self.lm, request, layer=layer, hparams=self.hparams, paraphrases=tuple(p.paraphrases),
+                neighbours=tuple(p.neighbours), stats_spec=self.stats_spec, **PAGE_EDIT)
+            if comparison is not None:
+                self._shipped[("auto", comparison_key("rome", request, layer, self.hparams, p.paraphrases,
+                                                      p.neighbours, **PAGE_EDIT))] = comparison
+                found += 1
+        log.info("%d shipped preset results fit %s", found, self.lm.name)
+        return found
 
     # -- the queue and the lock -----------------------------------------------------------
 
@@ -397,6 +441,10 @@ class Engine:
             return lambda key, compute: compute()  # results on top of a visitor's edits are never shared
         return lambda key, compute: self.memo((precision, key), compute)
 
+    def remember(self, key: Hashable, value, precision: str = "auto"):
+        """Keep a result of the unedited model (see :meth:`recall`)."""
+        return self._remember((precision, key), value)
+
     def call(self, fn: Callable[[LoadedModel], object], *, visitor: Visitor | None = None,
              edits: Sequence[editing.Edit] = (), label: str = "call"):
         """``fn(lm)`` through :meth:`stream` (queue, lock, edits, deadline); its return value."""
@@ -461,6 +509,8 @@ def create_engine(
     except ValueError as exc:
         log.warning("No presets: %s", exc)
         presets, presets_model = (), ""
-    return Engine(lm, presets=presets, presets_model=presets_model, notice=notice,
-                  limits=limits if limits is not None else Limits.from_env())
+    engine = Engine(lm, presets=presets, presets_model=presets_model, notice=notice,
+                    limits=limits if limits is not None else Limits.from_env())
+    engine.preload_shipped()
+    return engine
 

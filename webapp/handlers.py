@@ -20,6 +20,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +29,11 @@ import gradio as gr
 from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
 from editing.edit import method_label
 from tracing import KINDS, TraceResult, iter_trace, predict
+from tracing.preview import estimate, preview_verdict
 from tracing.plots import heatmap, results_json, scores_csv
 
 from . import render
-from .engine import Engine, Stopped, Visitor
+from .engine import Engine, Stopped, Visitor, comparison_key
 from .limits import Refused, check_edit, check_generation, check_request, check_trace, choice, number
 
 log = logging.getLogger("locate-edit.app")
@@ -201,31 +203,39 @@ class App:
 
         # Precision copies are the engine's (made once); only TF32 is a setting of the trace itself.
         config = replace(ask.config, precision="tf32" if ask.precision == "tf32" else "auto")
+        key = ("trace", ask.prompt, ask.subject, ask.answer, config)
+        if not visitor.edits:  # the unedited model's traces are shared (and the presets' ship): no queue at all
+            done = self.engine.recall(key, ask.precision)
+            if done is not None:
+                yield self._trace_outputs(self.engine.recall(("top", ask.prompt), ask.precision), done, ask, visitor)
+                return
 
         def work(lm, job) -> None:
-            job.emit(("top", predict(lm, ask.prompt, k=5)))
-            emitted = []
+            job.emit(("top", job.memo(("top", ask.prompt), lambda: predict(lm, ask.prompt, k=5))))
+            # A first-order estimate of every map within about a second, for the kinds where it was measured good.
+            verdict = preview_verdict(lm, config)
+            previews = estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config)
+            job.emit(("preview", [r for r in previews if verdict is None or verdict.get(r.kind)], verdict))
 
             def compute() -> list[TraceResult]:
-                for result in iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=config,
-                                         progress=lambda done, total: job.progress(
-                                             KINDS[min(len(KINDS) - 1, (done - 1) * len(KINDS) // total)],
-                                             done / total)):
-                    emitted.append(result)
-                    job.emit(("result", result))
-                return list(emitted)
+                complete = {}
+                rows = iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=config, progressive=True,
+                                  progress=lambda done, total: job.progress("rows", done / total))
+                with closing(rows):  # a stop between two snapshots closes the trace (and its hooks) at once
+                    for result in rows:
+                        job.emit(("result", result))
+                        if result.settings.get("complete", True):
+                            complete[result.kind] = result
+                return [complete[kind] for kind in KINDS]
 
-            results = job.memo(("trace", ask.prompt, ask.subject, ask.answer, config), compute)
-            if not emitted:
-                for result in results:
-                    job.emit(("result", result))
+            job.emit(("done", job.memo(key, compute)))
 
-        def describe(kind: str, fraction: float) -> tuple[float, str]:
-            return fraction, f"Tracing: restoring {kind} states"
+        def describe(stage: str, fraction: float) -> tuple[float, str]:
+            return fraction, "Tracing: restoring the subject's last token and the last token first, then the rest"
 
-        top: list[tuple[str, float]] = []
+        top: list[tuple[str, float]] | None = None
         figures: dict[str, object] = {kind: None for kind in KINDS}
-        results: list[TraceResult] = []
+        note = ""
         no_file = gr.DownloadButton(value=None, interactive=False)
         stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision,
                                     label="trace")
@@ -235,13 +245,21 @@ class App:
                 continue
             if item[0] == "top":
                 top = item[1]
-            else:
-                results.append(item[1])
+            elif item[0] == "preview":
+                for result in item[1]:
+                    if figures[result.kind] is None:
+                        figures[result.kind] = heatmap(result)
+                note = render.preview_note(item[2])
+            elif item[0] == "result":
                 figures[item[1].kind] = heatmap(item[1])
-            if len(results) < len(KINDS):
-                yield (render.prediction_card(top, results[0] if results else None, ask.answer), figures["hidden"],
-                       figures["mlp"], figures["attn"], no_file, no_file, SKIP, SKIP, SKIP)
+            else:
+                yield self._trace_outputs(top, item[1], ask, visitor)
+                return
+            yield (render.prediction_card(top, None, ask.answer, note), figures["hidden"], figures["mlp"],
+                   figures["attn"], no_file, no_file, SKIP, SKIP, SKIP)
 
+    def _trace_outputs(self, top, results: list[TraceResult], ask, visitor: Visitor) -> tuple:
+        """The finished trace: prediction, the three exact maps, downloads, the suggested layer, the state."""
         mlp = next(r for r in results if r.kind == "mlp")
         layer = int(mlp.peak(mlp.subject_range[1] - 1)[1])
         stem = f"trace-{ask.subject}"
@@ -251,10 +269,11 @@ class App:
         csv_path = self.engine.export_path(stem, ".csv")
         csv_path.write_text(scores_csv(results), encoding="utf-8")
         state = {"prompt": ask.prompt, "subject": ask.subject, "answer": results[0].answer, "layer": layer}
-        yield (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
-               figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
-               gr.DownloadButton(value=str(csv_path), interactive=True),
-               render.layer_card(layer, mlp, self.engine.default_layer), state, "")
+        figures = {r.kind: heatmap(r) for r in results}
+        return (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
+                figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
+                gr.DownloadButton(value=str(csv_path), interactive=True),
+                render.layer_card(layer, mlp, self.engine.default_layer), state, "")
 
     @user_errors
     def to_edit(self, state: dict | None, edit_layer) -> tuple:
@@ -288,19 +307,26 @@ class App:
             old=old, paraphrases=paraphrases, neighbours=neighbours, max_new_tokens=max_new_tokens, sample=sample,
             seed=seed)
         previous, version = list(visitor.edits), visitor.version
+        key = comparison_key(method, ask.request, ask.layer, hp, ask.paraphrases, ask.neighbours, ask.max_new_tokens,
+                             ask.sample, ask.seed)
+        done = None if previous else self.engine.recall(key)  # shared (or shipped) for the unedited model: no queue
 
         def work(lm, job) -> None:
-            job.emit(edit_and_compare(
+            result = edit_and_compare(
                 lm, ask.request, layer=ask.layer, hparams=hp, method=method, paraphrases=ask.paraphrases,
                 neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample, seed=ask.seed,
                 previous=previous, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
-                memo=job.memo))
+                memo=job.memo)
+            if not previous:
+                self.engine.remember(key, result)
+            job.emit(result)
 
         def describe(stage: str, fraction: float) -> tuple[float, str]:
             return render.edit_progress(stage, fraction, method)
 
         # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
-        stream = self.engine.stream(work, visitor=visitor, label="edit")
+        stream = ([("item", done)] if done is not None else
+                  self.engine.stream(work, visitor=visitor, label="edit"))
         for tag, result in self._drive(stream, progress, describe, "edit-progress"):
             if tag == "tick":
                 yield (SKIP,) * 8 + (result,)

@@ -116,12 +116,29 @@ def progress_card(element: str, fraction: float | None, text: str) -> str:
 
 
 
-def prediction_card(top: list[tuple[str, float]], result: TraceResult | None, expected: str | None) -> str:
-    """HTML summary of the clean prediction and, once traced, the clean and corrupted scores."""
-    best, p_best = top[0]
-    others = " · ".join(f"<code>{esc(t)}</code> {fmt_p(p)}" for t, p in top[1:])
-    rows = [f'<div class="le-big">Model\'s next token: <code>{esc(best)}</code> <b>p = {fmt_p(p_best)}</b></div>',
-            f'<div class="le-small">then {others}</div>']
+def preview_note(verdict: dict[str, bool] | None) -> str:
+    """What the maps shown before the exact ones are, and which kinds have none."""
+    if verdict is None:
+        return ("The first maps are first-order estimates (attribution patching), not yet measured against exact "
+                "traces for this model and these settings; the exact maps replace them row by row.")
+    hidden = [kind for kind, shown in verdict.items() if not shown]
+    missing = f" No estimate is shown for {', '.join(hidden)}: it was measured too far from the exact map." \
+        if hidden else ""
+    return ("The first maps are first-order estimates (attribution patching); the exact maps replace them row by "
+            f"row, the subject's last token and the last token first.{missing}")
+
+
+def prediction_card(top: list[tuple[str, float]] | None, result: TraceResult | None, expected: str | None,
+                    note: str = "") -> str:
+    """HTML summary of the clean prediction and, once traced, the clean and corrupted scores (and a note)."""
+    rows = []
+    if top:
+        best, p_best = top[0]
+        others = " · ".join(f"<code>{esc(t)}</code> {fmt_p(p)}" for t, p in top[1:])
+        rows += [f'<div class="le-big">Model\'s next token: <code>{esc(best)}</code> <b>p = {fmt_p(p_best)}</b></div>',
+                 f'<div class="le-small">then {others}</div>']
+    else:
+        best = result.answer if result is not None else ""
     if result is not None:
         settings = result.settings
         how = {"gaussian": "Gaussian noise on the subject", "uniform": "uniform noise on the subject",
@@ -140,6 +157,10 @@ def prediction_card(top: list[tuple[str, float]], result: TraceResult | None, ex
         if expected and expected.strip() and result.answer.strip() != best.strip():
             rows.append(f'<div class="le-small">Tracing the expected answer <code>{esc(result.answer)}</code>, '
                         f'not the top prediction.</div>')
+        if result.settings.get("shipped"):
+            rows.append('<div class="le-small">Computed in advance for this preset and these settings.</div>')
+    if note:
+        rows.append(f'<div class="le-small le-preview-note" id="preview-note">{esc(note)}</div>')
     return f'<div class="le-card le-pred">{"".join(rows)}</div>'
 
 
