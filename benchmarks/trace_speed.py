@@ -5,6 +5,8 @@
         --engines fast --precisions bf16 fp32 --json gptj.json      # "how long would GPT-J take on my GPU?"
     .venv/bin/python benchmarks/trace_speed.py --random-weights --engines fast --kinds hidden --samples 2 \\
         --device cpu --json out.json                                 # seconds, no weights loaded
+    .venv/bin/python benchmarks/trace_speed.py --engines oracle fast baseline --baseline e18e2cd --rounds 2
+        # the oracle, this engine and the engine of an earlier commit, fast and baseline alternating
 
 Every (engine, precision) runs in its own process, so its peak memory is its
 own and its first trace is the first after loading. Each process loads the
@@ -15,9 +17,19 @@ such as ``gpt2-xl``, ``gpt-j-6b``, ``llama-3-8b``, a local folder or a
 written with ``--json``: seconds (first, steady, and when each kind's heatmap
 was ready), peak memory (allocated GPU memory, or process RSS on a CPU),
 device, dtype, torch version, and the largest difference from the first
-engine's first precision. ``--batching token`` with
-``LOCATE_EDIT_ATTENTION=torch`` reproduces the engine's previous plan (one
-pass per kind and token, PyTorch's own attention backends).
+engine's first precision, and the speed-up over the oracle. ``--batching
+token`` with ``LOCATE_EDIT_ATTENTION=torch`` reproduces the engine's previous
+plan (one pass per kind and token, PyTorch's own attention backends).
+
+``baseline`` is the fast engine of another commit (``--baseline``: its
+``tracing/`` is extracted with ``git archive`` and run from a temporary
+folder), so old and new are measured in one run; ``--rounds N`` runs the
+fast and baseline engines N times each, alternating, and reports each one's
+best (least disturbed) run. CPU seconds (this process, all threads) are
+reported next to wall seconds: on a shared machine they vary less. After its
+timed trace the fast engine's run profiles one more trace per stage
+(``tracing.trace.trace_profile``: block calls, attention, MLP, the rest of
+the blocks, unembedding, base runs, bookkeeping), printed and in the JSON.
 """
 
 from __future__ import annotations
@@ -42,17 +54,18 @@ SUBJECT = "The Eiffel Tower"
 def load(args):
     """The model of this phase: loaded, or built with random weights from a shape."""
     from tracing import load_model
-    from tracing.shapes import random_model
 
     dtype = "fp32" if args.precision == "tf32" else args.precision
     if args.random_weights:
+        from tracing.shapes import random_model
+
         return random_model(args.model, device=args.device, dtype=dtype, seed=args.seed)
     return load_model(args.model, device=args.device, dtype=dtype)
 
 
 def run_phase(args) -> None:
     """One (engine, precision) measurement in this process; writes its figures to args.out."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, args.root or str(ROOT))
     import numpy as np
     import torch
     import transformers
@@ -78,9 +91,9 @@ def run_phase(args) -> None:
     def one_trace():
         """(results, seconds, {kind: seconds until its heatmap was ready})."""
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ready = {}
-        if args.phase == "fast":
+        if args.phase in ("fast", "baseline"):
             results = []
             for result in iter_trace(lm, args.prompt, args.subject, kinds=kinds, config=config):
                 sync()
@@ -95,12 +108,17 @@ def run_phase(args) -> None:
 
             results = trace_reference(lm, args.prompt, args.subject, kinds=kinds, config=config, progress=progress)
         sync()
-        return results, time.perf_counter() - t0, ready
+        return results, time.perf_counter() - t0, ready, time.process_time() - c0
 
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(lm.device)
-    first, first_s, ready = one_trace()
+    first, first_s, ready, first_cpu = one_trace()
     steady = [one_trace()[1] for _ in range(args.repeats)]
+    profile = None
+    if args.phase == "fast" and not args.no_profile:
+        from tracing.trace import trace_profile
+
+        profile = trace_profile(lm, args.prompt, args.subject, kinds=kinds, config=config)
     if on_gpu:
         peak, peak_kind = torch.cuda.max_memory_allocated(lm.device) / 2**20, "GPU MiB allocated"
         device_name = torch.cuda.get_device_name(lm.device)
@@ -125,6 +143,8 @@ def run_phase(args) -> None:
         "passes": first[-1].settings.get("passes"),
         "load_s": load_seconds,
         "first_s": first_s,
+        "first_cpu_s": first_cpu,
+        "profile": profile,
         "steady_s": statistics.median(steady) if steady else None,
         "steady_all_s": steady,
         "kinds_ready_s": ready,
@@ -135,6 +155,15 @@ def run_phase(args) -> None:
         "scores": {r.kind: np.asarray(r.scores).tolist() for r in first},
     }
     Path(args.out).write_text(json.dumps(out))
+
+
+def baseline_root(commit: str, folder: Path) -> Path:
+    """The ``tracing/`` package of ``commit`` extracted into ``folder`` (with this checkout's assets)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "tracing"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "assets").symlink_to(ROOT / "assets")
+    return folder
 
 
 def spawn(phase: str, precision: str, args) -> dict:
@@ -151,6 +180,10 @@ def spawn(phase: str, precision: str, args) -> dict:
             cmd += [flag, str(value)]
     if args.random_weights:
         cmd.append("--random-weights")
+    if args.no_profile:
+        cmd.append("--no-profile")
+    if phase == "baseline":
+        cmd += ["--root", str(args.baseline_root)]
     print(f"running the {phase} engine in {precision} ...", flush=True)
     subprocess.run(cmd, check=True)
     data = json.loads(Path(out).read_text())
@@ -170,7 +203,11 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="build --model from its shape with random weights (a shipped name, a folder or a config.json)")
     p.add_argument("--device", default=None)
-    p.add_argument("--engines", choices=["fast", "oracle", "both"], default="both")
+    p.add_argument("--engines", nargs="+", choices=["fast", "oracle", "both", "baseline"], default=["both"],
+                   help="oracle, fast (this checkout's engine), baseline (--baseline's); both = oracle fast")
+    p.add_argument("--baseline", default=None, metavar="COMMIT", help="the commit whose fast engine is 'baseline'")
+    p.add_argument("--rounds", type=int, default=1, help="runs of the fast and baseline engines, alternating")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile of the fast engine")
     p.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16", "fp16", "tf32"],
                    help="default: fp32 on a CPU, fp32 and bf16 on a GPU")
     p.add_argument("--skip-bf16", action="store_true", help="fp32 only (same as --precisions fp32)")
@@ -185,9 +222,10 @@ def main() -> None:
     p.add_argument("--memory-mb", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", metavar="OUT", default=None, help="write every figure as JSON")
-    p.add_argument("--phase", choices=["fast", "oracle"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["fast", "oracle", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
         run_phase(args)
@@ -199,8 +237,29 @@ def main() -> None:
     if args.repeats is None:
         args.repeats = 3 if gpu else 0
     precisions = ["fp32"] if args.skip_bf16 else args.precisions or (["fp32", "bf16"] if gpu else ["fp32"])
-    engines = ["oracle", "fast"] if args.engines == "both" else [args.engines]
-    runs = [spawn(engine, precision, args) for precision in precisions for engine in engines]
+    engines = [e for name in args.engines for e in (["oracle", "fast"] if name == "both" else [name])]
+    engines = list(dict.fromkeys(engines))
+    if "baseline" in engines and not args.baseline:
+        p.error("--engines baseline needs --baseline COMMIT")
+    with tempfile.TemporaryDirectory(prefix="trace-baseline-") as folder:
+        if args.baseline:
+            args.baseline_root = baseline_root(args.baseline, Path(folder))
+        runs = []
+        for precision in precisions:
+            if "oracle" in engines:
+                runs.append(spawn("oracle", precision, args))
+            repeated = [e for e in engines if e != "oracle"]
+            tries = {e: [] for e in repeated}
+            for _ in range(max(1, args.rounds)):
+                for engine in repeated:
+                    tries[engine].append(spawn(engine, precision, args))
+            for engine in repeated:
+                best = min(tries[engine], key=lambda run: run["first_s"])
+                best["rounds_s"] = [run["first_s"] for run in tries[engine]]
+                best["rounds_cpu_s"] = [run["first_cpu_s"] for run in tries[engine]]
+                if best.get("profile") is None:
+                    best["profile"] = next((run["profile"] for run in tries[engine] if run.get("profile")), None)
+                runs.append(best)
     base = runs[0]
 
     print()
@@ -208,14 +267,31 @@ def main() -> None:
           f"kinds {args.kinds}, {base['model']} ({base['parameters'] / 1e6:.0f}M parameters, {base['layers']} layers)")
     print(f"device {base['device']} ({base['device_name']}), torch {base['torch']}, transformers {base['transformers']}, "
           f"{base['threads']} threads; clean p(answer) {base['high']:.4f}, corrupted {base['low']:.4f}")
-    print(f"{'engine':<7}{'asked':<6}{'ran in':<27}{'first s':>9}{'steady s':>10}{'load s':>8}{'passes':>8}"
-          f"{'max |diff|':>12}   peak memory")
+    oracle = {run["precision"]: run for run in runs if run["engine"] == "oracle"}
+    print(f"{'engine':<9}{'asked':<6}{'ran in':<27}{'first s':>9}{'CPU s':>8}{'steady s':>10}{'load s':>8}"
+          f"{'passes':>8}{'max |diff|':>12}{'speed-up':>10}   peak memory")
     for run in runs:
         steady = f"{run['steady_s']:.3f}" if run["steady_s"] is not None else "-"
-        print(f"{run['engine']:<7}{run['precision']:<6}{run['dtype']:<27}{run['first_s']:>9.3f}{steady:>10}"
-              f"{run['load_s']:>8.1f}"
-              f"{str(run['passes'] or '-'):>8}{max_diff(run, base):>12.2e}   {run['peak_mib']:.0f} {run['peak_kind']}")
-    print(f"(max |diff| against {base['engine']} in {base['dtype']}; steady: median of {args.repeats} after the first)")
+        ref = oracle.get(run["precision"])
+        run["speedup"] = ref["first_s"] / run["first_s"] if ref else None
+        speedup = f"{run['speedup']:.2f}x" if run["speedup"] else "-"
+        print(f"{run['engine']:<9}{run['precision']:<6}{run['dtype']:<27}{run['first_s']:>9.3f}"
+              f"{run['first_cpu_s']:>8.1f}{steady:>10}{run['load_s']:>8.1f}"
+              f"{str(run['passes'] or '-'):>8}{max_diff(run, base):>12.2e}{speedup:>10}   "
+              f"{run['peak_mib']:.0f} {run['peak_kind']}")
+        if len(run.get("rounds_s", [])) > 1:
+            print(f"{'':<9}rounds: " + ", ".join(f"{w:.1f} s ({c:.1f} CPU s)"
+                                                 for w, c in zip(run["rounds_s"], run["rounds_cpu_s"])))
+    print(f"(max |diff| against {base['engine']} in {base['dtype']}; speed-up: the oracle's first trace over this "
+          f"one's; steady: median of {args.repeats} after the first)")
+    stages = ("total", "blocks", "attention", "mlp", "rest_of_blocks", "unembedding", "base_runs", "bookkeeping")
+    for run in runs:
+        if run.get("profile"):
+            prof = run["profile"]
+            print(f"profile of one more {run['engine']} trace in {run['dtype']} ({prof['block_calls']} block calls, "
+                  f"{prof['passes']} passes; timers included):")
+            for suffix, label in (("", "wall s"), ("_cpu", "CPU s")):
+                print(f"  {label:<7}" + ", ".join(f"{k} {prof[k + suffix]:.2f}" for k in stages))
     if args.json:
         report = {"prompt": args.prompt, "subject": args.subject, "samples": args.samples, "window": args.window,
                   "kinds": args.kinds.split(","), "random_weights": args.random_weights,
