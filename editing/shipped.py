@@ -18,9 +18,11 @@ Example::
                                     layer=1, hparams=load_hparams(lm), paraphrases=preset.paraphrases,
                                     neighbours=preset.neighbours, max_new_tokens=16, sample=False, seed=0)
 
-Regenerate (the default model, about 10 minutes on 2 CPU cores) with::
+Regenerate (the default model, about 10 minutes on 2 quiet CPU cores), or time
+what a first click costs, with::
 
     python -m editing.shipped
+    python -m editing.shipped --time
 """
 
 from __future__ import annotations
@@ -219,6 +221,29 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
     return path
 
 
+def _time_loading(lm: LoadedModel, presets: Sequence, path: Path) -> int:
+    """Seconds to load each preset's trace and edit comparison (what a first click costs after a restart)."""
+    hp = load_hparams(lm)
+    seconds, missing = [], []
+    for p in presets:
+        started = time.perf_counter()
+        results = shipped_trace(lm, p.prompt, p.subject, p.attribute, TraceConfig(), path=path)
+        comparison = shipped_comparison(
+            lm, EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute),
+            layer=hp.edit_layer(lm.n_layers), hparams=hp, paraphrases=p.paraphrases, neighbours=p.neighbours,
+            path=path, **PAGE_EDIT)
+        seconds.append(time.perf_counter() - started)
+        if results is None or comparison is None:
+            missing.append(p.label)
+    print(f"{len(presets)} presets: trace and edit loaded in {min(seconds):.3f}-{max(seconds):.3f} s "
+          f"(median {sorted(seconds)[len(seconds) // 2]:.3f} s); {path.stat().st_size / 1024:.0f} KB + "
+          f"{path.with_name(EDITS.name).stat().st_size / 1024:.0f} KB")
+    if missing:
+        print(f"not shipped for this model and the page's settings: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: compute and write the shipped preset results (default model, its shipped presets)."""
     from tracing.models import load_model
@@ -230,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--presets", default=str(PRESETS_PATH), help="presets file (default: assets/presets.json)")
     parser.add_argument("--out", default=str(RESULTS), help="the JSON to write; the edits go next to it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--time", action="store_true",
+                        help="compute nothing: time loading every preset's shipped trace and edit, as a first click")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -242,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.presets} holds presets of {shipped.model}, not {lm.name}; pass --presets for this model "
               "(python -m editing.presets --model ... --out ...).", file=sys.stderr)
         return 2
+    if args.time:
+        return _time_loading(lm, shipped.presets, Path(args.out))
     started = time.perf_counter()
     path = compute_shipped(lm, shipped.presets, path=args.out)
     edits = path.with_name(EDITS.name)
