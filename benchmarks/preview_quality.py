@@ -1,0 +1,263 @@
+"""How good the gradient preview is: Pearson r and top-cell agreement against exact traces, per kind.
+
+    .venv/bin/python benchmarks/preview_quality.py                      # 50 known facts, paper settings
+    .venv/bin/python benchmarks/preview_quality.py --facts 10 --json out/preview.json
+    .venv/bin/python benchmarks/preview_quality.py --write-verdict      # also assets/preview_quality.json
+
+Facts: known facts of the paper's set that the model answers (its top next
+token is the attribute's first token), one per subject, taken round-robin over
+relations in ``known_id`` order so that every relation is represented. For
+each fact the exact trace (``tracing.trace``, paper settings: 10 samples,
+noise 3, window 10, every token) is computed once and cached on disk
+(``--cache``, default ``$LOCATE_EDIT_CACHE/preview-bench``), keyed by the
+model's fingerprint and the settings, so a rerun only recomputes the
+estimates. Per kind it reports, over the computed cells of each fact:
+
+* ``r``: Pearson's r between estimate and exact scores (mean, median, 10th
+  percentile over facts, and the share of facts with r >= 0.8);
+* ``same_peak``: the estimate's top cell is the exact top cell;
+* ``near_peak``: the exact score at the estimate's top cell is within 10 % of
+  the exact map's range (high - low) of the exact peak (near-ties count);
+* ``same_subject_peak_layer``: the peak layer at the last subject token (the
+  layer the page offers for an edit) is the same.
+
+Then the timing of the preview of the Eiffel Tower prompt (10 tokens): the
+median of ``--repeats`` runs after one warm-up, with this process's threads.
+
+Each kind is shown when its median r is at least ``SHOW_R`` (0.7: the
+estimate explains about half of the exact map's variance or more) and its top
+cell is near the exact one in at least ``SHOW_NEAR_PEAK`` (60 %) of the facts:
+a preview is on the screen for the half minute before the exact map replaces
+it, and one whose bright spot is elsewhere would teach the wrong layer.
+``--spaces`` compares where the first-order step is taken (the metric itself,
+or its log-odds); ``tracing.preview.SPACE`` is the library's choice.
+``--write-verdict`` writes ``assets/preview_quality.json``: per kind the
+figures and whether to show it, keyed by the model's fingerprint and the
+settings; :func:`tracing.preview.preview_verdict` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EIFFEL = ("The Eiffel Tower is located in the city of", "The Eiffel Tower")
+
+
+def choose_facts(lm, n: int) -> list[dict]:
+    """``n`` known facts the model answers, one per subject, round-robin over relations in known_id order."""
+    from editing.presets import answer_probabilities
+    from tracing.assets import known_facts
+
+    facts = [f for f in known_facts() if f["prompt"].count(f["subject"]) == 1]
+    _, top = answer_probabilities(lm, [f["prompt"] for f in facts], [f["attribute"] for f in facts])
+    by_relation: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    for fact, ok in sorted(zip(facts, top), key=lambda ft: ft[0]["known_id"]):
+        if ok and fact["subject"] not in seen:
+            seen.add(fact["subject"])
+            by_relation.setdefault(fact["relation_id"], []).append(fact)
+    chosen: list[dict] = []
+    while len(chosen) < n and any(by_relation.values()):
+        for relation in sorted(by_relation, key=lambda r: by_relation[r][0]["known_id"] if by_relation[r] else 1e9):
+            if by_relation[relation] and len(chosen) < n:
+                chosen.append(by_relation[relation].pop(0))
+    return chosen
+
+
+def default_cache() -> Path:
+    from tracing.models import cache_dir
+
+    return cache_dir() / "preview-bench"
+
+
+def exact_cached(lm, fact: dict, config, cache: Path) -> list:
+    """The exact trace of one fact (answer = its attribute), from the cache or computed and cached."""
+    from tracing import TraceResult, trace
+
+    key = json.dumps([fact["prompt"], fact["subject"], fact["attribute"], config.to_dict()], sort_keys=True)
+    path = cache / lm.fingerprint / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            return [TraceResult.from_dict(r) for r in data["results"]]
+    except (OSError, ValueError, KeyError):
+        pass
+    results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "results": [r.to_dict() for r in results]}))
+    os.replace(tmp, path)
+    return results
+
+
+def agreement(exact, estimate) -> dict:
+    """Pearson r and top-cell agreement of one kind's estimate against its exact map."""
+    import numpy as np
+
+    a, b = np.asarray(exact.scores), np.asarray(estimate.scores)
+    keep = ~np.isnan(a) & ~np.isnan(b)
+    r = float(np.corrcoef(a[keep], b[keep])[0, 1]) if a[keep].std() > 0 and b[keep].std() > 0 else float("nan")
+    span = max(float(np.nanmax(a)) - exact.low_score, 1e-12)
+    peak, guess = exact.peak(), estimate.peak()
+    last = exact.subject_range[1] - 1
+    return {
+        "r": r,
+        "same_peak": peak == guess,
+        "near_peak": bool(a[peak] - a[guess] <= 0.1 * span),
+        "same_subject_peak_layer": exact.peak(last)[1] == estimate.peak(last)[1],
+        "peak": list(peak),
+        "estimate_peak": list(guess),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    import numpy as np
+
+    rs = np.array([row["r"] for row in rows], dtype=float)
+    rs = rs[~np.isnan(rs)]
+    return {
+        "facts": len(rows),
+        "r_mean": float(rs.mean()) if rs.size else float("nan"),
+        "r_median": float(np.median(rs)) if rs.size else float("nan"),
+        "r_p10": float(np.percentile(rs, 10)) if rs.size else float("nan"),
+        "r_at_least_0.8": float((rs >= 0.8).mean()) if rs.size else float("nan"),
+        "same_peak": float(np.mean([row["same_peak"] for row in rows])),
+        "near_peak": float(np.mean([row["near_peak"] for row in rows])),
+        "same_subject_peak_layer": float(np.mean([row["same_subject_peak_layer"] for row in rows])),
+    }
+
+
+def time_preview(lm, repeats: int) -> dict:
+    """Seconds of the Eiffel Tower preview (all three kinds): one warm-up, then the median of ``repeats``."""
+    from tracing import TraceConfig
+    from tracing.preview import estimate
+
+    estimate(lm, *EIFFEL, config=TraceConfig())
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        results = estimate(lm, *EIFFEL, config=TraceConfig())
+        runs.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(runs), "runs_s": runs, "library_s": results[0].settings["seconds"],
+            "tokens": len(results[0].tokens)}
+
+
+SHOW_R = 0.7  # median Pearson r: the estimate explains about half the exact map's variance or more
+SHOW_NEAR_PEAK = 0.6  # and its brightest cell is (nearly) the exact one in most facts
+
+
+def verdict(figures: dict) -> bool:
+    """Whether a kind's estimate is good enough to show (see SHOW_R, SHOW_NEAR_PEAK)."""
+    return figures["r_median"] >= SHOW_R and figures["near_peak"] >= SHOW_NEAR_PEAK
+
+
+def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
+    """Estimates of every fact in each space, their agreement with the exact traces, the timing; print and write."""
+    import numpy as np
+
+    from tracing import KINDS
+    from tracing.preview import METHOD, SPACE, _estimate
+
+    per_fact, summary = [], {}
+    for space in args.spaces:
+        rows = {kind: [] for kind in KINDS}
+        for fact, reference in zip(facts, exact):
+            estimates = _estimate(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=KINDS,
+                                  config=config, occurrence=0, space=space)
+            for e, guess in zip(reference, estimates):
+                row = agreement(e, guess)
+                rows[e.kind].append(row)
+                per_fact.append({"space": space, "kind": e.kind, "prompt": fact["prompt"],
+                                 "answer": fact["attribute"], "seconds": guess.settings["seconds"], **row})
+        summary[space] = {kind: summarise(rows[kind]) for kind in KINDS}
+    timing = time_preview(lm, args.repeats)
+
+    print(f"\nPreview ({METHOD}) against exact traces, {len(facts)} known facts, paper settings")
+    print(f"{'space':<8}{'kind':<8}{'r mean':>8}{'median':>8}{'p10':>8}{'r>=0.8':>8}{'same peak':>11}"
+          f"{'near peak':>11}{'edit layer':>12}   show")
+    for space, kinds in summary.items():
+        for kind, f in kinds.items():
+            print(f"{space:<8}{kind:<8}{f['r_mean']:>8.3f}{f['r_median']:>8.3f}{f['r_p10']:>8.3f}"
+                  f"{f['r_at_least_0.8']:>8.2f}{f['same_peak']:>11.2f}{f['near_peak']:>11.2f}"
+                  f"{f['same_subject_peak_layer']:>12.2f}   {verdict(f)}")
+    print(f"(show: median r >= {SHOW_R} and near peak >= {SHOW_NEAR_PEAK}; the library's space: {SPACE})")
+    print(f"Eiffel Tower preview ({timing['tokens']} tokens, 3 kinds, {torch_threads()} threads): median "
+          f"{timing['median_s']:.3f} s over {args.repeats} runs ({', '.join(f'{s:.3f}' for s in timing['runs_s'])})")
+
+    out = {"model": lm.name, "fingerprint": lm.fingerprint, "settings": config.to_dict(), "facts": len(facts),
+           "method": METHOD, "space": SPACE, "rule": {"r_median_at_least": SHOW_R, "near_peak_at_least": SHOW_NEAR_PEAK},
+           "summary": summary, "timing": timing, "threads": torch_threads(), "per_fact": per_fact}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.write_verdict:
+        from tracing.preview import PREVIEW_QUALITY
+
+        if SPACE not in summary:
+            print(f"error: --write-verdict needs the library's space {SPACE!r} among --spaces", file=sys.stderr)
+            return 2
+        kinds = {kind: {**f, "show": verdict(f)} for kind, f in summary[SPACE].items()}
+        record = {"model": lm.name, "fingerprint": lm.fingerprint, "settings": config.to_dict(),
+                  "facts": len(facts), "method": METHOD, "space": SPACE,
+                  "rule": out["rule"], "kinds": kinds, "eiffel_preview_s": timing["median_s"],
+                  "generated_by": "benchmarks/preview_quality.py --write-verdict"}
+        PREVIEW_QUALITY.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {PREVIEW_QUALITY}")
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--facts", type=int, default=50, help="how many known facts (default 50)")
+    p.add_argument("--cache", default=None, help="folder of the cached exact traces")
+    p.add_argument("--exact-only", action="store_true", help="only fill the cache of exact traces")
+    p.add_argument("--repeats", type=int, default=5, help="timed previews of the Eiffel Tower prompt (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--spaces", nargs="+", default=["metric", "logit"], choices=["metric", "logit"],
+                   help="where the first-order step is taken: the metric itself, or log-odds (see tracing.preview)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write every figure as JSON")
+    p.add_argument("--write-verdict", action="store_true", help="write assets/preview_quality.json for the page")
+    args = p.parse_args()
+
+    import torch
+
+    from tracing import KINDS, TraceConfig, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    config = TraceConfig()
+    cache = Path(args.cache) if args.cache else default_cache()
+    facts = choose_facts(lm, args.facts)
+    print(f"{len(facts)} facts over {len({f['relation_id'] for f in facts})} relations; cache {cache}", flush=True)
+    exact = []
+    for i, fact in enumerate(facts):
+        started = time.perf_counter()
+        exact.append(exact_cached(lm, fact, config, cache))
+        print(f"[{i + 1}/{len(facts)}] {fact['prompt']!r} -> {fact['attribute']!r}: "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+    if args.exact_only:
+        return 0
+    return report(lm, facts, exact, config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
