@@ -246,7 +246,7 @@ class MEMITHyperParams(HyperParams):
 
     layers: tuple[int, ...] = ()  # the edited layers, ascending; (): `span` consecutive layers ending at
     # int(layer_fraction * n_layers)
-    layer_fraction: float = 0.354  # GPT-2 XL: 17 / 48
+    layer_fraction: float = 0.355  # GPT-2 XL: int(0.355 * 48) = 17
     span: int = 5  # how many layers when `layers` is empty
     # Target vectors z = h + δ at the last layer's output (paper eq. 16, optimised as ROME's v*)
     v_num_grad_steps: int = 20  # Adam steps on each δ
