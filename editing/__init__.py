@@ -18,7 +18,8 @@ Example::
 
 Modules: :mod:`editing.rome` (the method), :mod:`editing.methods` (every
 editor behind ``compute`` and ``compute_batch``: FT, FT+L, KN, MEMIT),
-:mod:`editing.memit` (many facts at once), :mod:`editing.sequential` (edits one
+:mod:`editing.memit` (many facts at once), :mod:`editing.batch` (a batch from
+CSV/JSON, scored fact by fact: ``python -m editing.batch`` and the page), :mod:`editing.sequential` (edits one
 after another, AlphaEdit's projection, the health check), :mod:`editing.stats` (key
 statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
 reversible application, files), :mod:`editing.compare` (an edit with
@@ -39,22 +40,25 @@ from .sampling import generate
 from .scores import EditScores, fluency, score_edit
 from .sequential import Health, SequentialEditor, health
 
-_LAZY = {"KeyStats", "StatsSpec", "ensure_stats", "key_stats"}  # from .stats, imported on first use so that
-# `python -m editing.stats` does not find its own module already imported
+# Imported on first use, so that `python -m editing.stats` and `python -m editing.batch` do not find their own
+# module already imported
+_LAZY = {"KeyStats": "stats", "StatsSpec": "stats", "ensure_stats": "stats", "key_stats": "stats",
+         "BatchItem": "batch", "BatchResult": "batch", "parse_requests": "batch", "write_batch": "batch"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import stats
+        import importlib
 
-        return getattr(stats, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'editing' has no attribute {name!r}")
 
 
 __all__ = [
-    "METHODS", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack", "Health", "KeyStats",
+    "METHODS", "BatchItem", "BatchResult", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack",
+    "Health", "KeyStats",
     "MEMITHyperParams", "ROMEHyperParams", "SequentialEditor", "StatsSpec", "applied", "check_edits", "compute",
     "compute_batch", "compute_edit", "compute_memit", "edit_and_compare", "ensure_stats", "fluency", "generate",
     "health", "is_edited", "key_stats", "load_edits", "load_hparams", "model_answer", "original_weights",
-    "save_edits", "score_edit",
+    "parse_requests", "save_edits", "score_edit", "write_batch",
 ]
