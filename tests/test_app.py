@@ -375,7 +375,8 @@ def test_page_wires_named_model_events(engine):
     demo = build_demo(engine)
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     assert {"trace", "edit", "undo", "reset", "import_edits", "compare", "preset"} <= set(fns)
-    for name in ("trace", "edit", "compare"):  # they wait in the engine's queue, where they can be stopped
+    assert {"write_batch", "batch_presets", "batch_paste", "batch_upload"} <= set(fns)
+    for name in ("trace", "edit", "compare", "write_batch"):  # they wait in the engine's queue, where they can be stopped
         assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit > engine.limits.queue_size
     for name in ("undo", "reset", "import_edits"):  # never wait for the model
         assert fns[name].concurrency_id != "model"
@@ -428,3 +429,72 @@ def test_compare_editors_writes_the_fact_with_each_method_and_keeps_none(app, on
     assert "Efficacy" in table and "Neighbourhood magnitude" in table and table.count("editing…") == 0
     assert any("FT+L (3/4)" in card for card in seen)
     assert visitor.edits == [one_edit]  # nothing was added to the visitor's edits
+
+
+# --- many facts at once ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_memit(app):
+    from test_batch import TINY_MEMIT
+
+    saved = dict(app.engine._method_hparams)
+    app.engine._method_hparams["memit"] = TINY_MEMIT
+    yield app
+    app.engine._method_hparams.clear()
+    app.engine._method_hparams.update(saved)
+
+
+def test_many_facts_are_one_edit_scored_per_fact_and_undone_in_one_step(fast_memit, one_edit, tmp_path):
+    app = fast_memit
+    table, extras = app.batch_presets([["", "", "", ""]], {})
+    presets = app.engine.presets
+    assert len(table) == len(presets) and table[0][:3] == [presets[0].subject, presets[0].rewrite_prompt,
+                                                           presets[0].counterfactual]
+    assert extras[f"{presets[0].subject}\x1f{presets[0].rewrite_prompt}"]["paraphrases"] == list(presets[0].paraphrases)
+    assert app.batch_presets(table, extras)[0] == table  # presets already in the table are not added twice
+    table, extras, box = app.batch_paste("Michael Jordan,{} plays the sport of,golf,basketball", table[:1], extras)
+    assert len(table) == 2 and table[1] == ["Michael Jordan", "{} plays the sport of", "golf", "basketball"]
+    assert box == ""
+    seen: list[str] = []
+    updates = run(app.write_batch(table, extras, False, visitor_with([one_edit]), progress=no_progress), seen)
+    html_, visitor, history, export_btn, status, _, card = updates[-1]
+    batch = visitor.edits[-1]
+    assert visitor.edits[0] is one_edit and batch.method == "memit" and len(batch.requests) == 2
+    assert html_.count("<tr data-index=") == 2 and 'id="batch-health"' in html_ and 'data-score="PS"' in html_
+    assert history[1][1] == "MEMIT" and history[1][2].startswith("2 facts: ") and "2 edits active" in status
+    assert any("target vector" in c for c in seen) and card == ""
+    path = save_edits(visitor.edits, tmp_path / "batch.safetensors")
+    imported, *_ = app.import_edits(str(path), Visitor())
+    assert [len(e.requests) for e in imported.edits] == [1, 2]
+    visitor, history, *_ = app.undo(visitor)
+    assert visitor.edits == [one_edit] and len(history) == 1
+
+
+@pytest.mark.parametrize("table, message", [
+    ([["", "", "", ""]], "has no facts"),
+    ([["A", "{} is in", "B", ""]] * 13, "limit batch_facts"),
+    ([["The Louvre", "is in", "Rome", ""]], "Row 1: .*no {} placeholder"),
+    ([["The Louvre", "{} is in", "Rome", ""], ["The Louvre", "{} is in", "Oslo", ""]], "Row 2 repeats"),
+    ([["The Louvre", "{} is in", "Rome", "", "extra"]], "more than four cells"),
+    ("not a table", "must be a table"),
+    ([["x" * 400, "{} is in", "Rome", ""]], "limit text_chars"),
+])
+def test_a_bad_batch_is_a_message_before_the_model(fast_memit, table, message):
+    with pytest.raises(gr.Error, match=message):
+        run(fast_memit.write_batch(table, {}, False, Visitor(), progress=no_progress))
+    assert fast_memit.engine.waiting == 0
+
+
+def test_batch_files_and_pastes_are_bounded(app, tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text("subject,prompt,target\nThe Louvre,{} is in,Rome\n")
+    table, extras = app.batch_upload(str(path), [["", "", "", ""]], {})
+    assert table == [["The Louvre", "{} is in", "Rome", ""]]
+    path.write_text("A,{} is,B\n" * 13)
+    with pytest.raises(gr.Error, match="13 facts are more than the 12"):
+        app.batch_upload(str(path), table, extras)
+    with pytest.raises(gr.Error, match="limit batch_facts"):
+        app.batch_paste("\n".join(f"S{i},{{}} is,B" for i in range(12)), table, extras)
+    with pytest.raises(gr.Error, match="Nothing to add"):
+        app.batch_paste("  ", table, extras)

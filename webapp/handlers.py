@@ -27,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
+from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing.edit import method_label
 from tracing import KINDS, TraceResult, iter_trace, predict
 from tracing.preview import estimate, preview_verdict
@@ -34,7 +35,8 @@ from tracing.plots import heatmap, results_json, scores_csv
 
 from . import render
 from .engine import Engine, Stopped, Visitor, comparison_key
-from .limits import Refused, check_edit, check_generation, check_request, check_trace, choice, number
+from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_trace, choice, number,
+                     table_rows)
 
 log = logging.getLogger("locate-edit.app")
 
@@ -214,7 +216,8 @@ class App:
             job.emit(("top", job.memo(("top", ask.prompt), lambda: predict(lm, ask.prompt, k=5))))
             # A first-order estimate of every map within about a second, for the kinds where it was measured good.
             verdict = preview_verdict(lm, config)
-            previews = estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config)
+            previews = (estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config)
+                        if verdict is None or any(verdict.values()) else [])
             job.emit(("preview", [r for r in previews if verdict is None or verdict.get(r.kind)], verdict))
 
             def compute() -> list[TraceResult]:
@@ -392,6 +395,97 @@ class App:
             yield render.editors_table(results, methods, running), SKIP
         yield render.editors_table(results, methods), ""
 
+    # -- many facts at once ------------------------------------------------------------------
+
+    @staticmethod
+    def _batch_table(items: list[BatchItem]) -> tuple[list[list[str]], dict]:
+        """Table rows and the facts' test prompts (keyed by subject and prompt) of ``items``."""
+        rows = [[it.request.subject, it.request.prompt, it.request.target, it.request.target_true or ""]
+                for it in items]
+        extras = {f"{it.request.subject}\x1f{it.request.prompt}": {"paraphrases": list(it.paraphrases),
+                                                                   "neighbours": list(it.neighbours)}
+                  for it in items if it.paraphrases or it.neighbours}
+        return rows, extras
+
+    def _append_facts(self, table, extras, items: list[BatchItem]) -> tuple[list[list[str]], dict]:
+        """The table's filled rows followed by ``items``, refused beyond batch_facts."""
+        kept = [[("" if c is None else str(c)) for c in row[:4]] + [""] * (4 - len(row[:4]))
+                for row in table_rows(table) if any(isinstance(c, str) and c.strip() for c in row)]
+        self.limits.at_most("batch_facts", len(kept) + len(items), "The number of facts in the batch with these",
+                            "Remove some rows first, or write them in several batches.")
+        rows, more = self._batch_table(items)
+        extras = dict(extras) if isinstance(extras, dict) else {}
+        return kept + rows, {**extras, **more}
+
+    @user_errors
+    def batch_presets(self, table, extras) -> tuple:
+        """Add every preset (with its paraphrases and neighbours) to the batch table."""
+        if not self.engine.presets:
+            raise Refused("This server has no presets for its model.")
+        from editing import EditRequest
+
+        items = [BatchItem(EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute),
+                           tuple(p.paraphrases), tuple(p.neighbours)) for p in self.engine.presets]
+        present = {(str(r[0]).strip(), str(r[1]).strip()) for r in table_rows(table) if len(r) >= 2}
+        items = [it for it in items if (it.request.subject, it.request.prompt) not in present]
+        return self._append_facts(table, extras, items)
+
+    @user_errors
+    def batch_paste(self, text, table, extras) -> tuple:
+        """Add the facts of pasted CSV or JSON text to the batch table; the text box is emptied."""
+        text = text if isinstance(text, str) else ""
+        if len(text) > self.limits.text_chars * 4 * self.limits.batch_facts:
+            raise Refused("The pasted text is longer than a batch of facts can be; paste fewer rows.")
+        items = parse_requests(text, max_items=self.limits.batch_facts)
+        if not items:
+            raise Refused("Nothing to add: paste CSV lines subject,relation prompt,new object[,old object].")
+        return (*self._append_facts(table, extras, items), "")
+
+    @user_errors
+    def batch_upload(self, path, table, extras) -> tuple:
+        """Add the facts of an uploaded CSV or JSON file (CounterFact cases keep their test prompts)."""
+        if not path or not isinstance(path, str):
+            raise Refused("Choose a CSV or JSON file of facts.")
+        items = read_requests(path, max_bytes=min(self.limits.import_bytes, 1_000_000),
+                              max_items=self.limits.batch_facts)
+        if not items:
+            raise Refused(f"{Path(path).name[:80]} holds no facts.")
+        return self._append_facts(table, extras, items)
+
+    @user_errors
+    def write_batch(self, table, extras, project, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+        """Write the table's facts as one MEMIT edit on top of the visitor's edits; yields (result HTML, visitor,
+        history, export file, status, statistics note, progress)."""
+        visitor = visitor if visitor is not None else Visitor()
+        hp = self.engine.hparams_for("memit")
+        n_layers = self.engine.lm.n_layers
+        ask = check_batch(self.limits, self.engine.count_tokens, n_layers, table=table, extras=extras,
+                          project=project, hparams=hp, edits_applied=len(visitor.edits),
+                          edits_mb=visitor.megabytes)
+        for layer in hp.edit_layers(n_layers):
+            self.engine.check_stats(layer)
+        previous, version = list(visitor.edits), visitor.version
+
+        def work(lm, job) -> None:
+            job.emit(write_batch(lm, ask.items, hparams=hp, previous=previous, project=ask.project,
+                                 stats_spec=self.engine.stats_spec, progress=job.progress))
+
+        stream = self.engine.stream(work, visitor=visitor, label="batch")
+        for tag, result in self._drive(stream, progress, render.batch_progress, "batch-progress"):
+            if tag == "tick":
+                yield (SKIP,) * 6 + (result,)
+                continue
+            with self._visitors:
+                added = visitor.version == version
+                if added:
+                    visitor.set_edits(previous + [result.edit])
+            if not added:
+                gr.Warning("Your edits changed while this batch ran (undo, reset or import), so it was not added. "
+                           "Write it again to add it to your current edits.")
+            edits = visitor.edits
+            yield (render.batch_result(result), visitor, render.history_rows(edits), self._export_button(edits),
+                   render.history_status(edits), self.stats_note(), "")
+
     @user_errors
     def undo(self, visitor: Visitor | None) -> tuple:
         """Drop the visitor's last edit; returns (visitor, history rows, export file, status, statistics note)."""
@@ -401,7 +495,9 @@ class App:
                 raise Refused("There is no edit to undo.")
             last = visitor.edits[-1]
             visitor.set_edits(visitor.edits[:-1])
-        return self._history(visitor, f"Undid: {last.request.text} → {last.request.target}")
+        what = (f"a batch of {len(last.requests)} facts" if len(last.requests) > 1 else
+                f"{last.request.text} → {last.request.target}")
+        return self._history(visitor, f"Undid: {what}")
 
     @user_errors
     def reset(self, visitor: Visitor | None) -> tuple:
@@ -432,11 +528,13 @@ class App:
         if room <= 0:
             raise self.limits.refuse("edits_per_visitor", "The number of your edits", len(visitor.edits) + 1,
                                      "Undo or reset some before importing.")
-        loaded = load_edits(path, max_bytes=self.limits.import_bytes, max_edits=room, lm=self.engine.lm)
+        loaded = load_edits(path, max_bytes=self.limits.import_bytes, max_edits=room, lm=self.engine.lm,
+                            max_requests=self.limits.batch_facts)
         if not loaded:
             raise Refused(f"{name[:80]} holds no edits.")
         for i, edit in enumerate(loaded):
-            check_request(self.limits, self.engine.count_tokens, edit.request, where=f"Edit {i + 1} of the file: ")
+            for request in edit.requests:
+                check_request(self.limits, self.engine.count_tokens, request, where=f"Edit {i + 1} of the file: ")
         check_edits(self.engine.lm, loaded)  # made for these weights, shapes fit (nothing is applied)
         megabytes = sum(a.nbytes for e in loaded for a in e.arrays().values()) / 1e6
         if visitor.megabytes + megabytes > self.limits.visitor_mb:

@@ -170,6 +170,7 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
         ui.scores = gr.HTML(elem_id="scores")
         with gr.Accordion("Raw results (JSON)", open=False):
             ui.details = gr.JSON(label="Edit results")
+        batch_section(engine, ui)
         gr.Markdown("### Your edits")
         ui.status = gr.HTML(render.history_status([]))
         ui.history = gr.Dataframe(headers=render.HISTORY_HEADERS, value=[], interactive=False, elem_id="history",
@@ -194,6 +195,37 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
                 ui.free_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="free-stop")
             ui.free_out = gr.HTML()
     return ui
+
+
+def batch_section(engine: Engine, ui: SimpleNamespace) -> None:
+    """Edit many facts: a table of requests written as one MEMIT batch (undone, exported as one edit)."""
+    limits = engine.limits
+    with gr.Accordion(f"Edit many facts at once (MEMIT, up to {limits.batch_facts})", open=False,
+                      elem_id="batch-accordion"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                ui.batch_table = gr.Dataframe(
+                    headers=["Subject", "Relation prompt ({} = subject)", "New object", "Old object (optional)"],
+                    value=[["", "", "", ""]], type="array", datatype="str", interactive=True, row_count=1,
+                    row_limits=(1, limits.batch_facts), column_count=4, column_limits=(4, 4),
+                    elem_id="batch-table", label="Facts to write (one per row)", wrap=True)
+                ui.batch_extras = gr.State({})
+                with gr.Row():
+                    ui.batch_presets_btn = gr.Button("Add all presets", size="sm", elem_id="batch-presets")
+                    ui.batch_upload = gr.UploadButton("Add from a file (CSV or JSON)", file_types=[".csv", ".json"],
+                                                      size="sm", elem_id="batch-upload")
+                    ui.batch_clear = gr.Button("Clear the table", size="sm", elem_id="batch-clear")
+                with gr.Row():
+                    ui.batch_csv = gr.Textbox("", lines=2, label="Paste CSV: subject,relation prompt,new object[,old]",
+                                              max_length=limits.text_chars * 4 * limits.batch_facts, scale=4,
+                                              elem_id="batch-csv")
+                    ui.batch_paste_btn = gr.Button("Add pasted rows", size="sm", scale=1, elem_id="batch-paste")
+                ui.batch_project = gr.Checkbox(False, label="Keep my earlier edits exactly (AlphaEdit's projection)",
+                                               elem_id="batch-project")
+                ui.batch_btn, ui.batch_stop = run_and_stop("Write all facts (one MEMIT edit)", "batch")
+            help_column("help-batch.md")
+        ui.batch_progress = gr.HTML(elem_id="batch-status")
+        ui.batch_out = gr.HTML(elem_id="batch")
 
 
 def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, visitor, trace_state) -> None:
@@ -224,6 +256,16 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
                                       ed.max_new, visitor],
         [ed.editors_out, ed.editors_progress], api_name="compare_editors", **model_events)
     ed.editors_stop.click(None, None, None, cancels=[editors_event])
+    batch_event = ed.batch_btn.click(
+        on_gpu(app.write_batch), [ed.batch_table, ed.batch_extras, ed.batch_project, visitor],
+        [ed.batch_out, *history_outputs, ed.batch_progress], api_name="write_batch", **model_events)
+    ed.batch_stop.click(None, None, None, cancels=[batch_event])
+    table_io = [ed.batch_table, ed.batch_extras]
+    ed.batch_presets_btn.click(app.batch_presets, table_io, table_io, queue=False, api_name="batch_presets")
+    ed.batch_paste_btn.click(app.batch_paste, [ed.batch_csv, *table_io], [*table_io, ed.batch_csv], queue=False,
+                             api_name="batch_paste")
+    ed.batch_upload.upload(app.batch_upload, [ed.batch_upload, *table_io], table_io, api_name="batch_upload")
+    ed.batch_clear.click(lambda: ([["", "", "", ""]], {}), None, table_io, queue=False, api_visibility="private")
     # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
     ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")
     ed.reset_btn.click(app.reset, visitor, history_outputs, api_name="reset")

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from editing.batch import BatchItem
 from editing.edit import EditRequest
 from tracing.result import CORRUPTIONS, KINDS, METRICS, TraceConfig
 
@@ -55,6 +56,8 @@ class Limits:
     line_tokens: int = 40  # tokens of one test prompt or free prompt
     new_tokens: int = 60  # tokens generated per prompt
     edit_cost: int = 3_000_000  # token-layer passes of one edit's optimisation (see edit_work); ROME here: ~370,000
+    batch_facts: int = 12  # facts in one "Edit many facts" batch (MEMIT): the presets fit
+    batch_cost: int = 6_000_000  # token-layer passes of one batch's optimisation (see edit_work); 12 presets: ~3.4 M
     edits_per_visitor: int = 20  # edits one visitor can have applied (typed and imported)
     visitor_mb: float = 40.0  # megabytes of one visitor's edits (a fine-tuning edit of the default model: 3.5 MB)
     import_bytes: int = 40_000_000  # size of an uploaded edits file (Gradio refuses larger uploads while receiving)
@@ -286,10 +289,11 @@ def edit_work(method: str, hparams, width: int, n_layers: int, layer: int | None
     """An edit's estimated work in token-layer passes (a backward pass counts as two), and how it was counted.
 
     ROME optimises v* on the templated prompts through the layers above the
-    edit layer; FT and FT+L run the whole model per step; KN integrates
+    edit layer, and MEMIT each fact's target the same way above its last
+    layer (the keys and updates of its range cost little beside it); FT and FT+L run the whole model per step; KN integrates
     gradients for every searched layer through the whole model.
     """
-    if method == "rome":
+    if method in ("rome", "memit"):
         contexts = sum(count for _, count in hparams.context_templates) + 1
         steps, layers = hparams.v_num_grad_steps, n_layers - (layer or 0)
         return width * contexts * steps * layers * 3, f"{width} tokens × {contexts} contexts × {steps} steps × " \
@@ -331,6 +335,90 @@ def check_edit(limits: Limits, count: TokenCounter, n_layers: int, *, subject, r
     cost, counted = edit_work(method, hparams, width, n_layers, layer)
     limits.at_most("edit_cost", cost, f"This edit's cost ({counted})", "Shorten the prompt or edit a later layer.")
     return EditAsk(request, layer, tuple(para), tuple(neigh), max_new_tokens, sample, seed, cost)
+
+
+@dataclass(frozen=True)
+class BatchAsk:
+    """A batch that passed every check: what to hand to :func:`editing.batch.write_batch`."""
+
+    items: tuple[BatchItem, ...]
+    project: bool
+    cost: int
+
+
+BATCH_COLUMNS = ("subject", "relation prompt", "new object", "old object")
+
+
+def table_rows(table) -> list[list]:
+    """The rows of a table from the page (a list of rows, or {"data": rows} from an API client)."""
+    if table is None:
+        return []
+    if isinstance(table, dict):
+        table = table.get("data")
+    if hasattr(table, "values") and hasattr(table, "columns"):  # a pandas DataFrame
+        table = table.values.tolist()
+    if not isinstance(table, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in table):
+        raise Refused("The facts must be a table: rows of subject, relation prompt, new object, old object.")
+    return [list(row) for row in table]
+
+
+def check_batch(limits: Limits, count: TokenCounter, n_layers: int, *, table, extras, project, hparams,
+                edits_applied: int, edits_mb: float = 0.0) -> BatchAsk:
+    """Check an "Edit many facts" request: its rows (empty ones skipped), test prompts per fact, size and cost.
+
+    ``extras`` maps "subject\\x1fprompt" to {"paraphrases": [...], "neighbours": [...]} for facts that come
+    with test prompts (presets, CounterFact cases); other facts are scored on their rewrite prompt alone.
+    """
+    limits.at_most("edits_per_visitor", edits_applied + 1, "The number of your edits with this batch",
+                   "Undo or reset some first.")
+    if edits_mb >= limits.visitor_mb:
+        raise limits.refuse("visitor_mb", "The size of your edits in megabytes", f"{edits_mb:.1f}",
+                            "Undo or reset some first.")
+    rows = table_rows(table)
+    limits.at_most("batch_facts", len(rows), "The number of rows in this batch", "Remove some rows.")
+    filled = [(i, row) for i, row in enumerate(rows, start=1)
+              if any(isinstance(cell, str) and cell.strip() for cell in row)]
+    if not filled:
+        raise Refused("The table has no facts: type a subject, a relation prompt with {} and a new object per row, "
+                      "paste CSV, upload a file, or add the presets.")
+    if extras is not None and not isinstance(extras, dict):
+        raise Refused("The facts' test prompts must be a mapping from fact to prompts.")
+    extras = extras or {}
+    items, seen, cost = [], {}, 0
+    for i, row in filled:
+        cells = [cell if isinstance(cell, str) or cell is None else str(cell) for cell in row[:4]]
+        cells += [None] * (4 - len(cells))
+        if len(row) > 4 and any(isinstance(c, str) and c.strip() for c in row[4:]):
+            raise Refused(f"Row {i} has more than four cells: subject, relation prompt, new object, old object.")
+        where = f"Row {i}: "
+        try:
+            request = check_request(limits, count, EditRequest(cells[0] or "", cells[1] or "", cells[2] or "",
+                                                               (cells[3] or "").strip() or None))
+        except ValueError as exc:
+            raise Refused(where + str(exc)) from None
+        key = (request.subject, request.prompt)
+        if key in seen:
+            raise Refused(f"Row {i} repeats the subject and relation of row {seen[key]}; a batch writes each fact once.")
+        seen[key] = i
+        extra = extras.get(f"{request.subject}\x1f{request.prompt}") or {}
+        if not isinstance(extra, dict):
+            raise Refused(f"{where}its test prompts must be a mapping with paraphrases and neighbours.")
+        prompts = []
+        for name in ("paraphrases", "neighbours"):
+            lines = extra.get(name) or []
+            if not isinstance(lines, list) or not all(isinstance(x, str) and "\n" not in x for x in lines):
+                raise Refused(f"{where}its {name} must be a list of one-line prompts.")
+            checked = limits.lines("\n".join(lines), f"{name.capitalize()} of row {i}")
+            for line in checked:
+                limits.at_most("line_tokens", count(line), f"The test prompt {line[:40]!r}'s length in tokens",
+                               "Shorten it.")
+            prompts.append(tuple(checked))
+        items.append(BatchItem(request, *prompts))
+        width = count(request.text) + count(request.target)
+        cost += edit_work("memit", hparams, width, n_layers, hparams.edit_layer(n_layers))[0]
+    limits.at_most("batch_cost", cost, f"This batch's cost ({len(items)} facts' targets, token-layer passes)",
+                   "Write fewer facts at once, or in several batches.")
+    return BatchAsk(tuple(items), _flag(project, "Keep earlier edits"), cost)
 
 
 def check_generation(limits: Limits, count: TokenCounter, *, prompt, max_new_tokens, sample, seed) -> tuple:

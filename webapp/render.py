@@ -42,6 +42,18 @@ METHOD_STAGES = {
     "kn": {"attributing": (0.2, 0.85, "Attributing the old object to neurons (integrated gradients)"),
            "update": (0.85, 0.87, "Changing the chosen neurons' value vectors")},
 }
+# Stages of an "Edit many facts" batch (editing.batch.write_batch): MEMIT's, between scoring before and after.
+BATCH_STAGES = {
+    "answer": (0.0, 0.03, "Asking the model for the old objects"),
+    "before": (0.03, 0.08, "Scoring every fact before the edit"),
+    "templates": (0.08, 0.1, "Context templates (once per model)"),
+    "statistics": (0.1, 0.3, "Key statistics of the edited layers (once per layer, then cached)"),
+    "keys": (0.3, 0.32, "Reading the subjects' keys"),
+    "optimising": (0.32, 0.85, "Optimising every fact's target vector"),
+    "update": (0.85, 0.9, "Spreading the updates over the layers"),
+    "after": (0.9, 0.95, "Scoring every fact after the edit"),
+    "health": (0.95, 1.0, "Checking the model's health (unrelated facts, fluency)"),
+}
 HISTORY_HEADERS = ["#", "Method", "Subject", "Relation", "New object", "Old object", "Layer", "‖ΔW‖"]
 
 
@@ -249,12 +261,20 @@ def free_comparison(prompt: str, original: str, edited: str | None, edits: Seque
 
 
 def history_rows(edits: Sequence[editing.Edit]) -> list[list]:
-    """One table row per edit of the visitor, oldest first."""
-    return [
-        [i + 1, method_label(e.method), e.request.subject, e.request.prompt, e.request.target,
-         e.request.target_true or "", ", ".join(map(str, e.layers)), round(e.norm, 3)]
-        for i, e in enumerate(edits)
-    ]
+    """One table row per edit of the visitor, oldest first (a batch is one row: undone as one step)."""
+    rows = []
+    for i, e in enumerate(edits):
+        r = e.request
+        if len(e.requests) > 1:
+            def listed(values: list[str]) -> str:
+                return ", ".join(values[:3]) + (", …" if len(values) > 3 else "")
+
+            fact = [f"{len(e.requests)} facts: " + listed([q.subject for q in e.requests]), "(a batch)",
+                    listed([q.target for q in e.requests]), listed([q.target_true or "?" for q in e.requests])]
+        else:
+            fact = [r.subject, r.prompt, r.target, r.target_true or ""]
+        rows.append([i + 1, method_label(e.method), *fact, ", ".join(map(str, e.layers)), round(e.norm, 3)])
+    return rows
 
 
 def history_status(edits: Sequence[editing.Edit]) -> str:
@@ -325,3 +345,61 @@ def editors_table(results: dict, methods: Sequence[str], running: str | None = N
     body.append(f'<tr class="le-score-row"><td>Update ‖ΔW‖, time</td><td>–</td>{updates}</tr>')
     return (f'<table class="le-compare le-editors" id="editors-comparison"><tr><th>Prompt</th><th>Before</th>{heads}'
             f'</tr>{"".join(body)}</table>')
+
+
+def batch_progress(stage: str, fraction: float) -> tuple[float, str]:
+    """(overall fraction, description) of a batch's stage and its own fraction."""
+    start, end, text = BATCH_STAGES.get(stage, (0.0, 1.0, stage))
+    return start + (end - start) * min(max(float(fraction), 0.0), 1.0), text
+
+
+def batch_result(result: "editing.BatchResult") -> str:
+    """HTML of a written batch: the scores before and after, the health check, then one row per fact."""
+    b, a = result.summary("before"), result.summary("after")
+
+    def cell(name: str, key: str, help_text: str) -> str:
+        return (f'<div class="le-score" data-score="{key}"><div class="le-score-name">{name}</div>'
+                f'<div class="le-score-value">{pct(a[key])}</div>'
+                f'<div class="le-small">before: {pct(b[key])}</div><div class="le-small">{help_text}</div></div>')
+
+    edit = result.edit
+    scores = (
+        '<div class="le-scores" id="batch-scores">'
+        + cell("Efficacy", "ES", f"rewrite prompts of all {len(result.items)} facts: p(new) > p(old)")
+        + cell("Paraphrase", "PS", "facts with paraphrases (presets, CounterFact cases)")
+        + cell("Neighbourhood", "NS", "neighbours keep p(old) > p(new)")
+        + f'<div class="le-score"><div class="le-score-name">Update (MEMIT)</div>'
+        f'<div class="le-score-value">{edit.norm:.3g}</div><div class="le-small">‖ΔW‖ over {layers_text(edit)}</div>'
+        f'<div class="le-small">{len(result.items)} facts in {result.seconds:.1f} s</div></div></div>'
+    )
+    body = []
+    for i, row in enumerate(result.rows()):
+        win = "le-win" if row["written"] else "le-lose"
+        body.append(
+            f'<tr data-index="{i}" data-written="{str(row["written"]).lower()}">'
+            f'<td class="le-prompt">{esc(row["prompt"].replace("{}", row["subject"], 1))}</td>'
+            f'<td><mark class="le-new">{esc(row["target"])}</mark></td>'
+            f'<td><mark class="le-old">{esc(row["target_true"] or "?")}</mark></td>'
+            f'<td>{fmt_p(row["p_new_before"])} → <b class="{win}">{fmt_p(row["p_new_after"])}</b></td>'
+            f'<td>{fmt_p(row["p_old_before"])} → {fmt_p(row["p_old_after"])}</td>'
+            f'<td class="{win}">{"written" if row["written"] else "not written"}</td></tr>')
+    table = ('<table class="le-compare" id="batch-facts"><tr><th>Rewrite prompt</th><th>New</th><th>Old</th>'
+             '<th>p(new) before → after</th><th>p(old) before → after</th><th></th></tr>' + "".join(body) + "</table>")
+    return f'<div id="batch-result">{scores}{health_card(result.health)}{table}</div>'
+
+
+def health_card(report: "editing.Health | None") -> str:
+    """HTML of a health check: warnings first, then the measurements they rest on."""
+    if report is None:
+        return ""
+    worst = max(report.relative_norms) if report.relative_norms else 0.0
+    facts = (f"unrelated facts p(answer) {np.mean(report.p_facts_before):.2f} → {np.mean(report.p_facts):.2f}"
+             if report.p_facts else "no unrelated facts checked")
+    measured = (f"largest weight change {worst:.1%} of the layer's weights; generation entropy "
+                f"{report.entropy_before:.2f} → {report.entropy:.2f}; {facts}")
+    if report.warnings:
+        items = "".join(f"<li>{esc(w)}</li>" for w in report.warnings)
+        return (f'<div class="le-notice" id="batch-health" data-ok="false"><b>Health check: the edited model may be '
+                f'damaged.</b><ul>{items}</ul><div class="le-small">{esc(measured)}</div></div>')
+    return (f'<div class="le-card" id="batch-health" data-ok="true"><b>Health check: nothing looks wrong.</b> '
+            f'<span class="le-small">{esc(measured)}</span></div>')
