@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 import torch
 
 from editing import ROMEHyperParams
@@ -49,3 +50,13 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def changed(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
     """Names of parameters/buffers that are not bitwise equal to ``saved`` (empty: all equal)."""
     return [name for name, t in model.state_dict().items() if not bitwise_equal(t, saved[name])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for a module (imported there): on a small shared CPU, two threads on tiny tensors spend
+    their time waiting for each other (10x slower than one); the setting is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_tiny
 from editing_fixtures import TINY_STATS, changed, private_cache, snapshot
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from editing import EditRequest, applied, load_edits, model_answer, score_edit
 from editing.batch import BatchItem, parse_requests, read_requests, write_batch

@@ -4,7 +4,7 @@ Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
 (watching its progress) and waits for the three heatmaps, applies the preset's
 edit, checks that the rewrite prompt's generation now contains the new object
 (and did not before), undoes it, compares the four editors on the same fact,
-and saves screenshots. The trace is the quick one (the subject's
+writes two more presets as one MEMIT batch, and saves screenshots. The trace is the quick one (the subject's
 and the last token's rows) to keep the test short. Set
 ``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
 (``assets/screenshot.png``, then with a full trace; the edit and undo views go
@@ -150,6 +150,21 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             assert table.locator("th.le-method").count() == 4
             expect(table).to_contain_text("Neighbourhood")
             page.screenshot(path=str(shots / "static" / "screenshot-editors.png"), full_page=True)
+
+            # Two more presets as one MEMIT batch, pasted as CSV: one row per fact, the health check, one edit.
+            page.locator("#batch-accordion").get_by_text("Edit many facts", exact=False).first.click()
+            others = load_presets().presets[1:3]
+            page.locator("#batch-csv textarea").fill("\n".join(
+                f'{q.subject},"{q.rewrite_prompt}",{q.counterfactual},{q.attribute}' for q in others))
+            page.locator("#batch-paste").click()
+            expect(page.locator("#batch-table")).to_contain_text(others[1].subject, timeout=30_000)
+            page.locator("#batch-button").click()
+            facts = page.locator("#batch-facts tr[data-index]")
+            expect(facts.nth(1)).to_be_visible(timeout=900_000)
+            assert facts.count() == 2
+            expect(page.locator("#batch-health")).to_contain_text("Health check")
+            expect(page.locator("#edit-status")).to_contain_text("1 edit active")
+            page.screenshot(path=str(shots / "static" / "screenshot-batch.png"), full_page=True)
         finally:
             browser.close()
     assert (shots / "screenshot.png").stat().st_size > 10_000

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny
 from editing_fixtures import TINY_HPARAMS, TINY_STATS, changed, private_cache, snapshot
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from editing import (
     Edit,
@@ -48,16 +49,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = sorted(TINY_CONFIGS)
 REQ1 = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", target_true="Paris")
 REQ2 = EditRequest("Michael Jordan", "{} professionally plays the sport of", "baseball", target_true="basketball")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a small shared CPU, two torch threads on these tiny tensors spend their time waiting for each other
-    # (10x slower than one thread); the setting is restored after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

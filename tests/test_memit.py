@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny
 from editing_fixtures import TINY_STATS, changed, private_cache, snapshot
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from safetensors.numpy import save_file
 
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
@@ -38,14 +39,6 @@ REQUESTS = (
 # Small settings for tiny models (keys 64 or 128 wide: λ of the order of the width, as λ ≈ 20000 is for GPT-2 XL).
 TINY_MEMIT = MEMITHyperParams(layers=(1, 2), context_templates=((3, 2),), stats_tokens=512, stats_sample_length=32,
                               clamp_norm_factor=4.0, mom2_update_weight=50.0, v_num_grad_steps=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny
 from editing_fixtures import TINY_HPARAMS, TINY_STATS, changed, private_cache, snapshot
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from safetensors.numpy import save_file
 
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
@@ -40,14 +41,6 @@ TINY = {
     "ft-l": FTHyperParams(layer=1, num_steps=10, lr=5e-3, norm_constraint=2e-3),
     "kn": KNHyperParams(steps=4, batch_size=2),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny
 from editing_fixtures import TINY_STATS, changed, private_cache, snapshot
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from editing import EditRequest, applied
 from editing.edit import Edit, WeightDelta
@@ -31,14 +32,6 @@ MORE = (
     EditRequest("Toyota", "{} is headquartered in the country of", "Brazil", "Japan"),
     EditRequest("The Louvre", "{} is located in the city of", "London", "Paris"),
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -135,6 +135,16 @@ class App:
         save_edits(list(edits), path)
         return gr.DownloadButton(value=str(path), interactive=True)
 
+    def _add_edit(self, visitor: Visitor, previous: list, version: int, edit, what: str) -> None:
+        """Add ``edit`` after ``previous``, unless the visitor's edits changed while it was computed (then warn)."""
+        with self._visitors:
+            added = visitor.version == version
+            if added:
+                visitor.set_edits(previous + [edit])
+        if not added:
+            gr.Warning(f"Your edits changed while this {what} ran (undo, reset or import), so it was not added. "
+                       f"Run it again to add it to your current edits.")
+
     def _history(self, visitor: Visitor, message: str | None = None) -> tuple:
         if message:
             gr.Info(message)
@@ -338,13 +348,7 @@ class App:
             if result.edit is None:
                 yield (render.comparison_table(result), render.scores_card(result), details) + (SKIP,) * 6
                 continue
-            with self._visitors:
-                added = visitor.version == version
-                if added:
-                    visitor.set_edits(previous + [result.edit])
-            if not added:
-                gr.Warning("Your edits changed while this edit ran (undo, reset or import), so it was not added. "
-                           "Apply it again to add it to your current edits.")
+            self._add_edit(visitor, previous, version, result.edit, "edit")
             edits = visitor.edits
             yield (render.comparison_table(result), render.scores_card(result), details, visitor,
                    render.history_rows(edits), self._export_button(edits), render.history_status(edits),
@@ -475,13 +479,7 @@ class App:
             if tag == "tick":
                 yield (SKIP,) * 6 + (result,)
                 continue
-            with self._visitors:
-                added = visitor.version == version
-                if added:
-                    visitor.set_edits(previous + [result.edit])
-            if not added:
-                gr.Warning("Your edits changed while this batch ran (undo, reset or import), so it was not added. "
-                           "Write it again to add it to your current edits.")
+            self._add_edit(visitor, previous, version, result.edit, "batch")
             edits = visitor.edits
             yield (render.batch_result(result), visitor, render.history_rows(edits), self._export_button(edits),
                    render.history_status(edits), self.stats_note(), "")
