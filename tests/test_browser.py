@@ -113,9 +113,11 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             # Progress the visitor can see: the stage and its fraction, while the trace runs.
             expect(page.locator("#trace-progress")).to_contain_text("Tracing: restoring", timeout=120_000)
             expect(page.locator("#trace-progress")).to_contain_text("%")
+            # First the estimate (labelled as one), then the exact maps.
+            expect(page.locator("#preview-note")).to_contain_text("estimates", timeout=120_000)
+            expect(page.locator("#trace-scores")).to_contain_text(preset.attribute, timeout=900_000)
             for kind in ("hidden", "mlp", "attn"):
-                expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible(timeout=900_000)
-            expect(page.locator("#trace-scores")).to_contain_text(preset.attribute)
+                expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible()
             expect(page.locator("#layer-suggestion")).to_contain_text("peaks at layer")
             expect(page.locator("#plot-mlp")).to_contain_text("Impact of restoring MLP")
             page.get_by_text("Advanced settings").click()  # fold it again for the screenshot
