@@ -236,7 +236,8 @@ def test_memit_hyperparameters_files_load_and_unknown_keys_fail():
     assert load_hparams("EleutherAI/gpt-j-6b", method="memit").edit_layers(28) == (3, 4, 5, 6, 7, 8)
     assert load_hparams("some/unknown-model", method="memit").edit_layers(48) == (13, 14, 15, 16, 17)
     smol = load_hparams("HuggingFaceTB/SmolLM2-135M-Instruct", method="memit")
-    assert "tuning" in smol.description and smol.mom2_update_weight < 20000
+    assert "memit_sweep" in smol.description and smol.edit_layers(30) == (0, 1, 2, 3, 4)
+    assert smol.mom2_update_weight < 20000
     with pytest.raises(ValueError, match="Unknown MEMIT hyperparameter.*lambda"):
         load_hparams("gpt2-xl", method="memit", **{"lambda": 3.0})
     with pytest.raises(ValueError, match="ascending"):
