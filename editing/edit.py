@@ -687,12 +687,18 @@ class EditStack:
         last = self._edits[-1]
         self._rebuild(self._edits[:-1])
         self._edits.pop()
+        if not self._edits:  # back to the originals: the model is no longer edited (is_edited, shipped results)
+            self._release()
         return last
 
     def reset(self) -> None:
         """Remove every edit: all weights bitwise the originals."""
         self._rebuild([])
         self._edits.clear()
+        self._release()
+
+    def _release(self) -> None:
+        """Forget the saved originals (the weights are the originals again)."""
         self._originals.clear()
         _unregister(self.lm, self._owned)
         self._owned.clear()

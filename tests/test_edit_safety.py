@@ -51,6 +51,11 @@ def test_original_weights_inside_applied_and_stacks(lm_edit):
         with original_weights(lm):
             assert changed(lm.model, saved) == []
         stack.undo()
+        assert not is_edited(lm)  # undoing the last edit leaves an unedited model, not one that says it is edited
+        stack.push(edit)
+        stack.push(edit)
+        stack.undo()
+        assert is_edited(lm)
     assert not is_edited(lm) and changed(lm.model, saved) == []
 
 

@@ -52,7 +52,9 @@ def test_cli_writes_json_and_html(tmp_path, device):
     assert "Paris" in done.stdout
     assert f"on {device}" in done.stdout and "float32: trace" in done.stdout  # where, in what and how long
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "prompt", "subject", "results", "seconds", "trace_seconds", "device", "dtype"}
+    assert set(data) == {"model", "prompt", "subject", "results", "seconds", "trace_seconds", "device", "dtype",
+                         "estimate"}
+    assert data["estimate"] is False
     assert data["dtype"] == "float32" and 0 < data["trace_seconds"] <= data["seconds"]
     (result,) = data["results"]
     assert {"kind", "tokens", "subject_range", "answer", "high_score", "low_score", "scores"} <= set(result)

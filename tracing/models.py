@@ -378,6 +378,8 @@ def prepare_model(model: nn.Module, tokenizer, name: str, *, warm: bool = True) 
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name)
+    lm.fingerprint  # taken now, on the weights as loaded: an edit applied when it is first asked for must not
+    # change the key of the on-disk caches and shipped results
     if warm and lm.device.type != "cpu":
         warm_up(lm)
     return lm
