@@ -11,7 +11,7 @@ import transformers
 from tracing import load_model
 from tracing import models
 from tracing.hooks import active_hook_count
-from tracing.models import converted_default_dir, default_gguf_path, parse_dtype, warm_up
+from tracing.models import converted_default_dir, default_gguf_path, parse_dtype, warm_up, wrap_model
 
 from conftest import make_tiny, needs_default_package
 
@@ -35,7 +35,8 @@ def test_fingerprint_follows_weights_not_the_library_version(tokenizer, device):
     c = make_tiny("llama", tokenizer, device)
     with torch.no_grad():
         c.model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
-    assert c.fingerprint != a.fingerprint
+    assert c.fingerprint == a.fingerprint  # taken when the model was prepared: an edit applied later keeps the key
+    assert wrap_model(c.model, tokenizer, "tiny-llama").fingerprint != a.fingerprint  # other weights, other key
 
 
 def test_warm_up_is_a_small_trace_that_leaves_the_model_as_it_was(tokenizer, device):
