@@ -261,11 +261,11 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
         [ed.batch_out, *history_outputs, ed.batch_progress], api_name="write_batch", **model_events)
     ed.batch_stop.click(None, None, None, cancels=[batch_event])
     table_io = [ed.batch_table, ed.batch_extras]
-    ed.batch_presets_btn.click(app.batch_presets, table_io, table_io, queue=False, api_name="batch_presets")
-    ed.batch_paste_btn.click(app.batch_paste, [ed.batch_csv, *table_io], [*table_io, ed.batch_csv], queue=False,
+    ed.batch_presets_btn.click(app.batch_presets, table_io, table_io, api_name="batch_presets")
+    ed.batch_paste_btn.click(app.batch_paste, [ed.batch_csv, *table_io], [*table_io, ed.batch_csv],
                              api_name="batch_paste")
     ed.batch_upload.upload(app.batch_upload, [ed.batch_upload, *table_io], table_io, api_name="batch_upload")
-    ed.batch_clear.click(lambda: ([["", "", "", ""]], {}), None, table_io, queue=False, api_visibility="private")
+    ed.batch_clear.click(lambda: ([["", "", "", ""]], {}), None, table_io, api_visibility="private")
     # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
     ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")
     ed.reset_btn.click(app.reset, visitor, history_outputs, api_name="reset")
