@@ -35,8 +35,8 @@ from tracing.plots import heatmap, results_json, scores_csv
 
 from . import render
 from .engine import Engine, Stopped, Visitor, comparison_key
-from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_trace, choice, number,
-                     table_rows)
+from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_trace, choice,
+                     extras_key, number, table_rows)
 
 log = logging.getLogger("locate-edit.app")
 
@@ -406,8 +406,7 @@ class App:
         """Table rows and the facts' test prompts (keyed by subject and prompt) of ``items``."""
         rows = [[it.request.subject, it.request.prompt, it.request.target, it.request.target_true or ""]
                 for it in items]
-        extras = {f"{it.request.subject}\x1f{it.request.prompt}": {"paraphrases": list(it.paraphrases),
-                                                                   "neighbours": list(it.neighbours)}
+        extras = {extras_key(it.request): {"paraphrases": list(it.paraphrases), "neighbours": list(it.neighbours)}
                   for it in items if it.paraphrases or it.neighbours}
         return rows, extras
 

@@ -306,6 +306,15 @@ def edit_work(method: str, hparams, width: int, n_layers: int, layer: int | None
                                                              f"{searched} searched layers × {n_layers} layers × 3"
 
 
+def _check_room(limits: Limits, edits_applied: int, edits_mb: float, what: str, why: str = "") -> None:
+    """Refused when the visitor already has as many edits, or as many megabytes of them, as allowed."""
+    limits.at_most("edits_per_visitor", edits_applied + 1, f"The number of your edits with {what}",
+                   "Undo or reset some first.")
+    if edits_mb >= limits.visitor_mb:
+        raise limits.refuse("visitor_mb", "The size of your edits in megabytes", f"{edits_mb:.1f}",
+                            f"Undo or reset some first{why}.")
+
+
 def check_edit(limits: Limits, count: TokenCounter, n_layers: int, *, subject, relation, target, old, layer,
                paraphrases, neighbours, max_new_tokens, sample, seed, edits_applied: int, method: str = "rome",
                hparams, edits_mb: float = 0.0) -> EditAsk:
@@ -314,11 +323,7 @@ def check_edit(limits: Limits, count: TokenCounter, n_layers: int, *, subject, r
     ``layer`` None lets the method choose (KN searches every layer); ``edits_mb`` is the size of the
     visitor's edits so far.
     """
-    limits.at_most("edits_per_visitor", edits_applied + 1, "The number of your edits with this one",
-                   "Undo or reset some first.")
-    if edits_mb >= limits.visitor_mb:
-        raise limits.refuse("visitor_mb", "The size of your edits in megabytes", f"{edits_mb:.1f}",
-                            "Undo or reset some first (fine-tuning edits are large).")
+    _check_room(limits, edits_applied, edits_mb, "this one", " (fine-tuning edits are large)")
     request = check_request(limits, count, EditRequest(subject, relation, target, old))
     if layer is not None:
         layer = number(layer, "The edit layer", low=0, high=n_layers - 1, integer=True)
@@ -349,6 +354,11 @@ class BatchAsk:
 BATCH_COLUMNS = ("subject", "relation prompt", "new object", "old object")
 
 
+def extras_key(request: EditRequest) -> str:
+    """Where a fact's test prompts are kept in the page's state: its subject and relation prompt."""
+    return f"{request.subject}\x1f{request.prompt}"
+
+
 def table_rows(table) -> list[list]:
     """The rows of a table from the page (a list of rows, or {"data": rows} from an API client)."""
     if table is None:
@@ -369,11 +379,7 @@ def check_batch(limits: Limits, count: TokenCounter, n_layers: int, *, table, ex
     ``extras`` maps "subject\\x1fprompt" to {"paraphrases": [...], "neighbours": [...]} for facts that come
     with test prompts (presets, CounterFact cases); other facts are scored on their rewrite prompt alone.
     """
-    limits.at_most("edits_per_visitor", edits_applied + 1, "The number of your edits with this batch",
-                   "Undo or reset some first.")
-    if edits_mb >= limits.visitor_mb:
-        raise limits.refuse("visitor_mb", "The size of your edits in megabytes", f"{edits_mb:.1f}",
-                            "Undo or reset some first.")
+    _check_room(limits, edits_applied, edits_mb, "this batch")
     rows = table_rows(table)
     limits.at_most("batch_facts", len(rows), "The number of rows in this batch", "Remove some rows.")
     filled = [(i, row) for i, row in enumerate(rows, start=1)
@@ -400,7 +406,7 @@ def check_batch(limits: Limits, count: TokenCounter, n_layers: int, *, table, ex
         if key in seen:
             raise Refused(f"Row {i} repeats the subject and relation of row {seen[key]}; a batch writes each fact once.")
         seen[key] = i
-        extra = extras.get(f"{request.subject}\x1f{request.prompt}") or {}
+        extra = extras.get(extras_key(request)) or {}
         if not isinstance(extra, dict):
             raise Refused(f"{where}its test prompts must be a mapping with paraphrases and neighbours.")
         prompts = []
