@@ -36,6 +36,7 @@ import torch
 
 from tracing.assets import PRESETS, known_facts
 from tracing.models import LoadedModel, load_model
+from tracing.recall import answer_probabilities, equal_length_batches
 from tracing.result import TraceConfig
 from tracing.tokens import continuation_ids, encode_prompt
 from tracing.trace import trace
@@ -104,46 +105,6 @@ def _relation_prompt(fact: dict) -> str:
     return fact["prompt"].replace(fact["subject"], "{}", 1)
 
 
-def _next_token_logits(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-    """Last-position logits (rows, vocab) of a batch of equal-length prompts (rows, tokens)."""
-    return lm.model(batch).logits[:, -1].float()
-
-
-def answer_probabilities(
-    lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
-) -> tuple[list[float], list[bool]]:
-    """p(first token of each answer | its prompt) and whether that token is the model's top prediction.
-
-    Example::
-
-        probs, top = answer_probabilities(lm, ["The capital of Egypt is"], ["Cairo"])
-
-    Prompts of equal token length are batched together (no padding, so the
-    numbers equal single-prompt runs). Returns two lists of length len(prompts).
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
-    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
-    targets = [continuation_ids(lm.tokenizer, p, a)[0] for p, a in zip(prompts, answers)]
-    probs, top = [0.0] * len(prompts), [False] * len(prompts)
-    with torch.inference_mode():
-        for chunk in _equal_length_batches(ids, batch_size):
-            logits = _next_token_logits(lm, torch.tensor([ids[i] for i in chunk], device=lm.device))
-            p, best = logits.softmax(-1), logits.argmax(-1)  # (rows, vocab), (rows,)
-            for row, i in enumerate(chunk):
-                probs[i] = float(p[row, targets[i]])
-                top[i] = int(best[row]) == targets[i]
-    return probs, top
-
-
-def _equal_length_batches(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Indices of ``ids`` grouped into batches of equal token length."""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, row in enumerate(ids):
-        by_length[len(row)].append(i)
-    return [group[s : s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)]
-
-
 def subject_familiarity(lm: LoadedModel, facts: Sequence[dict], batch_size: int = 32) -> list[float]:
     """How unsurprising each fact's subject name is to the model: the summed log-probability of its
     tokens after the first, read in the fact's prompt (0 for a one-token subject; more negative = rarer).
@@ -158,7 +119,7 @@ def subject_familiarity(lm: LoadedModel, facts: Sequence[dict], batch_size: int 
     encs = [encode_prompt(lm.tokenizer, f["prompt"], f["subject"]) for f in facts]
     scores = [0.0] * len(facts)
     with torch.inference_mode():
-        for chunk in _equal_length_batches([e.ids for e in encs], batch_size):
+        for chunk in equal_length_batches([e.ids for e in encs], batch_size):
             batch = torch.tensor([encs[i].ids for i in chunk], device=lm.device)  # (rows, tokens)
             logp = lm.model(batch).logits.float().log_softmax(-1)  # (rows, tokens, vocab)
             for row, i in enumerate(chunk):

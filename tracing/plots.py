@@ -20,12 +20,14 @@ import csv
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
 from .result import KINDS, TraceResult, window_layers
+from .sever import SEVERABLE as SEVERABLE_KINDS
 
 # kind -> (colour scale, what is restored, x-axis title); {window} and {model} are filled in.
 KIND_STYLE: dict[str, tuple[str, str, str]] = {
@@ -250,3 +252,166 @@ def results_json(results: Sequence[TraceResult], **extra) -> str:
         [TraceResult.from_dict(d) for d in data["results"]]
     """
     return json.dumps({**extra, "results": [r.to_dict() for r in results]}, indent=1)
+
+
+# ---------------------------------------------------------------------------
+# Averages over many facts (tracing.average) and severed paths (tracing.sever)
+
+KIND_LINE = {"hidden": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}  # the heatmaps' scales at their dark end
+_BAND = {"hidden": "rgba(106,81,163,0.18)", "mlp": "rgba(35,139,69,0.18)", "attn": "rgba(203,24,29,0.18)"}
+
+
+def _average_subtitle(summary: dict) -> str:
+    return (f"{html.escape(str(summary['model']))} · {summary['n_facts']} facts · "
+            f"clean {summary['clean']:.3f} · corrupted {summary['corrupted']:.3f}")
+
+
+def average_heatmap(summary: dict, kind: str, *, height: int | None = None) -> go.Figure:
+    """Token group × layer heatmap of one kind's average restored score (the paper's Fig. 2, top).
+
+    Example::
+
+        summary = average_traces(lm, limit=50)
+        average_heatmap(summary, "mlp").write_html("mlp_average.html")
+    """
+    if kind not in summary.get("kinds", {}):
+        raise ValueError(f"The summary has no {kind!r} averages; it has {', '.join(summary.get('kinds', {}))}.")
+    data = summary["kinds"][kind]
+    mean = np.array(data["mean"], dtype=np.float64)  # (groups, layers)
+    ci = np.array(data["ci95"], dtype=np.float64)
+    groups, n_layers = data["groups"], mean.shape[1]
+    text = [[f"{groups[g]} · layer {layer}<br>restored {mean[g, layer]:.4f} ± {ci[g, layer]:.4f}"
+             f"<br>{data['n'][g]} rows" for layer in range(n_layers)] for g in range(len(groups))]
+    zmin = float(summary["corrupted"])
+    top = float(np.nanmax(mean)) if np.isfinite(mean).any() else zmin
+    colours, _, x_title = KIND_STYLE[kind]
+    window = int(summary.get("settings", {}).get("window", 1))
+    fig = go.Figure(go.Heatmap(
+        z=mean, x=list(range(n_layers)), y=list(range(len(groups))), zmin=zmin, zmax=max(top, zmin + 1e-6),
+        colorscale=colours, colorbar=dict(title=dict(text="mean p(answer)", side="right"), thickness=14),
+        text=text, hovertemplate="%{text}<extra></extra>", hoverongaps=False, xgap=1, ygap=1,
+    ))
+    fig.update_layout(
+        title=dict(text=f"Average impact of restoring {KIND_TITLE[kind]} after corrupted input",
+                   subtitle=dict(text=_average_subtitle(summary)), x=0.0, xanchor="left"),
+        margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=height or 330, font=dict(size=12),
+    )
+    fig.update_xaxes(title=dict(text=x_title.format(window=window, model=html.escape(str(summary["model"])))),
+                     tickmode="linear", dtick=max(1, n_layers // 10), showgrid=False, zeroline=False)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(groups))), ticktext=groups, autorange="reversed",
+                     showgrid=False, zeroline=False)
+    return fig
+
+
+def _band(fig: go.Figure, x: list[int], mean: np.ndarray, ci: np.ndarray, name: str, colour: str, band: str,
+          dash: str | None = None) -> None:
+    ok = np.isfinite(ci)
+    if ok.any():
+        xs = [x[i] for i in range(len(x)) if ok[i]]
+        upper, lower = (mean + ci)[ok].tolist(), (mean - ci)[ok].tolist()
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", fillcolor=band,
+                                 line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=name))
+    fig.add_trace(go.Scatter(x=x, y=mean.tolist(), mode="lines+markers", name=name, legendgroup=name,
+                             line=dict(color=colour, dash=dash), marker=dict(size=4),
+                             customdata=np.nan_to_num(ci).tolist(),
+                             hovertemplate=f"{name} · layer %{{x}}: %{{y:.4f}} ± %{{customdata:.4f}}<extra></extra>"))
+
+
+def average_curves(summary: dict, group: str = "last subject token") -> go.Figure:
+    """Each kind's average restored score at one token group, per layer, with 95 % bands.
+
+    Example::
+
+        average_curves(summary, "last token").show()
+    """
+    first = next(iter(summary["kinds"].values()))
+    if group not in first["groups"]:
+        raise ValueError(f"Unknown token group {group!r}; choose from {', '.join(first['groups'])}.")
+    g = first["groups"].index(group)
+    fig = go.Figure()
+    for kind, data in summary["kinds"].items():
+        mean, ci = np.array(data["mean"][g], dtype=np.float64), np.array(data["ci95"][g], dtype=np.float64)
+        _band(fig, list(range(len(mean))), mean, ci, KIND_STYLE[kind][1], KIND_LINE[kind], _BAND[kind])
+    fig.add_hline(y=summary["corrupted"], line=dict(color="#888", dash="dot"),
+                  annotation_text="corrupted", annotation_position="bottom right")
+    fig.update_layout(
+        title=dict(text=f"Average restored p(answer) at the {group}", subtitle=dict(text=_average_subtitle(summary)),
+                   x=0.0, xanchor="left"),
+        xaxis_title="layer (centre of the window for MLP and attention)", yaxis_title="mean p(answer)",
+        margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=340, font=dict(size=12),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    fig.update_xaxes(showgrid=False, zeroline=False)
+    fig.update_yaxes(gridcolor="#eee", zeroline=False)
+    return fig
+
+
+def severed_figure(severed: dict, *, model: str = "", n_facts: int | None = None) -> go.Figure:
+    """Restoring the last subject token's hidden state, unsevered and with later MLP or attention severed (Fig. 3).
+
+    Example::
+
+        severed_figure(summary["severed"], model=summary["model"])
+        severed_figure(sever(lm, prompt, subject).to_dict())        # one fact
+
+    ``severed`` is an average summary's ``"severed"`` part (means with 95 %
+    bands) or one :class:`~tracing.sever.SeverResult`'s ``to_dict()``.
+    """
+    if "none" in severed:  # an average
+        lines = {"none": severed["none"], **{k: severed[k] for k in SEVERABLE_KINDS if k in severed}}
+        n = severed.get("n", n_facts)
+    else:  # one fact
+        lines = {"none": {"mean": severed["unsevered"], "ci95": [math.nan] * len(severed["unsevered"])},
+                 **{k: {"mean": v, "ci95": [math.nan] * len(v)} for k, v in severed["severed"].items()}}
+        n = 1
+        model = model or severed.get("model", "")
+    names = {"none": ("restored hidden state", "hidden", None), "mlp": ("… with later MLPs severed", "mlp", "dash"),
+             "attn": ("… with later attention severed", "attn", "dot")}
+    fig = go.Figure()
+    for key, data in lines.items():
+        label, colour_kind, dash = names[key]
+        mean, ci = np.array(data["mean"], dtype=np.float64), np.array(data["ci95"], dtype=np.float64)
+        _band(fig, list(range(len(mean))), mean, ci, label, KIND_LINE[colour_kind], _BAND[colour_kind], dash)
+    facts = f" · {n} fact{'s' if n != 1 else ''}" if n else ""
+    fig.update_layout(
+        title=dict(text="Restoring the last subject token's hidden state, with paths severed",
+                   subtitle=dict(text=f"{html.escape(str(model))}{facts} · later layers' outputs at that token "
+                                 "held at their corrupted values"), x=0.0, xanchor="left"),
+        xaxis_title="layer of the restored hidden state", yaxis_title="p(answer)",
+        margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=340, font=dict(size=12),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    fig.update_xaxes(showgrid=False, zeroline=False)
+    fig.update_yaxes(gridcolor="#eee", zeroline=False)
+    return fig
+
+
+def average_csv(summary: dict) -> str:
+    """The averages as CSV: one row per (kind, token group, layer), then the severed paths if present."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["series", "group", "layer", "mean", "ci95", "n"])
+    for kind, data in summary["kinds"].items():
+        for g, group in enumerate(data["groups"]):
+            for layer, (m, c) in enumerate(zip(data["mean"][g], data["ci95"][g])):
+                writer.writerow([kind, group, layer, m, c, data["n"][g]])
+    severed = summary.get("severed")
+    if severed:
+        for key in ["none", *SEVERABLE_KINDS]:
+            if key in severed:
+                name = "hidden" if key == "none" else f"hidden, {key} severed"
+                for layer, (m, c) in enumerate(zip(severed[key]["mean"], severed[key]["ci95"])):
+                    writer.writerow([name, severed["token_group"], layer, m, c, severed["n"]])
+    return out.getvalue()
+
+
+def average_page(summary: dict) -> str:
+    """A standalone HTML page with every figure of an average summary (the CLI's ``--html``)."""
+    figures = [average_curves(summary), average_curves(summary, "last token")]
+    figures += [average_heatmap(summary, kind) for kind in summary["kinds"]]
+    if summary.get("severed"):
+        figures.append(severed_figure(summary["severed"], model=summary["model"]))
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    title = f"Causal traces averaged over {summary['n_facts']} facts · {html.escape(str(summary['model']))}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body style='font-family:sans-serif;max-width:960px;margin:auto'><h2>{title}</h2>{''.join(parts)}</body></html>")

@@ -429,6 +429,7 @@ class _FastTracer:
         # Clean run: keep every block output and every MLP / attention output.
         self.clean = {kind: [None] * self.n_layers for kind in KINDS}
         self.corrupt_mlp: list[torch.Tensor | None] = [None] * self.n_layers  # (copies, tokens, d_model) each
+        self.corrupt_attn: list[torch.Tensor | None] = [None] * self.n_layers  # the same, for attention outputs
 
         def keeper(store, layer, row=None):
             def keep(module, args, output):
@@ -443,11 +444,12 @@ class _FastTracer:
             final = self._run_layers(clean_in, 0, 0, PrefixCache())
         self.high = float(setup.score(self._logits(final))[0])
 
-        # Corrupted run: keep every block's input, every MLP output and every layer's keys and values.
+        # Corrupted run: keep every block's input, every MLP and attention output and every layer's keys and values.
         corrupt_in = self._corrupted_input()
         recorder = PrefixCache(record=True)
         self.corrupt_in: list[torch.Tensor] = []  # n_layers + 1 entries of (copies, tokens, d_model)
-        specs = [Hook(lm.module_name("mlp", j), keeper(self.corrupt_mlp, j)) for j in range(self.n_layers)]
+        specs = [Hook(lm.module_name(kind, j), keeper(store, j)) for kind, store in
+                 (("mlp", self.corrupt_mlp), ("attn", self.corrupt_attn)) for j in range(self.n_layers)]
         with hooks(lm.model, *specs):
             final = self._run_layers(corrupt_in, 0, 0, recorder, keep_inputs=self.corrupt_in)
         self.corrupt_in.append(final)

@@ -1,0 +1,415 @@
+"""Causal traces averaged over many facts, by token group and layer (the paper's Fig. 2 and Appendix B).
+
+Example::
+
+    from tracing import load_model
+    from tracing.average import average_traces, recalled_facts
+    lm = load_model()
+    summary = average_traces(lm, recalled_facts(lm)[:20])   # traces cached on disk: a rerun resumes
+    summary["kinds"]["mlp"]["mean"][2]                      # MLP restored p(answer) at the last subject token, per layer
+
+or from the command line::
+
+    python -m tracing.average --limit 20 --json out/average.json --html out/average.html
+
+Every fact is traced with the paper's settings (10 samples, noise 3 x the
+embedding std, window 10, every token) and its answer is the fact's attribute.
+Each trace is cached per fact (key: the model's fingerprint, the prompt,
+subject, attribute and settings), so an interrupted run picks up where it
+stopped and a longer run reuses a shorter one's work.
+
+Token groups, as in the paper: the first subject token, the middle subject
+tokens, the last subject token, the first token after the subject, the further
+tokens, and the last token. A one-token subject's row counts as both first
+and last subject token; a fact whose subject ends just before the last token
+counts that row as both first subsequent and last token (so every group is
+an average over the facts that have it). The middle and further groups
+pool every token they hold. Means are the restored score (p(answer) for the
+default metric, a fraction), with 95 % confidence intervals (mean +- 1.96
+standard errors over the pooled rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .models import LoadedModel, cache_dir
+from .recall import recalled_facts
+from .result import KINDS, TraceConfig, TraceResult
+from .sever import SEVERABLE, SeverResult, sever
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+GROUPS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+LAST_SUBJECT = GROUPS.index("last subject token")
+FORMAT = "locate-edit average trace v1"
+
+__all__ = ["FORMAT", "GROUPS", "average_traces", "cached_sever", "cached_trace", "peaks", "recalled_facts", "summarise",
+           "token_groups"]
+
+
+def default_cache() -> Path:
+    """Where per-fact traces are kept: ``<cache>/traces/<model fingerprint>/``."""
+    return cache_dir() / "traces"
+
+
+def _key(fact: dict, config: TraceConfig) -> str:
+    return json.dumps([fact["prompt"], fact["subject"], fact["attribute"], config.to_dict()], sort_keys=True)
+
+
+def _cache_file(lm: LoadedModel, key: str, cache: Path | None, prefix: str = "") -> Path:
+    name = prefix + hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cache or default_cache()) / lm.fingerprint / f"{name}.json"
+
+
+def _read(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if data.get("key") == key else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write(path: Path, data: dict) -> None:
+    """Written atomically: a stopped run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def cached_trace(
+    lm: LoadedModel, fact: dict, config: TraceConfig = TraceConfig(), cache: Path | None = None,
+    kinds: Sequence[str] = KINDS,
+) -> list[TraceResult]:
+    """The trace of one fact (answer: its attribute), read from the cache or computed and cached.
+
+    Example::
+
+        hidden, mlp, attn = cached_trace(lm, {"prompt": "...", "subject": "...", "attribute": "Paris"})
+
+    An unreadable or foreign file is recomputed.
+    """
+    key = _key(fact, config)
+    path = _cache_file(lm, key, cache)
+    data = _read(path, key)
+    try:
+        results = [TraceResult.from_dict(r) for r in data["results"]] if data else []
+    except (KeyError, TypeError, ValueError):
+        results = []
+    if results and all(k in {r.kind for r in results} for k in kinds):
+        return [r for r in results if r.kind in kinds]
+    results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=kinds, config=config)
+    _write(path, {"key": key, "results": [r.to_dict() for r in results]})
+    return results
+
+
+def cached_sever(lm: LoadedModel, fact: dict, config: TraceConfig = TraceConfig(), cache: Path | None = None) -> SeverResult:
+    """Severed paths at one fact's last subject token (:func:`~tracing.sever.sever`), cached like its trace."""
+    key = _key(fact, config)
+    path = _cache_file(lm, key, cache, prefix="sever-")
+    data = _read(path, key)
+    try:
+        if data:
+            return SeverResult.from_dict(data["result"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    result = sever(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
+    _write(path, {"key": key, "result": result.to_dict()})
+    return result
+
+
+def token_groups(subject_range: Sequence[int], n_tokens: int) -> list[list[int]]:
+    """Token positions of each of :data:`GROUPS` for one prompt (a group may be empty).
+
+    Example::
+
+        token_groups((1, 4), 10)    # [[1], [2], [3], [4], [5, 6, 7, 8], [9]]
+    """
+    start, end = int(subject_range[0]), int(subject_range[1])
+    if not 0 <= start < end <= n_tokens:
+        raise ValueError(f"Subject range {start}..{end} does not fit a prompt of {n_tokens} tokens.")
+    last = n_tokens - 1
+    after = [end] if end <= last else []
+    return [[start], list(range(start + 1, end - 1)), [end - 1], after, list(range(end + 1, last)), [last]]
+
+
+def _json(values) -> list | float | None:
+    """Floats for JSON: NaN (an empty group, an interval of one row) becomes None."""
+    if isinstance(values, (list, tuple, np.ndarray)):
+        return [_json(v) for v in values]
+    return None if values is None or math.isnan(values) else float(values)
+
+
+def _mean_ci(rows: list[np.ndarray], n_layers: int) -> tuple[list, list]:
+    """Mean and 95 % half-width per layer of pooled rows (None where there are too few rows)."""
+    if not rows:
+        return [None] * n_layers, [None] * n_layers
+    a = np.stack(rows)  # (rows, layers)
+    half = 1.96 * a.std(0, ddof=1) / math.sqrt(len(a)) if len(a) > 1 else np.full(n_layers, math.nan)
+    return _json(a.mean(0)), _json(half)
+
+
+def _scalar(values: Sequence[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    half = 1.96 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan
+    return {"mean": _json(a.mean()), "ci95": _json(half)}
+
+
+def _peak(result: TraceResult) -> dict:
+    token, layer = result.peak()
+    return {"token": int(token), "layer": int(layer), "score": float(result.scores[token, layer])}
+
+
+def summarise(
+    traced: Sequence[tuple[dict, Sequence[TraceResult]]],
+    *,
+    severed: Sequence[SeverResult] | None = None,
+    model: str = "",
+    settings: dict | None = None,
+) -> dict:
+    """Average finished traces by token group and layer.
+
+    Example::
+
+        summary = summarise([(fact, cached_trace(lm, fact)) for fact in facts], model=lm.name)
+
+    Returns ``{"format", "model", "n_facts", "clean", "corrupted", "settings",
+    "kinds": {kind: {"groups", "mean", "ci95", "n"}}, "facts": [...]}``:
+    ``clean`` and ``corrupted`` are the mean scores of the clean and corrupted
+    runs (with ``clean_ci95``/``corrupted_ci95``), ``mean[g][l]`` the mean
+    restored score of group ``g`` at layer ``l``, ``n[g]`` the rows pooled in
+    it, and ``facts`` one line per fact (its clean and corrupted scores, each
+    kind's peak cell and the peak at its last subject token).
+    With ``severed`` (one :class:`~tracing.sever.SeverResult` per fact, at its
+    last subject token) the summary adds ``"severed"``: the mean restored
+    score per layer unsevered (``"none"``) and with each kind severed, and
+    the per-fact gap (unsevered - severed), each with its 95 % interval.
+    """
+    if not traced:
+        raise ValueError("No traced facts to average.")
+    kinds = [r.kind for r in traced[0][1]]
+    n_layers = traced[0][1][0].n_layers
+    rows: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in GROUPS] for k in kinds}
+    clean, corrupted, facts = [], [], []
+    for fact, results in traced:
+        by_kind = {r.kind: r for r in results}
+        first = results[0]
+        clean.append(first.high_score)
+        corrupted.append(first.low_score)
+        groups = token_groups(first.subject_range, len(first.tokens))
+        for kind in kinds:
+            scores = by_kind[kind].scores
+            for g, positions in enumerate(groups):
+                rows[kind][g].extend(scores[t] for t in positions if not np.isnan(scores[t]).any())
+        last_subject = first.subject_range[1] - 1
+        facts.append({
+            "prompt": fact["prompt"], "subject": fact["subject"], "attribute": fact["attribute"],
+            "relation_id": fact.get("relation_id", ""), "known_id": fact.get("known_id"),
+            "clean": first.high_score, "corrupted": first.low_score,
+            "peaks": {kind: _peak(by_kind[kind]) for kind in kinds},
+            "last_subject_peak": {kind: {"layer": int(np.nanargmax(by_kind[kind].scores[last_subject])),
+                                         "score": float(np.nanmax(by_kind[kind].scores[last_subject]))}
+                                  for kind in kinds},
+        })
+    out_kinds = {}
+    for kind in kinds:
+        means, cis = zip(*(_mean_ci(group_rows, n_layers) for group_rows in rows[kind]))
+        out_kinds[kind] = {"groups": list(GROUPS), "mean": list(means), "ci95": list(cis),
+                           "n": [len(group_rows) for group_rows in rows[kind]]}
+    c, k = _scalar(clean), _scalar(corrupted)
+    out = {
+        "format": FORMAT,
+        "model": model or traced[0][1][0].model,
+        "n_facts": len(traced),
+        "clean": c["mean"], "clean_ci95": c["ci95"],
+        "corrupted": k["mean"], "corrupted_ci95": k["ci95"],
+        "metric": traced[0][1][0].metric,
+        "settings": dict(settings if settings is not None else traced[0][1][0].settings),
+        "kinds": out_kinds,
+        "facts": facts,
+    }
+    if severed:
+        if len(severed) != len(traced):
+            raise ValueError(f"Got {len(severed)} severed results for {len(traced)} traced facts.")
+        out["severed"] = _summarise_severed(severed, n_layers)
+        for line, result in zip(facts, severed):
+            line["severed_gap"] = {kind: float(np.max(result.gap(kind))) for kind in result.severed}
+    return out
+
+
+def _summarise_severed(severed: Sequence[SeverResult], n_layers: int) -> dict:
+    kinds = [k for k in SEVERABLE if all(k in r.severed for r in severed)]
+    none = [r.unsevered for r in severed]
+    out = {"token_group": GROUPS[LAST_SUBJECT], "n": len(severed), "none": dict(zip(("mean", "ci95"), _mean_ci(none, n_layers)))}
+    for kind in kinds:
+        out[kind] = dict(zip(("mean", "ci95"), _mean_ci([r.severed[kind] for r in severed], n_layers)))
+    out["gap"] = {kind: dict(zip(("mean", "ci95"), _mean_ci([r.gap(kind) for r in severed], n_layers))) for kind in kinds}
+    return out
+
+
+def peaks(summary: dict) -> dict[str, dict]:
+    """Where each kind's average peaks: ``{kind: {"group", "layer", "mean", "ci95", "effect"}}``.
+
+    ``effect`` is the peak's average indirect effect: its mean minus the
+    corrupted run's mean.
+    """
+    out = {}
+    for kind, data in summary["kinds"].items():
+        mean = np.array(data["mean"], dtype=np.float64)
+        g, layer = np.unravel_index(int(np.nanargmax(mean)), mean.shape)
+        out[kind] = {"group": data["groups"][g], "layer": int(layer), "mean": float(mean[g, layer]),
+                     "ci95": _json(data["ci95"][g][layer]), "effect": float(mean[g, layer]) - summary["corrupted"]}
+    return out
+
+
+def average_traces(
+    lm: LoadedModel,
+    facts: Iterable[dict] | None = None,
+    *,
+    config: TraceConfig = TraceConfig(),
+    kinds: Sequence[str] = KINDS,
+    limit: int | None = None,
+    cache: Path | None = None,
+    severed: bool = True,
+    progress: Callable[[int, int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Trace each fact (cached) and average them: see :func:`summarise` for the result.
+
+    Example::
+
+        summary = average_traces(lm, limit=50)      # the first 50 facts the model recalls
+
+    ``facts`` defaults to :func:`~tracing.recall.recalled_facts` (the paper's
+    known facts the model answers); ``limit`` takes the first ones.
+    With ``severed`` each fact's severed paths at its last subject token are
+    computed (and cached) too. ``progress(done, total, fact)`` is called after each fact;
+    ``should_stop()`` ends the run early with the facts done so far.
+    """
+    facts = list(recalled_facts(lm) if facts is None else facts)
+    if limit is not None:
+        facts = facts[: max(0, limit)]
+    if not facts:
+        raise ValueError("No facts to trace: the model recalls none of them (its top next token is never the answer).")
+    traced, severs = [], []
+    for i, fact in enumerate(facts):
+        if should_stop and should_stop():
+            break
+        traced.append((fact, cached_trace(lm, fact, config, cache, kinds)))
+        if severed:
+            severs.append(cached_sever(lm, fact, config, cache))
+        if progress:
+            progress(i + 1, len(facts), fact)
+    if not traced:
+        raise ValueError("Stopped before the first fact was traced.")
+    return summarise(traced, severed=severs or None, model=lm.name, settings=config.to_dict())
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_table(summary: dict) -> str:
+    """The averages as text: clean/corrupted, then per kind and group the peak layer and its mean +- CI."""
+    lines = [
+        f"{summary['model']}: {summary['n_facts']} facts; clean {_num(summary['clean'])} "
+        f"(+-{_num(summary['clean_ci95'])}), corrupted {_num(summary['corrupted'])} "
+        f"(+-{_num(summary['corrupted_ci95'])})",
+        f"{'kind':<7}{'token group':<25}{'n':>6}{'peak layer':>12}{'restored':>10}{'+-95%':>8}{'effect':>9}",
+    ]
+    for kind, data in summary["kinds"].items():
+        for g, name in enumerate(data["groups"]):
+            mean = np.array(data["mean"][g], dtype=np.float64)
+            if np.isnan(mean).all():
+                lines.append(f"{kind:<7}{name:<25}{data['n'][g]:>6}{'-':>12}")
+                continue
+            layer = int(np.nanargmax(mean))
+            lines.append(f"{kind:<7}{name:<25}{data['n'][g]:>6}{layer:>12}{mean[layer]:>10.4f}"
+                         f"{_num(data['ci95'][g][layer]):>8}{mean[layer] - summary['corrupted']:>9.4f}")
+    for kind, p in peaks(summary).items():
+        lines.append(f"peak {kind}: {p['group']}, layer {p['layer']}: {p['mean']:.4f} (effect {p['effect']:+.4f})")
+    severed = summary.get("severed")
+    if severed:
+        lines.append(f"severed paths at the last subject token ({severed['n']} facts): restored hidden state, "
+                     "unsevered - severed, per layer")
+        for kind, gap in severed["gap"].items():
+            lines.append(f"  {kind:<5}" + " ".join(f"{v:.3f}" if v is not None else "-" for v in gap["mean"]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+    import time
+
+    from .models import DEFAULT_MODEL, load_model
+
+    p = argparse.ArgumentParser(
+        prog="python -m tracing.average",
+        description="Causal traces averaged over the known facts a model recalls, by token group and layer "
+        "(the paper's Fig. 2). Each fact's trace is cached, so an interrupted run resumes.",
+        epilog="Example: python -m tracing.average --limit 20 --json out/average.json --html out/average.html",
+    )
+    p.add_argument("--limit", type=int, default=None, help="trace the first N recalled facts (default: all)")
+    p.add_argument("--model", default=None, help=f"Hugging Face id or local path; default: the embedded {DEFAULT_MODEL}")
+    p.add_argument("--facts", default=None, help="a known-facts JSON file (default: the paper's, assets/known_facts.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--cache", default=None, help="folder of per-fact traces (default: $LOCATE_EDIT_CACHE/traces)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the averages as JSON")
+    p.add_argument("--html", metavar="OUT", default=None, help="write the figures as an HTML page")
+    p.add_argument("--no-sever", action="store_true", help="skip the severed paths (the paper's Fig. 3)")
+    p.add_argument("--quiet", action="store_true", help="no per-fact progress lines")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        lm = load_model(args.model, device=args.device)
+        from .assets import known_facts
+
+        facts = recalled_facts(lm, known_facts(args.facts) if args.facts else None)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, fact: dict) -> None:
+        if not args.quiet:
+            print(f"[{done}/{total}] {time.perf_counter() - started:7.1f} s  {fact['prompt']} -> {fact['attribute']}",
+                  flush=True)
+
+    try:
+        summary = average_traces(lm, facts, limit=args.limit, cache=Path(args.cache) if args.cache else None,
+                                 severed=not args.no_sever, progress=progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if args.html:
+        from .plots import average_page
+
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(average_page(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
