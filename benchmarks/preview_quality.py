@@ -9,7 +9,8 @@ token is the attribute's first token), one per subject, taken round-robin over
 relations in ``known_id`` order so that every relation is represented. For
 each fact the exact trace (``tracing.trace``, paper settings: 10 samples,
 noise 3, window 10, every token) is computed once and cached on disk
-(``--cache``, default ``$LOCATE_EDIT_CACHE/preview-bench``), keyed by the
+(``tracing.average.cached_trace``; ``--cache``, default ``$LOCATE_EDIT_CACHE/traces``,
+shared with ``python -m tracing.average``), keyed by the
 model's fingerprint and the settings, so a rerun only recomputes the
 estimates. Per kind it reports, over the computed cells of each fact:
 
@@ -39,9 +40,7 @@ settings; :func:`tracing.preview.preview_verdict` reads it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -51,53 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 EIFFEL = ("The Eiffel Tower is located in the city of", "The Eiffel Tower")
-
-
-def choose_facts(lm, n: int) -> list[dict]:
-    """``n`` known facts the model answers, one per subject, round-robin over relations in known_id order."""
-    from editing.presets import answer_probabilities
-    from tracing.assets import known_facts
-
-    facts = [f for f in known_facts() if f["prompt"].count(f["subject"]) == 1]
-    _, top = answer_probabilities(lm, [f["prompt"] for f in facts], [f["attribute"] for f in facts])
-    by_relation: dict[str, list[dict]] = {}
-    seen: set[str] = set()
-    for fact, ok in sorted(zip(facts, top), key=lambda ft: ft[0]["known_id"]):
-        if ok and fact["subject"] not in seen:
-            seen.add(fact["subject"])
-            by_relation.setdefault(fact["relation_id"], []).append(fact)
-    chosen: list[dict] = []
-    while len(chosen) < n and any(by_relation.values()):
-        for relation in sorted(by_relation, key=lambda r: by_relation[r][0]["known_id"] if by_relation[r] else 1e9):
-            if by_relation[relation] and len(chosen) < n:
-                chosen.append(by_relation[relation].pop(0))
-    return chosen
-
-
-def default_cache() -> Path:
-    from tracing.models import cache_dir
-
-    return cache_dir() / "preview-bench"
-
-
-def exact_cached(lm, fact: dict, config, cache: Path) -> list:
-    """The exact trace of one fact (answer = its attribute), from the cache or computed and cached."""
-    from tracing import TraceResult, trace
-
-    key = json.dumps([fact["prompt"], fact["subject"], fact["attribute"], config.to_dict()], sort_keys=True)
-    path = cache / lm.fingerprint / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-    try:
-        data = json.loads(path.read_text())
-        if data["key"] == key:
-            return [TraceResult.from_dict(r) for r in data["results"]]
-    except (OSError, ValueError, KeyError):
-        pass
-    results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "results": [r.to_dict() for r in results]}))
-    os.replace(tmp, path)
-    return results
 
 
 def agreement(exact, estimate) -> dict:
@@ -163,8 +115,6 @@ def verdict(figures: dict) -> bool:
 
 def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
     """Estimates of every fact in each space, their agreement with the exact traces, the timing; print and write."""
-    import numpy as np
-
     from tracing import KINDS
     from tracing.preview import METHOD, SPACE, _estimate
 
@@ -239,19 +189,21 @@ def main() -> int:
 
     import torch
 
-    from tracing import KINDS, TraceConfig, load_model
+    from tracing import TraceConfig, load_model
+    from tracing.average import cached_trace
+    from tracing.recall import recalled_facts
 
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     config = TraceConfig()
-    cache = Path(args.cache) if args.cache else default_cache()
-    facts = choose_facts(lm, args.facts)
+    cache = Path(args.cache) if args.cache else None
+    facts = recalled_facts(lm)[: args.facts]
     print(f"{len(facts)} facts over {len({f['relation_id'] for f in facts})} relations; cache {cache}", flush=True)
     exact = []
     for i, fact in enumerate(facts):
         started = time.perf_counter()
-        exact.append(exact_cached(lm, fact, config, cache))
+        exact.append(cached_trace(lm, fact, config, cache))
         print(f"[{i + 1}/{len(facts)}] {fact['prompt']!r} -> {fact['attribute']!r}: "
               f"{time.perf_counter() - started:.1f} s", flush=True)
     if args.exact_only:

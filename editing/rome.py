@@ -47,6 +47,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ from .edit import Edit, EditRequest
 from .hparams import ROMEHyperParams, load_hparams
 from .sampling import decode
 from .templates import context_templates
+
+if TYPE_CHECKING:
+    from .stats import StatsSpec
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from .blocks import PrefixCache
 from .hooks import Hook, hooks, main_tensor, replace_main
 from .models import LoadedModel
 from .result import TraceConfig
-from .trace import _embed_hook, _FastTracer, _prepare, _reference_run, _restore_hook, _run_settings, _with_precision
+from .trace import _FastTracer, _prepare, _reference_run, _restore_hook, _run_settings, _with_precision
 
 SEVERABLE = ("mlp", "attn")
 
