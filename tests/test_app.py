@@ -24,10 +24,12 @@ from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
 from webapp import Visitor, build_demo, create_engine
 from webapp import handlers as handlers_module
 from webapp.handlers import App
+from webapp.limits import Limits, Refused
 from webapp.render import highlight, history_rows, model_card
 from tracing import TraceResult
 from tracing.models import DEFAULT_MODEL, DEFAULT_REQUIREMENT
 from tracing.hooks import active_hook_count
+from tracing.result import suggest_edit_layer
 
 from app_fixtures import EDIT, PROMPT, QUICK, SUBJECT, engine  # noqa: F401 - engine is a fixture
 from editing_fixtures import TINY_HPARAMS, changed, snapshot
@@ -123,9 +125,14 @@ def test_trace_shows_estimates_then_exact_rows_then_exports(app):
     rows = list(csv.DictReader(Path(csv_btn.value["path"]).open()))
     assert len(rows) == 3 * len(results[0].tokens) * app.engine.lm.n_layers
     mlp_result = results[1]
-    layer = int(np.nanargmax(mlp_result.scores[mlp_result.subject_range[1] - 1]))
-    assert f"layer <b>{layer}</b>" in layer_html
-    assert state == {"prompt": PROMPT, "subject": SUBJECT, "answer": results[0].answer, "layer": layer}
+    suggestion = suggest_edit_layer(mlp_result)
+    last = mlp_result.subject_range[1] - 1
+    layer = suggestion.layer if suggestion.layer is not None else app.engine.default_layer
+    assert f"layer <b>{layer}</b>" in layer_html or f"default layer {layer}" in layer_html
+    assert suggestion.reason.split(":")[0] in layer_html.replace("&#x27;", "'")
+    assert state == {"prompt": PROMPT, "subject": SUBJECT, "answer": results[0].answer, "layer": layer,
+                     "effect": pytest.approx([v - mlp_result.low_score for v in mlp_result.scores[last]], abs=1e-5),
+                     "token": mlp_result.tokens[last]}
 
 
 def test_progress_cards_name_the_stage_and_its_fraction(app):
@@ -335,9 +342,9 @@ def test_presets_fill_both_panels(app):
     assert len(presets) >= 10
     for i, preset in enumerate(presets):
         values = app.preset_values(i)
-        prompt, subject, answer, e_subject, relation, target, old, para, neigh = values
+        prompt, subject, answer, e_subject, relation, target, old, para, neigh, sweep_target = values
         assert subject in prompt and relation.replace("{}", e_subject) == prompt
-        assert target == preset.counterfactual and old == answer == preset.attribute
+        assert target == sweep_target == preset.counterfactual and old == answer == preset.attribute
         assert len(para.splitlines()) == 2 and len(neigh.splitlines()) == 2
     with pytest.raises(gr.Error, match="The preset must be between 0"):
         app.preset_values(len(presets))
@@ -498,3 +505,91 @@ def test_batch_files_and_pastes_are_bounded(app, tmp_path):
         app.batch_paste("\n".join(f"S{i},{{}} is,B" for i in range(12)), table, extras)
     with pytest.raises(gr.Error, match="Nothing to add"):
         app.batch_paste("  ", table, extras)
+
+
+# --- which layer to edit -------------------------------------------------------------
+
+
+def test_which_layer_edits_each_layer_and_draws_it_beside_the_trace(app):
+    final = trace(app, seed=7)[-1]
+    state = final[7]
+    seen: list[str] = []
+    updates = run(app.which_layer(state, "Rome", 2, EDIT["paraphrases"], EDIT["neighbours"], Visitor(),
+                                  progress=no_progress), seen)
+    figure, summary, progress = updates[-1]
+    assert progress == "" and isinstance(figure, go.Figure)
+    assert any("ROME at layer 2 (2 of 2)" in card for card in seen)
+    names = [t.name for t in figure.data]
+    assert "p(new object) on the rewrite prompt" in names and any("traced MLP effect" in n for n in names)
+    bars = next(t for t in figure.data if t.type == "bar")
+    assert list(bars.y) == pytest.approx([v for v in state["effect"]])
+    assert "Best layer by S" in summary and "of 2 layers" in summary
+
+
+@pytest.mark.parametrize("state, target, every, message", [
+    (None, "Rome", 1, "Trace a fact first"),
+    ({"prompt": PROMPT, "subject": SUBJECT, "answer": " Paris"}, "Paris", 1, "different object"),
+    ({"prompt": PROMPT, "subject": SUBJECT, "answer": " Paris"}, "Rome", 0, "between 1 and 4"),
+    ({"prompt": PROMPT, "subject": SUBJECT, "answer": " Paris"}, "", 1, "new object is empty"),
+    ({"prompt": 3, "subject": SUBJECT, "answer": " Paris"}, "Rome", 1, "Trace a fact first"),
+])
+def test_which_layer_refuses_bad_requests_before_the_model(app, state, target, every, message):
+    with pytest.raises(gr.Error, match=message):
+        run(app.which_layer(state, target, every, "", "", Visitor(), progress=no_progress))
+
+
+def test_sweep_limits_count_edits_and_their_cost():
+    from editing import ROMEHyperParams
+    from webapp.limits import check_sweep
+
+    state = {"prompt": PROMPT, "subject": SUBJECT, "answer": " Paris"}
+    count = lambda text: len(text.split())  # noqa: E731
+    ask = check_sweep(Limits(), count, 30, traced=state, target="Rome", every=3, paraphrases="a\nb", neighbours="",
+                      hparams=ROMEHyperParams())
+    assert ask.layers == tuple(range(0, 30, 3)) and ask.request.prompt == "{} is located in the city of"
+    assert ask.request.target_true == "Paris" and ask.paraphrases == ("a", "b")
+    with pytest.raises(Refused, match="limit sweep_layers"):
+        check_sweep(Limits(), count, 30, traced=state, target="Rome", every=2, paraphrases="", neighbours="",
+                    hparams=ROMEHyperParams())
+    with pytest.raises(Refused, match="limit sweep_cost"):
+        check_sweep(Limits(sweep_cost=1000), count, 30, traced=state, target="Rome", every=3, paraphrases="",
+                    neighbours="", hparams=ROMEHyperParams())
+
+
+# --- across many facts -------------------------------------------------------------------
+
+
+def test_average_tab_opens_a_fact_in_the_locate_tab(engine):
+    from types import SimpleNamespace
+
+    summary = {"facts": [{"prompt": "Rome is the capital of", "subject": "Rome", "attribute": "Italy"}]}
+    saved, engine.average = engine.average, summary
+    try:
+        prompt, subject, answer, tabs = App(engine).open_fact(SimpleNamespace(index=[0, 2]))
+        assert (prompt, subject, answer) == ("Rome is the capital of", "Rome", "Italy")
+        with pytest.raises(gr.Error, match="between 0 and 0"):
+            App(engine).open_fact(SimpleNamespace(index=[5, 0]))
+    finally:
+        engine.average = saved
+
+
+def test_average_tab_shows_the_shipped_figures_and_table(engine, tmp_path):
+    from tracing import TraceConfig, predict
+    from tracing.average import average_traces
+
+    facts = [{"prompt": p, "subject": s, "attribute": predict(engine.lm, p, k=1)[0][0], "known_id": i}
+             for i, (p, s) in enumerate([("Paris is the capital of", "Paris"), ("Miles Davis plays the", "Miles Davis")])]
+    summary = average_traces(engine.lm, facts, config=TraceConfig(samples=2), cache=tmp_path)
+    saved, engine.average = engine.average, summary
+    try:
+        demo = build_demo(engine)
+        ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+        assert {"tab-average", "average-intro", "average-curve-subject", "average-mlp", "average-severed",
+                "average-facts", "average-csv", "sweep-accordion", "sweep-plot"} <= ids
+        table = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "average-facts")
+        assert len(table.value["data"]) == 2 and table.value["data"][0][0] == "Paris is the capital of"
+    finally:
+        engine.average = saved
+    demo = build_demo(engine)  # no averages for this model: the tab says how to make them
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert "average-missing" in ids and "average-facts" not in ids

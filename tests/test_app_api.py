@@ -38,7 +38,8 @@ def test_trace_a_preset_then_edit_and_undo(served):
     client = Client(url, verbose=False)
     info = client.predict(api_name="/model_info")
     assert info["layers"] == 4 and info["default_edit_layer"] == 1 and len(info["presets"]) == 12
-    prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(0, api_name="/preset")
+    prompt, subject, answer, e_subject, relation, target, old, para, neigh, sweep_target = client.predict(
+        0, api_name="/preset")
     out = trace(client, prompt, subject, answer)
     assert all(plot["type"] == "plotly" for plot in out[1:4])
     exported = json.load(open(out[4]["value"]))  # a DownloadButton update: enabled, with its file

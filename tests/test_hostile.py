@@ -136,6 +136,11 @@ CASES = [
     ("/preset", (10**9,), "preset must be between"),
     ("/preset", ("a",), r"number"),
     ("/retrace_values", ("The Eiffel Tower", "no placeholder", "Rome"), "placeholder"),
+    # -- which layer to edit (the traced fact is session state: the one this client traced last, if any) -------
+    ("/which_layer", ("Rome", 0, "", ""), r"(Trace a fact first|between 1 and 4|less than minimum)"),
+    ("/which_layer", ("Rome", "all", "", ""), r"(Trace a fact first|must be a number|Expected a `float`)"),
+    ("/which_layer", ("x" * 5_000, 1, "", ""), r"(Trace a fact first|limit text_chars)"),
+    ("/which_layer", ("Rome", 1, "a\n" * 50, ""), r"(Trace a fact first|limit test_lines)"),
 ]
 
 

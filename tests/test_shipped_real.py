@@ -52,7 +52,7 @@ def test_a_first_click_of_a_preset_never_waits_for_the_model(real_lm, presets, t
     assert engine.preload_shipped() == 2 * len(presets)
     app = App(engine)
     p = presets[3]
-    prompt, subject, answer, e_subject, relation, target, old, paraphrases, neighbours = app.preset_values(3)
+    prompt, subject, answer, e_subject, relation, target, old, paraphrases, neighbours, _ = app.preset_values(3)
     # The page's defaults: 10 samples, noise 3, window 10, Gaussian noise, probability, seed 1, every token.
     updates = list(app.trace(prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", False,
                              Visitor(), progress=lambda *a, **k: None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
@@ -413,3 +414,33 @@ def test_replacement_of_another_length(llama):
     config = TraceConfig(samples=1, corruption="subject", replacement="the Great Wall of China in Beijing")
     with pytest.raises(ValueError, match="same number of tokens"):
         trace(llama, PROMPT, SUBJECT, config=config)
+
+
+def _mlp_result(last_row, other_row=None, low=0.1, high=0.9, low_sd=0.0):
+    from tracing.result import TraceResult
+
+    rows = [other_row or [low] * 4, last_row, [low] * 4]
+    return TraceResult(kind="mlp", scores=np.array(rows, dtype=float), low_score=low, high_score=high,
+                       tokens=("The", " Tower", " is"), subject_range=(0, 2), answer=" Paris", answer_id=1,
+                       prompt="p", subject="s", settings={"copies": 4, "low_sd": low_sd})
+
+
+def test_layer_suggestion_needs_an_effect_above_the_noise():
+    from tracing.result import suggest_edit_layer
+
+    clear = suggest_edit_layer(_mlp_result([0.1, 0.5, 0.2, 0.1]))
+    assert clear.layer == 1 and clear.effect == pytest.approx(0.4) and "layer 1" in clear.reason
+    flat = suggest_edit_layer(_mlp_result([0.1, 0.12, 0.11, 0.1], other_row=[0.1, 0.1, 0.6, 0.1]))
+    assert flat.layer is None and flat.peak_layer == 1
+    assert "No layer stands out" in flat.reason and "'The' (layer 2)" in flat.reason and "Sweep" in flat.reason
+    # above 10 % of the gap, but within 3 standard errors of noisy corrupted runs (sd 0.4 over 4 copies)
+    noisy = suggest_edit_layer(_mlp_result([0.1, 0.25, 0.1, 0.1], low_sd=0.4))
+    assert noisy.layer is None and noisy.needed == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="MLP"):
+        suggest_edit_layer(dataclasses.replace(_mlp_result([0.1] * 4), kind="hidden"))
+
+
+def test_traces_record_the_corrupted_spread(llama):
+    results = trace(llama, "Paris is the capital of the country of", "Paris", config=TraceConfig(samples=3))
+    assert all(r.settings["low_sd"] >= 0 for r in results)
+    assert len({r.settings["low_sd"] for r in results}) == 1

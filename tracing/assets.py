@@ -23,6 +23,7 @@ COUNTERFACT = ROOT / "counterfact_smollm2.json"  # CounterFact-style cases (pyth
 HPARAMS = ROOT / "hparams"  # ROME hyperparameters per model family
 STATS = ROOT / "stats"  # shipped statistics corpora (python -m editing.stats --ship)
 STATIC = ROOT / "static"  # the page's CSS, help texts and screenshots
+AVERAGES = ROOT / "averages"  # traces averaged over known facts, per model (python -m tracing.average --ship)
 SHAPES = ROOT / "shapes"  # model configs for shape-only benchmarks, and the default model's tokenizer
 
 FACT_FIELDS = ("subject", "attribute", "prompt", "relation_id")

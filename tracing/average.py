@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .assets import AVERAGES
 from .models import LoadedModel, cache_dir
 from .recall import recalled_facts
 from .result import KINDS, TraceConfig, TraceResult
@@ -60,8 +61,8 @@ GROUPS = (
 LAST_SUBJECT = GROUPS.index("last subject token")
 FORMAT = "locate-edit average trace v1"
 
-__all__ = ["FORMAT", "GROUPS", "average_traces", "cached_sever", "cached_trace", "peaks", "recalled_facts", "summarise",
-           "token_groups"]
+__all__ = ["FORMAT", "GROUPS", "average_traces", "cached_sever", "cached_trace", "peaks", "recalled_facts",
+           "shipped_average", "summarise", "token_groups"]
 
 
 def default_cache() -> Path:
@@ -319,7 +320,35 @@ def average_traces(
             progress(i + 1, len(facts), fact)
     if not traced:
         raise ValueError("Stopped before the first fact was traced.")
-    return summarise(traced, severed=severs or None, model=lm.name, settings=config.to_dict())
+    summary = summarise(traced, severed=severs or None, model=lm.name, settings=config.to_dict())
+    summary["fingerprint"] = lm.fingerprint
+    return summary
+
+
+def ship_path(lm: LoadedModel) -> Path:
+    """Where a model's shipped averages go: ``assets/averages/<model name>.json``."""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in lm.name.split("/")[-1]).strip("-.") or "model"
+    return AVERAGES / f"{name.lower()}.json"
+
+
+def shipped_average(lm: LoadedModel, folder: Path | None = None) -> dict | None:
+    """The averages shipped for this model (same weights: fingerprint) and the paper's settings, else None.
+
+    Example::
+
+        summary = shipped_average(lm)       # the page's "Across many facts" tab shows it at once
+    """
+    folder = Path(folder or AVERAGES)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("Skipping unreadable averages file %s", path)
+            continue
+        if (isinstance(data, dict) and data.get("format") == FORMAT and data.get("fingerprint") == lm.fingerprint
+                and data.get("settings") == TraceConfig().to_dict()):
+            return data
+    return None
 
 
 def _num(value: float | None) -> str:
@@ -374,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="folder of per-fact traces (default: $LOCATE_EDIT_CACHE/traces)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the averages as JSON")
     p.add_argument("--html", metavar="OUT", default=None, help="write the figures as an HTML page")
+    p.add_argument("--ship", action="store_true",
+                   help="also write assets/averages/<model>.json, which the page shows (paper settings only)")
     p.add_argument("--no-sever", action="store_true", help="skip the severed paths (the paper's Fig. 3)")
     p.add_argument("--quiet", action="store_true", help="no per-fact progress lines")
     args = p.parse_args(argv)
@@ -399,7 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    summary["command"] = "python -m tracing.average " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_table(summary))
+    if args.ship:
+        path = ship_path(lm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        print(f"shipped: {path}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -415,3 +415,52 @@ def average_page(summary: dict) -> str:
     title = f"Causal traces averaged over {summary['n_facts']} facts · {html.escape(str(summary['model']))}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
             f"<body style='font-family:sans-serif;max-width:960px;margin:auto'><h2>{title}</h2>{''.join(parts)}</body></html>")
+
+
+def layer_sweep_figure(sweep: dict, effect: Sequence[float] | None = None, *, token: str = "",
+                       model: str = "") -> go.Figure:
+    """Where editing works beside where the fact is traced: edit scores per layer and the MLP trace row.
+
+    Example::
+
+        sweep = layer_sweep(lm, request, every=3, paraphrases=..., neighbours=...)   # editing.sweep
+        layer_sweep_figure(sweep, effect=(mlp.scores[last] - mlp.low_score), token=" Tower")
+
+    ``sweep`` is :func:`editing.sweep.layer_sweep`'s result; ``effect``, if
+    given, the MLP trace's restored score minus the corrupted one at the last
+    subject token, per layer (drawn in green on its own axis).
+    """
+    rows = sorted(sweep.get("layers", []), key=lambda r: r["layer"])
+    x = [r["layer"] for r in rows]
+    fig = go.Figure()
+    series = (("p_new", "p(new object) on the rewrite prompt", "#6a51a3", "solid"),
+              ("PS", "paraphrases that prefer the new object", "#2171b5", "dash"),
+              ("NS", "neighbours that keep the old object", "#fd8d3c", "dot"))
+    for key, name, colour, dash in series:
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            fig.add_trace(go.Scatter(x=x, y=[np.nan if v is None else v for v in values], name=name,
+                                     mode="lines+markers", line=dict(color=colour, dash=dash),
+                                     hovertemplate=f"layer %{{x}}: {name} %{{y:.3f}}<extra></extra>"))
+    if effect is not None and len(effect):
+        fig.add_trace(go.Bar(x=list(range(len(effect))), y=list(effect), name=f"traced MLP effect at {token!r}",
+                             marker_color="rgba(35,139,69,0.35)", yaxis="y2",
+                             hovertemplate="layer %{x}: traced effect %{y:+.4f}<extra></extra>"))
+    best = sweep.get("best")
+    if best is not None:
+        fig.add_vline(x=best, line=dict(color="#444", dash="dot"), annotation_text=f"best S: layer {best}",
+                      annotation_position="top")
+    request = sweep.get("request", {})
+    subject = str(request.get("subject", ""))
+    what = html.escape(str(request.get("prompt", "")).replace("{}", subject)) if request else ""
+    fig.update_layout(
+        title=dict(text="Where editing works, and where the fact is traced",
+                   subtitle=dict(text=f"{html.escape(model)} · ROME at each layer · {what} → "
+                                 f"{html.escape(str(request.get('target', '')))}"), x=0.0, xanchor="left"),
+        xaxis=dict(title="layer (edit layer; MLP window centre for the trace)", showgrid=False, zeroline=False),
+        yaxis=dict(title="after the edit (fraction)", range=[0, 1.05], gridcolor="#eee"),
+        yaxis2=dict(title="traced effect", overlaying="y", side="right", showgrid=False, zeroline=True),
+        margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=360, font=dict(size=12),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    return fig

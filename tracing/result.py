@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,3 +156,60 @@ class TraceResult:
             return token, int(np.nanargmax(self.scores[token]))
         flat = int(np.nanargmax(self.scores))
         return divmod(flat, self.scores.shape[1])
+
+
+@dataclass(frozen=True)
+class LayerSuggestion:
+    """Where to edit a traced fact, or why no layer is suggested (see :func:`suggest_edit_layer`)."""
+
+    layer: int | None  # None: no layer's effect stands out
+    token: int  # the last subject token
+    peak_layer: int  # where the row peaks, suggested or not
+    effect: float  # restored score at the peak minus the corrupted run's
+    needed: float  # the effect a suggestion needs
+    reason: str
+
+
+def suggest_edit_layer(mlp: TraceResult, *, min_share: float = 0.1, min_z: float = 3.0) -> LayerSuggestion:
+    """The MLP layer to edit, when the MLP effect at the last subject token stands clearly above noise.
+
+    Example::
+
+        hidden, mlp, attn = trace(lm, prompt, subject)
+        suggestion = suggest_edit_layer(mlp)
+        suggestion.layer        # None when the row is flat: then sweep the layers (editing.sweep)
+
+    The peak of that row must exceed the corrupted run's score by at least
+    ``min_share`` of the clean-corrupted gap, and by ``min_z`` standard errors
+    of the corrupted mean (``settings["low_sd"]`` over the corrupted copies,
+    when the trace recorded it). A flat row, such as the Eiffel Tower's last
+    subject token ' Tower' whose MLP effect sits on ' iffel' instead, gets no
+    suggestion and a reason that says so.
+    """
+    if mlp.kind != "mlp":
+        raise ValueError(f"Layer suggestions read the MLP trace, not {mlp.kind!r}.")
+    token = mlp.subject_range[1] - 1
+    row = np.asarray(mlp.scores[token], dtype=np.float64)
+    if np.isnan(row).all():
+        return LayerSuggestion(None, token, -1, math.nan, math.nan, "The last subject token's row was not traced.")
+    peak = int(np.nanargmax(row))
+    effect = float(row[peak]) - mlp.low_score
+    gap = mlp.high_score - mlp.low_score
+    copies = int(mlp.settings.get("copies") or mlp.settings.get("samples") or 1)
+    noise = float(mlp.settings.get("low_sd") or 0.0) / math.sqrt(max(copies, 1))
+    needed = max(min_share * gap, min_z * noise, 0.0)
+    name = mlp.tokens[token]
+    if gap > 0 and effect >= needed:
+        reason = (f"The MLP effect at the last subject token {name!r} peaks at layer {peak} "
+                  f"(+{effect:.3g} over the corrupted run, {effect / gap:.0%} of the clean-corrupted gap).")
+        return LayerSuggestion(peak, token, peak, effect, needed, reason)
+    where = ""
+    if not np.isnan(mlp.scores).all():
+        best_token, best_layer = mlp.peak()
+        if best_token != token:
+            where = f" The MLP effect is largest at {mlp.tokens[best_token]!r} (layer {best_layer})."
+    reason = (f"No layer stands out: the MLP effect at the last subject token {name!r} is at most {effect:+.3g} "
+              f"(layer {peak}), below the {needed:.3g} a suggestion needs (max of {min_share:.0%} of the "
+              f"clean-corrupted gap and {min_z:g} standard errors of the corrupted runs).{where} "
+              "Sweep the layers to see where an edit works.")
+    return LayerSuggestion(None, token, peak, effect, needed, reason)

@@ -173,16 +173,19 @@ def _results(
     ``run`` (seconds, device, dtype, ...) is added to the result's settings.
     """
     config = setup.config
+    run = dict(run or {})
     if config.metric == "recovered":
         span = high - low
         raw = (raw - low) / span if span != 0 else np.full_like(raw, np.nan)
         low, high = 0.0, 1.0
+        if "low_sd" in run:
+            run["low_sd"] = run["low_sd"] / abs(span) if span != 0 else float("nan")
     settings = config.to_dict()
     settings["noise_scale_used"] = setup.corruption.scale
     settings["copies"] = setup.corruption.copies
     if setup.corruption.replacement_subjects:
         settings["replacement_subjects"] = list(setup.corruption.replacement_subjects)
-    settings.update(run or {})
+    settings.update(run)
     return TraceResult(
         kind=kind,
         scores=raw,
@@ -865,10 +868,13 @@ def _iter_fast(
         progress(done, total)
     batching = config.batching if config.batching != "auto" else ("kind" if lm.device.type == "cpu" else "all")
 
+    rows = tracer.low_rows.double()
+    low_sd = float(rows.std()) if len(rows) > 1 else 0.0  # the corrupted copies' spread (see suggest_edit_layer)
+
     def result(kind: str) -> TraceResult:
         complete = kinds_left[kind] == 0
         run = _run_settings(lm, config, started) | {"batching": batching, "passes": swept_passes,
-                                                     "complete": complete}
+                                                     "complete": complete, "low_sd": low_sd}
         return _results(setup, kind, raw[kind] if complete else raw[kind].copy(), tracer.low, tracer.high, run)
 
     def sweep(t0: int, cells: Sequence[_Cell]) -> np.ndarray:

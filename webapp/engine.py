@@ -44,6 +44,7 @@ from editing import EditRequest, applied, is_edited, load_hparams
 from editing.hparams import METHODS, HyperParams
 from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
+from tracing.average import shipped_average
 from tracing import LoadedModel, load_model
 from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
@@ -192,6 +193,7 @@ class Engine:
         self.precisions = tuple(precisions) if precisions is not None else self._default_precisions()
         self._counter = copy.deepcopy(lm.tokenizer)  # for checks outside the lock (fast tokenizers are not reentrant)
         self._counter_lock = threading.Lock()
+        self.average = shipped_average(lm)  # traces averaged over known facts, shipped for this model (or None)
 
     # -- cheap things, outside the lock -------------------------------------------------------
 
@@ -455,6 +457,13 @@ class Engine:
         return out[0] if out else None
 
     # -- files for downloads --------------------------------------------------------------
+
+    def static_file(self, name: str, text: str) -> Path:
+        """A download that every visitor shares and that is never cleaned up (e.g. the shipped averages)."""
+        path = self.workdir / "static" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
 
     def export_path(self, stem: str, suffix: str, keep_s: float = 3600) -> Path:
         """A fresh file path for a download (its own folder, so names never collide between visitors).

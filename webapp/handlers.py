@@ -31,12 +31,13 @@ from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing.edit import method_label
 from tracing import KINDS, TraceResult, iter_trace, predict
 from tracing.preview import estimate, preview_verdict
-from tracing.plots import heatmap, results_json, scores_csv
+from tracing.plots import heatmap, layer_sweep_figure, results_json, scores_csv
+from tracing.result import suggest_edit_layer
 
 from . import render
 from .engine import Engine, Stopped, Visitor, comparison_key
-from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_trace, choice,
-                     extras_key, number, table_rows)
+from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_sweep, check_trace,
+                     choice, extras_key, number, table_rows)
 
 log = logging.getLogger("locate-edit.app")
 
@@ -185,7 +186,7 @@ class App:
             raise Refused("This server has no presets for its model.")
         p = presets[number(index, "The preset", low=0, high=len(presets) - 1, integer=True)]
         return (p.prompt, p.subject, p.attribute, p.subject, p.rewrite_prompt, p.counterfactual, p.attribute,
-                "\n".join(p.paraphrases), "\n".join(p.neighbours))
+                "\n".join(p.paraphrases), "\n".join(p.neighbours), p.counterfactual)
 
     def suggest_subject(self, prompt: str, subject: str) -> str:
         """Keep a subject that occurs in the prompt; otherwise guess one from the prompt."""
@@ -274,19 +275,23 @@ class App:
     def _trace_outputs(self, top, results: list[TraceResult], ask, visitor: Visitor) -> tuple:
         """The finished trace: prediction, the three exact maps, downloads, the suggested layer, the state."""
         mlp = next(r for r in results if r.kind == "mlp")
-        layer = int(mlp.peak(mlp.subject_range[1] - 1)[1])
+        suggestion = suggest_edit_layer(mlp)
+        layer = suggestion.layer if suggestion.layer is not None else self.engine.default_layer
         stem = f"trace-{ask.subject}"
         json_path = self.engine.export_path(stem, ".json")
         json_path.write_text(results_json(results, model=self.engine.lm.name, edits=len(visitor.edits)),
                              encoding="utf-8")
         csv_path = self.engine.export_path(stem, ".csv")
         csv_path.write_text(scores_csv(results), encoding="utf-8")
-        state = {"prompt": ask.prompt, "subject": ask.subject, "answer": results[0].answer, "layer": layer}
+        last = suggestion.token
+        state = {"prompt": ask.prompt, "subject": ask.subject, "answer": results[0].answer, "layer": layer,
+                 "effect": [None if v != v else round(float(v) - mlp.low_score, 6) for v in mlp.scores[last]],
+                 "token": mlp.tokens[last]}
         figures = {r.kind: heatmap(r) for r in results}
         return (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
                 figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
                 gr.DownloadButton(value=str(csv_path), interactive=True),
-                render.layer_card(layer, mlp, self.engine.default_layer), state, "")
+                render.layer_card(suggestion, self.engine.default_layer), state, "")
 
     @user_errors
     def to_edit(self, state: dict | None, edit_layer) -> tuple:
@@ -296,6 +301,56 @@ class App:
         relation = state["prompt"].replace(state["subject"], "{}", 1)
         layer = state.get("layer", edit_layer)
         return state["subject"], relation, state["answer"].strip(), layer, gr.Tabs(selected="edit")
+
+    @user_errors
+    def open_fact(self, evt: gr.SelectData) -> tuple:
+        """A row of the averaged facts' table, opened in the Locate tab (prompt, subject, answer) to trace it."""
+        facts = (self.engine.average or {}).get("facts") or []
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        row = number(index, "The fact's row", low=0, high=max(len(facts) - 1, 0), integer=True)
+        if not facts:
+            raise Refused("This server has no averaged facts for its model.")
+        fact = facts[row]
+        return fact["prompt"], fact["subject"], fact["attribute"], gr.Tabs(selected="locate")
+
+    @user_errors
+    def which_layer(self, traced: dict | None, target, every, paraphrases, neighbours, visitor: Visitor | None,
+                    progress=gr.Progress()) -> Iterator[tuple]:
+        """ROME at every k-th layer of the traced fact, each alone on top of the visitor's edits and undone;
+        yields (figure, summary, progress) as layers finish."""
+        from editing.sweep import layer_sweep
+
+        visitor = visitor if visitor is not None else Visitor()
+        engine = self.engine
+        ask = check_sweep(self.limits, engine.count_tokens, engine.lm.n_layers, traced=traced, target=target,
+                          every=every, paraphrases=paraphrases, neighbours=neighbours, hparams=engine.hparams)
+        for layer in ask.layers:
+            engine.check_stats(layer)
+        previous = list(visitor.edits)
+        effect = [float("nan") if v is None else v for v in traced.get("effect") or []]
+        token = str(traced.get("token", ""))
+
+        def work(lm, job) -> None:
+            def report(done: int, total: int, layer: int) -> None:
+                job.progress(f"{done}|{total}|{layer}", done / max(total, 1))
+
+            job.emit(layer_sweep(lm, ask.request, layers=ask.layers, paraphrases=ask.paraphrases,
+                                 neighbours=ask.neighbours, hparams=engine.hparams, stats_spec=engine.stats_spec,
+                                 previous=previous, progress=report))
+
+        def describe(stage: str, fraction: float) -> tuple[float, str]:
+            done, total, layer = (int(v) for v in stage.split("|"))
+            if layer < 0:
+                return 1.0, f"Scored {total} edits"
+            return fraction, f"ROME at layer {layer} ({done + 1} of {total}), then its scores"
+
+        stream = engine.stream(work, visitor=visitor, label="which_layer")
+        for tag, item in self._drive(stream, progress, describe, "sweep-progress"):
+            if tag == "tick":
+                yield SKIP, SKIP, item
+                continue
+            figure = layer_sweep_figure(item, effect or None, token=token, model=engine.lm.name)
+            yield figure, render.sweep_card(item, effect, token, bool(previous)), ""
 
     # -- editing -----------------------------------------------------------------------------
 

@@ -8,12 +8,15 @@ Example::
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import gradio as gr
 
 from editing.edit import method_label
+from tracing.plots import average_csv, average_curves, average_heatmap, severed_figure
 from editing.presets import guess_subject
 from tracing.result import CORRUPTIONS, METRICS
 
@@ -120,6 +123,60 @@ def locate_tab(engine: Engine) -> SimpleNamespace:
             ui.csv_btn = gr.DownloadButton("Scores (CSV)", interactive=False, size="sm", elem_id="dl-csv")
             ui.to_edit_btn = gr.Button("Edit this fact →", size="sm", elem_id="to-edit")
         gr.Markdown("PNG: use the camera icon in each figure's toolbar.", elem_classes="le-small")
+        sweep_section(engine, ui)
+    return ui
+
+
+def sweep_section(engine: Engine, ui: SimpleNamespace) -> None:
+    """Which layer to edit? ROME at every k-th layer of the traced fact, drawn beside its MLP trace row."""
+    n_layers, limits = engine.lm.n_layers, engine.limits
+    fewest = max(1, math.ceil(n_layers / limits.sweep_layers))  # the smallest k within the limit
+    with gr.Accordion("Which layer to edit? Edit the traced fact at each layer", open=False,
+                      elem_id="sweep-accordion"):
+        gr.Markdown(render.static_text("help-sweep.md"))
+        with gr.Row():
+            ui.sweep_target = gr.Textbox("Rome", label="New object to write", max_length=limits.text_chars,
+                                         elem_id="sweep-target", scale=2)
+            ui.sweep_every = gr.Slider(fewest, n_layers, value=max(fewest, min(3, n_layers)), step=1,
+                                       label=f"Every k-th layer (at most {limits.sweep_layers} edits)",
+                                       elem_id="sweep-every", scale=2)
+        ui.sweep_btn, ui.sweep_stop = run_and_stop("Edit at each layer", "sweep")
+        ui.sweep_progress = gr.HTML(elem_id="sweep-status")
+        ui.sweep_plot = gr.Plot(label="Edit success per layer, and the traced MLP effect", elem_id="sweep-plot")
+        ui.sweep_out = gr.HTML(elem_id="sweep-out")
+
+
+def average_tab(engine: Engine) -> SimpleNamespace:
+    """③ Across many facts: the shipped averages over the known facts (paper's Fig. 2 and 3), and the facts."""
+    ui = SimpleNamespace(table=None)
+    summary = engine.average
+    with gr.Tab("③ Across many facts", id="average", elem_id="tab-average"):
+        if summary is None:
+            gr.Markdown(render.static_text("help-average-missing.md"), elem_id="average-missing")
+            return ui
+        gr.Markdown(render.average_intro(summary), elem_id="average-intro")
+        with gr.Row(equal_height=True):
+            gr.Plot(average_curves(summary), elem_id="average-curve-subject", min_width=360)
+            gr.Plot(average_curves(summary, "last token"), elem_id="average-curve-last", min_width=360)
+        with gr.Row(equal_height=True):
+            for kind in summary["kinds"]:
+                gr.Plot(average_heatmap(summary, kind), elem_id=f"average-{kind}", min_width=320)
+        if summary.get("severed"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    gr.Plot(severed_figure(summary["severed"], model=summary["model"]), elem_id="average-severed")
+                with gr.Column(scale=2, elem_classes="le-help"):
+                    gr.Markdown(render.severed_text(summary))
+        stem = f"average-{summary['n_facts']}-facts"
+        with gr.Row():
+            gr.DownloadButton("Averages (CSV)", engine.static_file(f"{stem}.csv", average_csv(summary)), size="sm",
+                              elem_id="average-csv")
+            gr.DownloadButton("Averages (JSON)", engine.static_file(f"{stem}.json", json.dumps(summary, indent=1)),
+                              size="sm", elem_id="average-json")
+        headers, rows = render.average_fact_rows(summary)
+        ui.table = gr.Dataframe(headers=headers, value=rows, interactive=False, elem_id="average-facts", wrap=True,
+                                label=f"The {summary['n_facts']} facts (click a row to trace it in ①)",
+                                max_height=420)
     return ui
 
 
@@ -278,10 +335,15 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
         api_name="retrace_values",
     ).success(trace_fn, trace_inputs, trace_outputs, api_visibility="private", **model_events)
     loc.stop_btn.click(None, None, None, cancels=[trace_event, retrace_event])
+    sweep_event = loc.sweep_btn.click(
+        on_gpu(app.which_layer), [trace_state, loc.sweep_target, loc.sweep_every, ed.paraphrases, ed.neighbours,
+                                  visitor],
+        [loc.sweep_plot, loc.sweep_out, loc.sweep_progress], api_name="which_layer", **model_events)
+    loc.sweep_stop.click(None, None, None, cancels=[sweep_event])
     info = gr.JSON(visible=False)
     gr.Button(visible=False).click(app.model_info, None, info, api_name="model_info")
     preset_outputs = [loc.prompt, loc.subject, loc.answer, ed.subject, ed.relation, ed.target, ed.old,
-                      ed.paraphrases, ed.neighbours]
+                      ed.paraphrases, ed.neighbours, loc.sweep_target]
     if presets is not None:
         presets.click(app.preset_values, presets, preset_outputs, queue=False, api_visibility="private")
         # An API route to pick a preset by index (the gallery click carries the index in the page).
@@ -290,7 +352,8 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
-    """The page: header, presets, the Locate and Edit tabs, and their wiring (no model is loaded here)."""
+    """The page: header, presets, the Locate, Edit and Across-many-facts tabs, and their wiring (no model is loaded
+    here)."""
     app = App(engine)
     with gr.Blocks(title="locate-edit: trace and rewrite facts in a language model", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:
@@ -300,7 +363,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
         with gr.Tabs(selected="locate") as tabs:
             loc = locate_tab(engine)
             ed = edit_tab(engine, app)
+            avg = average_tab(engine)
         wire(app, presets, loc, ed, tabs, visitor, trace_state)
+        if avg.table is not None:
+            avg.table.select(app.open_fact, None, [loc.prompt, loc.subject, loc.answer, tabs], queue=False,
+                             api_visibility="private")
     return demo
 
 

@@ -58,6 +58,8 @@ class Limits:
     edit_cost: int = 3_000_000  # token-layer passes of one edit's optimisation (see edit_work); ROME here: ~370,000
     batch_facts: int = 12  # facts in one "Edit many facts" batch (MEMIT): the presets fit
     batch_cost: int = 6_000_000  # token-layer passes of one batch's optimisation (see edit_work); 12 presets: ~3.4 M
+    sweep_layers: int = 10  # ROME edits of one "Which layer to edit?" sweep (every third layer of the default model)
+    sweep_cost: int = 6_000_000  # token-layer passes of one sweep's edits together (see edit_work); Eiffel, 10: ~4 M
     edits_per_visitor: int = 20  # edits one visitor can have applied (typed and imported)
     visitor_mb: float = 40.0  # megabytes of one visitor's edits (a fine-tuning edit of the default model: 3.5 MB)
     import_bytes: int = 40_000_000  # size of an uploaded edits file (Gradio refuses larger uploads while receiving)
@@ -425,6 +427,51 @@ def check_batch(limits: Limits, count: TokenCounter, n_layers: int, *, table, ex
     limits.at_most("batch_cost", cost, f"This batch's cost ({len(items)} facts' targets, token-layer passes)",
                    "Write fewer facts at once, or in several batches.")
     return BatchAsk(tuple(items), _flag(project, "Keep earlier edits"), cost)
+
+
+@dataclass(frozen=True)
+class SweepAsk:
+    """A "Which layer to edit?" request that passed every check: what to hand to :func:`editing.sweep.layer_sweep`."""
+
+    request: EditRequest
+    layers: tuple[int, ...]
+    paraphrases: tuple[str, ...]
+    neighbours: tuple[str, ...]
+    cost: int
+
+
+def check_sweep(limits: Limits, count: TokenCounter, n_layers: int, *, traced, target, every, paraphrases,
+                neighbours, hparams) -> SweepAsk:
+    """Check a layer sweep of the traced fact (``traced``: the Locate tab's state) with a new object.
+
+    The fact's prompt becomes the rewrite prompt (its subject replaced by
+    ``{}``) and its traced answer the old object; ROME edits every
+    ``every``-th layer from 0, each alone and undone: at most sweep_layers of
+    them, and sweep_cost of work together.
+    """
+    if not isinstance(traced, dict) or not all(isinstance(traced.get(k), str) for k in ("prompt", "subject", "answer")):
+        raise Refused("Trace a fact first: the sweep edits the traced fact at each layer.")
+    subject = traced["subject"]
+    relation = traced["prompt"].replace(subject, "{}", 1)
+    request = check_request(limits, count, EditRequest(subject, relation, target, traced["answer"].strip() or None))
+    if request.target_true is None:
+        raise Refused("The traced answer is empty; trace the fact with an expected answer first.")
+    if request.target.strip() == request.target_true.strip():
+        raise Refused("The new object is the traced answer; enter a different object to write.")
+    every = number(every, "Every k-th layer", low=1, high=n_layers, integer=True)
+    layers = tuple(range(0, n_layers, every))
+    limits.at_most("sweep_layers", len(layers), f"The number of layers to edit (every k = {every} of {n_layers} layers)",
+                   f"Use every {math.ceil(n_layers / limits.sweep_layers)}th layer or more.")
+    para = limits.lines(paraphrases, "Paraphrases")
+    neigh = limits.lines(neighbours, "Neighbour prompts")
+    for line in (*para, *neigh):
+        limits.at_most("line_tokens", count(line), f"The test prompt {line[:40]!r}'s length in tokens",
+                       "Shorten it.")
+    width = count(request.text) + count(request.target)
+    cost = sum(edit_work("rome", hparams, width, n_layers, layer)[0] for layer in layers)
+    limits.at_most("sweep_cost", cost, f"This sweep's cost ({len(layers)} edits, token-layer passes)",
+                   "Edit fewer layers (a larger k) or shorten the prompt.")
+    return SweepAsk(request, layers, tuple(para), tuple(neigh), cost)
 
 
 def check_generation(limits: Limits, count: TokenCounter, *, prompt, max_new_tokens, sample, seed) -> tuple:

@@ -18,6 +18,7 @@ import editing
 from editing import EditComparison
 from editing.edit import method_label
 from tracing import TraceResult
+from tracing.result import LayerSuggestion
 from tracing.assets import STATIC
 
 from .engine import Engine
@@ -176,15 +177,39 @@ def prediction_card(top: list[tuple[str, float]] | None, result: TraceResult | N
     return f'<div class="le-card le-pred">{"".join(rows)}</div>'
 
 
-def layer_card(layer: int, mlp: TraceResult, default_layer: int) -> str:
-    """Where the MLP effect at the last subject token peaks, offered as the edit layer."""
-    last = mlp.subject_range[1] - 1
-    return (
-        f'<div class="le-card" id="layer-suggestion">The MLP effect at the last subject token '
-        f'<code>{esc(mlp.tokens[last])}</code> peaks at layer <b>{layer}</b> (score '
-        f'{fmt_p(mlp.scores[last, layer])}). <b>Edit this fact →</b> carries it to the edit panel as the edit layer '
-        f'(the hyperparameters\' default is layer {default_layer}; pick any).</div>'
-    )
+def layer_card(suggestion: LayerSuggestion, default_layer: int) -> str:
+    """The edit layer the trace suggests, or why it suggests none (then the sweep below helps)."""
+    if suggestion.layer is not None:
+        return (f'<div class="le-card" id="layer-suggestion">{esc(suggestion.reason)} <b>Edit this fact →</b> '
+                f'carries it to the edit panel with layer <b>{suggestion.layer}</b> (the hyperparameters\' default '
+                f'is layer {default_layer}; pick any).</div>')
+    return (f'<div class="le-card le-warn" id="layer-suggestion">{esc(suggestion.reason)} <b>Edit this fact →</b> '
+            f'keeps the default layer {default_layer}; <b>Which layer to edit?</b> below edits each layer in turn '
+            f'and shows where the edit takes.</div>')
+
+
+def sweep_card(sweep: dict, effect: Sequence[float], token: str, on_edits: bool) -> str:
+    """A layer sweep's verdict: the best layer, where the edit took, and how that compares with the trace."""
+    rows = sweep.get("layers", [])
+    if not rows:
+        return '<div class="le-card" id="sweep-summary">No layer was edited.</div>'
+    took = [r["layer"] for r in rows if r["took"]]
+    best = next(r for r in rows if r["layer"] == sweep["best"])
+    parts = [f'Best layer by S: <b>{best["layer"]}</b> (ES {fmt_p(best["ES"])}, PS {fmt_p(best["PS"])}, '
+             f'NS {fmt_p(best["NS"])}; p(new) on the rewrite prompt {fmt_p(best["p_new"])}).']
+    parts.append(f'The new object beat the old one on the rewrite prompt at {len(took)} of {len(rows)} layers'
+                 + (f' ({", ".join(map(str, took))}).' if took and len(took) < len(rows) else '.'))
+    known = [(r["layer"], effect[r["layer"]]) for r in rows
+             if r["layer"] < len(effect) and not np.isnan(effect[r["layer"]])]
+    if len(known) >= 3:
+        traced_best = max(known, key=lambda kv: kv[1])[0]
+        parts.append(f'The traced MLP effect at {esc(token)!s} is largest at layer {traced_best} of these'
+                     + (' — the same layer.' if traced_best == best["layer"] else
+                        f', not at the best edit layer: where a fact is traced need not be where an edit works '
+                        f'best (Hase et al., 2023).'))
+    if on_edits:
+        parts.append('Measured on top of your earlier edits.')
+    return f'<div class="le-card" id="sweep-summary">{" ".join(parts)}</div>'
 
 
 def stats_note(ready: Sequence[int], n_layers: int, on_demand: bool) -> str:
@@ -403,3 +428,68 @@ def health_card(report: "editing.Health | None") -> str:
                 f'damaged.</b><ul>{items}</ul><div class="le-small">{esc(measured)}</div></div>')
     return (f'<div class="le-card" id="batch-health" data-ok="true"><b>Health check: nothing looks wrong.</b> '
             f'<span class="le-small">{esc(measured)}</span></div>')
+
+
+# ---------------------------------------------------------------------------
+# Across many facts (the shipped averages of tracing.average)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def average_intro(summary: dict) -> str:
+    """What the averaged figures are, over how many facts, and where each kind peaks."""
+    from tracing.average import peaks
+
+    lines = [
+        f"**{summary['n_facts']} facts that {summary['model']} knows** (of the paper's known facts: its top next token "
+        f"is the answer), each traced with the paper's settings and averaged by token group and layer. "
+        f"Clean runs give the answer {_pct(summary['clean'])} on average, corrupted runs {_pct(summary['corrupted'])} "
+        f"(the paper's GPT-2 XL: 27.0 % and 8.47 %).",
+        "",
+        "| kind | peak: token group | layer | restored p | average indirect effect |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"hidden": "hidden state", "mlp": "MLP (window)", "attn": "attention (window)"}
+    for kind, p in peaks(summary).items():
+        lines.append(f"| {names.get(kind, kind)} | {p['group']} | {p['layer']} | {_pct(p['mean'])} | "
+                     f"{100 * p['effect']:+.1f} points |")
+    lines += ["", "The paper found, for GPT-2 XL, that MLP states at the **last subject token** in the middle "
+              "layers carry a strong effect (the early site), and attention at the **last token** in late layers "
+              "(the late site). The curves show each kind at those two token groups, with 95 % intervals; the "
+              "heatmaps show every group. " + (f"Computed with `{esc(summary['command'])}`." if summary.get("command")
+                                               else "")]
+    return "\n".join(lines)
+
+
+def severed_text(summary: dict) -> str:
+    """The severed-path figure's explanation, with this model's largest MLP gap."""
+    severed = summary["severed"]
+    gap = [v if v is not None else float("nan") for v in severed["gap"].get("mlp", {}).get("mean", [])]
+    where = ""
+    if gap and not np.isnan(gap).all():
+        layer = int(np.nanargmax(gap))
+        where = (f" Here the largest MLP gap is at layer {layer}: {100 * gap[layer]:+.1f} points "
+                 f"({severed['n']} facts).")
+    return ("**Severed paths** (the paper's Fig. 3). Restore the hidden state of the last subject token at one "
+            "layer, but hold the MLP (or attention) outputs of the layers above it, at that token, at their corrupted "
+            "values. If the restored state works *through* later MLPs, severing them removes its effect. The paper "
+            "found that for GPT-2 XL severing the MLPs removes most of the effect of early layers (the MLPs mediate "
+            "the early site), while severing attention changes little." + where)
+
+
+AVERAGE_HEADERS = ["Prompt", "Subject", "Answer", "Clean p", "Corrupted p", "MLP peak layer (last subject token)",
+                   "MLP peak effect"]
+
+
+def average_fact_rows(summary: dict) -> tuple[list[str], list[list]]:
+    """The facts behind the averages as table rows (a row opens its fact in the Locate tab)."""
+    rows = []
+    for fact in summary.get("facts", []):
+        peak = (fact.get("last_subject_peak") or {}).get("mlp") or {}
+        score = peak.get("score")
+        rows.append([fact["prompt"], fact["subject"], fact["attribute"], round(fact["clean"], 4),
+                     round(fact["corrupted"], 4), peak.get("layer"),
+                     None if score is None else round(score - fact["corrupted"], 4)])
+    return AVERAGE_HEADERS, rows
