@@ -41,14 +41,16 @@ def test_unknown_architecture_names_supported_ones():
     assert "gpt2" in message and "llama" in message and "tracing/models.py" in message
 
 
-@pytest.mark.parametrize("metric", ["prob", "logit_diff"])
+@pytest.mark.parametrize("metric", ["prob", "logit_diff", "answer_logprob", "answer_prob"])
 def test_fast_trace_equals_oracle(tiny, metric):
     """Every plan (one pass per kind and token; kinds apart with padded token buckets; everything together,
-    also one cell per pass; the progressive order) gives the oracle's scores."""
+    also one cell per pass; the progressive order) gives the oracle's scores; the answer metrics read every
+    token of a several-token answer."""
     config = TraceConfig(samples=3, window=2, metric=metric, contrast="Rome" if metric == "logit_diff" else None)
-    slow = trace_reference(tiny, PROMPT, SUBJECT, config=config)
+    answer = "Johann Sebastian Bach" if metric.startswith("answer") else None
+    slow = trace_reference(tiny, PROMPT, SUBJECT, answer=answer, config=config)
     for plan in (dict(batching="auto"), dict(batching="token"), dict(batching="all"), dict(batching="all", memory_mb=0)):
-        fast = trace(tiny, PROMPT, SUBJECT, config=dataclasses.replace(config, **plan))
+        fast = trace(tiny, PROMPT, SUBJECT, answer=answer, config=dataclasses.replace(config, **plan))
         for a, b in zip(fast, slow):
             assert a.kind == b.kind and a.scores.shape == (len(a.tokens), tiny.n_layers)
             scale = max(abs(a.high_score), abs(a.low_score), 1e-3)
@@ -56,7 +58,7 @@ def test_fast_trace_equals_oracle(tiny, metric):
             assert abs(a.low_score - b.low_score) <= 1e-5 * scale
             assert abs(a.high_score - b.high_score) <= 1e-5 * scale
             assert not np.isnan(a.scores).any()
-    progressive = [r for r in iter_trace(tiny, PROMPT, SUBJECT, config=config, progressive=True)
+    progressive = [r for r in iter_trace(tiny, PROMPT, SUBJECT, answer=answer, config=config, progressive=True)
                    if r.settings["complete"]]
     for a, b in zip(progressive, slow):
         assert np.nanmax(np.abs(a.scores - b.scores)) <= 1e-5 * max(abs(a.high_score), abs(a.low_score), 1e-3)

@@ -444,3 +444,37 @@ def test_traces_record_the_corrupted_spread(llama):
     results = trace(llama, "Paris is the capital of the country of", "Paris", config=TraceConfig(samples=3))
     assert all(r.settings["low_sd"] >= 0 for r in results)
     assert len({r.settings["low_sd"] for r in results}) == 1
+
+
+@pytest.mark.parametrize("metric", ["answer_logprob", "answer_prob"])
+def test_answer_metrics_score_every_answer_token_teacher_forced(llama, metric):
+    prompt, subject, answer = "Paris is the capital of the country of", "Paris", "Johann Sebastian Bach"
+    config = TraceConfig(samples=2, metric=metric)
+    hidden, mlp, attn = trace(llama, prompt, subject, answer=answer, config=config)
+    ids = continuation_ids(llama.tokenizer, prompt, answer)
+    assert len(ids) > 1
+    prompt_ids = llama.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    whole = torch.cat([prompt_ids, torch.tensor([ids])], 1)
+    with torch.no_grad():
+        logp = llama.model(whole).logits[0].float().log_softmax(-1)
+    n = prompt_ids.shape[1]
+    expected = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ids))
+    want = expected if metric == "answer_logprob" else float(np.exp(expected))
+    assert hidden.high_score == pytest.approx(want, rel=1e-4, abs=1e-9)
+    assert hidden.scores.shape == (n, llama.n_layers)  # the prompt's rows only: answer tokens are read, not traced
+    assert hidden.answer.strip() == answer
+    # (restoring the last prompt token's last layer no longer gives the clean score back: the answer's own
+    # positions read the corrupted subject too)
+
+
+def test_answer_metric_previews_and_severs_work(llama):
+    from tracing import estimate
+    from tracing.sever import sever, sever_reference
+
+    config = TraceConfig(samples=2, metric="answer_logprob")
+    answer = "Johann Sebastian Bach"
+    previews = estimate(llama, "Paris is the capital of the country of", "Paris", answer=answer, config=config)
+    assert all(np.isfinite(p.scores[1:]).all() for p in previews)
+    fast = sever(llama, "Paris is the capital of the country of", "Paris", answer=answer, config=config)
+    slow = sever_reference(llama, "Paris is the capital of the country of", "Paris", answer=answer, config=config)
+    assert np.abs(fast.severed["mlp"] - slow.severed["mlp"]).max() <= 1e-5 * max(abs(fast.low_score), 1.0)

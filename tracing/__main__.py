@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the noise (default 1)")
     p.add_argument("--corruption", choices=CORRUPTIONS, default="gaussian", help="how to corrupt the subject (default gaussian)")
     p.add_argument("--replacement", default=None, help="subject to swap in with --corruption subject (same token length)")
-    p.add_argument("--metric", choices=METRICS, default="prob", help="score of a cell (default prob = p(answer))")
+    p.add_argument("--metric", choices=METRICS, default="prob", help="score of a cell: prob = p(first answer token) (default); answer_logprob / answer_prob = "
+                   "log p / p of every token of --answer, teacher-forced (for answers of several tokens)")
     p.add_argument("--contrast", default=None, help="contrast answer for --metric logit_diff")
     p.add_argument("--tokens", default="all", help="all, subject_last, or comma-separated token positions")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -51,6 +51,8 @@ def metric_label(result: TraceResult) -> str:
         return f"logit({answer}) − logit({contrast})"
     if result.metric == "recovered":
         return f"recovered p({answer})"
+    if result.metric == "answer_logprob":
+        return f"log p({answer})"
     return f"p({answer})"
 
 

@@ -87,7 +87,7 @@ def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, space: 
         with torch.enable_grad():
             terms, rows = _first_order_terms(lm, setup, clean)
     if space == "auto":
-        space = SPACE if config.metric != "logit_diff" else "metric"
+        space = SPACE if config.metric in ("prob", "recovered", "answer_prob") else "metric"
     n_tokens, n_layers = len(setup.enc), lm.n_layers
     positions = setup.token_positions()
     low = float(rows.mean())
@@ -176,8 +176,8 @@ def _first_order_terms(lm: LoadedModel, setup, clean) -> tuple[dict[str, np.ndar
     specs += [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(lm.n_layers)]
     with hooks(lm.model, *specs):
         lm.model.base_model(ids, use_cache=False)
-    last = states["hidden"][-1][:, -1:]  # (copies, 1, d_model): the last block's output at the last position
-    metric = setup.score(lm.unembed(lm.final_norm(last))[:, -1])  # (copies,); copies never mix, so one backward
+    last = states["hidden"][-1][:, -setup.read:]  # (copies, read, d_model): the last block's output where read
+    metric = setup.score(lm.unembed(lm.final_norm(last)))  # (copies,); copies never mix, so one backward
     flat = [state for kind in KINDS for state in states[kind]]  # gives each copy's own gradients
     grads = torch.autograd.grad(metric.sum(), flat, allow_unused=True)
     terms = {}

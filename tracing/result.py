@@ -18,7 +18,8 @@ import numpy as np
 
 KINDS = ("hidden", "mlp", "attn")
 CORRUPTIONS = ("gaussian", "uniform", "subject")
-METRICS = ("prob", "logit_diff", "recovered")
+METRICS = ("prob", "logit_diff", "recovered", "answer_prob", "answer_logprob")
+ANSWER_METRICS = ("answer_prob", "answer_logprob")  # over every token of the answer, teacher-forced
 TOKEN_RANGES = ("all", "subject_last")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "tf32")  # tf32: float32 weights, TF32 matrix products on CUDA
 BATCHINGS = ("auto", "token", "kind", "all")
@@ -35,7 +36,9 @@ class TraceConfig:
     replacement: str | None = None  # subject to swap in for corruption="subject" (None: picked from known facts)
     window: int = 10  # layers restored together for mlp/attn: l - window//2 ... l + (window - window//2) - 1
     seed: int = 1  # seeds the noise generator: same seed, same heatmaps
-    metric: str = "prob"  # prob | logit_diff (answer minus contrast logit) | recovered ((s - low)/(high - low))
+    # prob | logit_diff (answer minus contrast logit) | recovered ((s - low)/(high - low)) | answer_logprob (the
+    # summed log-probability of every answer token, teacher-forced) | answer_prob (its exp: p(whole answer))
+    metric: str = "prob"
     contrast: str | None = None  # the contrast answer for metric="logit_diff"
     tokens: str | tuple[int, ...] = "all"  # all | subject_last | explicit token positions
     precision: str = "auto"  # auto (the model's dtype) | fp32 | bf16 | fp16 | tf32 (fp32 with TF32 matmuls on CUDA)

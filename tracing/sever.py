@@ -129,7 +129,7 @@ def _result(setup, token, unsevered, severed, low, high, run) -> SeverResult:
         token=token, unsevered=np.asarray(unsevered, dtype=np.float64),
         severed={k: np.asarray(v, dtype=np.float64) for k, v in severed.items()},
         low_score=float(low), high_score=float(high), tokens=setup.enc.tokens, subject_range=setup.enc.subject_range,
-        answer=setup.lm.tokenizer.decode([setup.answer_id]), prompt=setup.enc.text, subject=setup.subject,
+        answer=setup.lm.tokenizer.decode(list(setup.answer_ids[: setup.read])), prompt=setup.enc.text, subject=setup.subject,
         metric=setup.config.metric, model=setup.lm.name, settings=settings,
     )
 

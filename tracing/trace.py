@@ -70,7 +70,7 @@ from .blocks import BlockCall, PrefixCache, capture_calls
 from .corruption import Corruption, make_corruption
 from .hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
 from .models import LoadedModel, parse_dtype
-from .result import KINDS, TraceConfig, TraceResult, window_layers
+from .result import ANSWER_METRICS, KINDS, TraceConfig, TraceResult, window_layers
 from .tokens import EncodedPrompt, check_context, continuation_ids, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -89,21 +89,47 @@ class _Setup:
     lm: LoadedModel
     enc: EncodedPrompt
     subject: str
-    answer_id: int
+    answer_ids: tuple[int, ...]  # every token of the answer (the first is scored by the single-token metrics)
     contrast_id: int | None
     corruption: Corruption
     config: TraceConfig
 
     @property
+    def answer_id(self) -> int:
+        return self.answer_ids[0]
+
+    @property
+    def read(self) -> int:
+        """Last positions whose logits the metric reads: the answer's tokens (teacher-forced), else one."""
+        return len(self.answer_ids) if self.config.metric in ANSWER_METRICS else 1
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The run's tokens: the prompt, then all but the last answer token when the metric reads them all."""
+        return self.enc.ids + tuple(self.answer_ids[: self.read - 1])
+
+    @property
     def input_ids(self) -> torch.Tensor:
-        return torch.tensor([self.enc.ids], device=self.lm.device)  # (1, tokens)
+        return torch.tensor([self.ids], device=self.lm.device)  # (1, tokens)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw metric per row from last-position logits (rows, vocab): p(answer) or a logit difference."""
+        """Raw metric per row from the read positions' logits, (rows, read, vocab) or (rows, vocab) when one.
+
+        p(answer), a logit difference, or for the answer metrics the summed
+        log-probability of every answer token (or its exp).
+        """
         logits = logits.float()
+        if logits.ndim == 2:
+            logits = logits[:, None]
+        if self.config.metric in ANSWER_METRICS:
+            ids = torch.tensor(self.answer_ids, device=logits.device)  # (read,)
+            logp = logits.log_softmax(-1).gather(-1, ids.view(1, -1, 1).expand(logits.shape[0], -1, 1))
+            total = logp[..., 0].sum(-1)  # (rows,)
+            return total if self.config.metric == "answer_logprob" else total.exp()
+        last = logits[:, -1]
         if self.config.metric == "logit_diff":
-            return logits[:, self.answer_id] - logits[:, self.contrast_id]
-        return logits.softmax(-1)[:, self.answer_id]
+            return last[:, self.answer_id] - last[:, self.contrast_id]
+        return last.softmax(-1)[:, self.answer_id]
 
     def token_positions(self) -> list[int]:
         """Token positions whose cells are computed (config.tokens)."""
@@ -136,20 +162,23 @@ def _prepare(
     ``record``: hooks active during the clean run (e.g. to keep its states).
     """
     enc = encode_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence, max_length=lm.max_length)
-    ids = torch.tensor([enc.ids], device=lm.device)
+    given = answer is not None and str(answer).strip()
+    answer_ids = tuple(continuation_ids(lm.tokenizer, prompt, answer)) if given else ()
+    extra = answer_ids[:-1] if config.metric in ANSWER_METRICS else ()
+    if extra:
+        check_context(lm.max_length, len(enc) + len(extra), fix="Shorten the prompt or the answer.")
+    ids = torch.tensor([enc.ids + extra], device=lm.device)
     with torch.inference_mode(), hooks(lm.model, *record):
-        last = lm.model.base_model(ids, use_cache=False).last_hidden_state[:, -1]  # (1, d_model), final norm applied
-        logits = lm.unembed(last)[0]  # (vocab,): the last position only
-    if answer is None or not str(answer).strip():
-        answer_id = int(logits.argmax())
-    else:
-        answer_id = continuation_ids(lm.tokenizer, prompt, answer)[0]
+        last = lm.model.base_model(ids, use_cache=False).last_hidden_state[:, -1 - len(extra):]  # final norm applied
+        logits = lm.unembed(last)  # (1, read, vocab): the positions the metric reads
+    if not given:
+        answer_ids = (int(logits[0, -1].argmax()),)  # the model's top prediction (one token)
     contrast_id = None
     if config.metric == "logit_diff":
         contrast_id = continuation_ids(lm.tokenizer, prompt, config.contrast)[0]
     corruption = make_corruption(lm, enc, subject.strip(), config)
-    setup = _Setup(lm, enc, subject.strip(), answer_id, contrast_id, corruption, config)
-    return setup, float(setup.score(logits[None])[0]), answer_id
+    setup = _Setup(lm, enc, subject.strip(), answer_ids, contrast_id, corruption, config)
+    return setup, float(setup.score(logits)[0]), setup.answer_id
 
 
 def _run_settings(lm: LoadedModel, config: TraceConfig, started: float) -> dict:
@@ -173,6 +202,7 @@ def _results(
     ``run`` (seconds, device, dtype, ...) is added to the result's settings.
     """
     config = setup.config
+    raw = raw[: len(setup.enc)]  # the prompt's rows (an answer's teacher-forced tokens are read, not traced)
     run = dict(run or {})
     if config.metric == "recovered":
         span = high - low
@@ -193,7 +223,7 @@ def _results(
         high_score=float(high),
         tokens=setup.enc.tokens,
         subject_range=setup.enc.subject_range,
-        answer=setup.lm.tokenizer.decode([setup.answer_id]),
+        answer=setup.lm.tokenizer.decode(list(setup.answer_ids[: setup.read])),
         answer_id=setup.answer_id,
         prompt=setup.enc.text,
         subject=setup.subject,
@@ -242,7 +272,7 @@ def _reference_run(setup: _Setup, restore: Sequence[Hook]) -> float:
     ids = setup.input_ids.repeat(1 + setup.corruption.copies, 1)
     with torch.inference_mode(), hooks(setup.lm.model, _embed_hook(setup), *restore):
         logits = setup.lm.model(ids).logits  # (1 + copies, tokens, vocab): all positions, as the paper's code
-    return float(setup.score(logits[1:, -1]).mean())
+    return float(setup.score(logits[1:, -setup.read:]).mean())
 
 
 def trace_reference(
@@ -408,7 +438,8 @@ class _FastTracer:
         self.workers = workers  # passes computed at once, each in its own thread
         self._local = threading.local()  # the plan of the pass this thread runs (see pass_hooks)
         self.n_layers = lm.n_layers
-        self.n_tokens = len(setup.enc)
+        self.n_tokens = len(setup.ids)  # the prompt, and for the answer metrics all but the last answer token
+        self.read = setup.read
         self.copies = setup.corruption.copies
         self.calls: dict[int, list[BlockCall]] = {}
         with torch.inference_mode(), self._stage("base_runs"):
@@ -421,12 +452,12 @@ class _FastTracer:
     def calls_for(self, start: int) -> list[BlockCall]:
         if start not in self.calls:
             with self._stage("base_runs"):
-                self.calls[start] = capture_calls(self.lm, self.setup.enc.ids, start)[0]
+                self.calls[start] = capture_calls(self.lm, self.setup.ids, start)[0]
         return self.calls[start]
 
     def _base_runs(self) -> None:
         lm, setup = self.lm, self.setup
-        calls, clean_in = capture_calls(lm, setup.enc.ids, 0)
+        calls, clean_in = capture_calls(lm, setup.ids, 0)
         self.calls[0] = calls
 
         # Clean run: keep every block output and every MLP / attention output.
@@ -487,9 +518,8 @@ class _FastTracer:
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits at the last position only: (rows, vocab)."""
-        last = self.lm.final_norm(hidden[:, -1:])  # (rows, 1, d_model)
-        return self.lm.unembed(last)[:, -1]
+        """Logits at the positions the metric reads only: (rows, read, vocab)."""
+        return self.lm.unembed(self.lm.final_norm(hidden[:, -self.read:]))
 
     # --- the plan ------------------------------------------------------------
 
@@ -604,7 +634,7 @@ class _FastTracer:
           shorter window ends: the longer one joins there as a copy of the
           shorter one's rows.
         """
-        last_token = self.n_tokens - 1
+        last_token = self.n_tokens - self.read  # the first position the metric reads
         out: list[_Entry | None] = []
         for c in cells:
             if c.kind == "hidden":
@@ -762,10 +792,10 @@ class _FastTracer:
 
     def _last_position_only(self, module, args, kwargs):
         positions = getattr(self._local, "positions", 0)
-        if positions > 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3 \
+        if positions > self.read and args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3 \
                 and args[0].shape[1] == positions:
             self._local.widen = positions
-            return (args[0][:, -1:], *args[1:]), kwargs  # (rows, 1, d_model)
+            return (args[0][:, -self.read:].contiguous(), *args[1:]), kwargs  # (rows, read, d_model)
         return None
 
     def _widen(self, module, args, output):
@@ -773,9 +803,9 @@ class _FastTracer:
         if not positions:
             return None
         self._local.widen = None
-        state = main_tensor(output)  # (rows, 1, d_model)
+        state = main_tensor(output)  # (rows, read, d_model)
         full = state.new_zeros(state.shape[0], positions, state.shape[-1])  # earlier positions: never read
-        full[:, -1:] = state
+        full[:, -self.read:] = state
         return replace_main(output, full)
 
     def _restorer(self, kind: str, layer: int) -> Callable:
@@ -793,7 +823,7 @@ class _FastTracer:
     def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """The metric per row (rows,), unembedding as many rows at a time as the budget allows."""
         vocab = self.lm.unembed.weight.shape[0]
-        step = max(1, self.budget // (vocab * 4 * 3))  # logits, their float copy and the softmax
+        step = max(1, self.budget // (vocab * 4 * 3 * self.read))  # logits, their float copy and the softmax
         return torch.cat([self.setup.score(self._logits(hidden[i : i + step])) for i in range(0, hidden.shape[0], step)])
 
 
