@@ -4,7 +4,9 @@ Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
 (watching its progress) and waits for the three heatmaps, applies the preset's
 edit, checks that the rewrite prompt's generation now contains the new object
 (and did not before), undoes it, compares the four editors on the same fact,
-writes two more presets as one MEMIT batch, and saves screenshots. The trace is the quick one (the subject's
+writes two more presets as one MEMIT batch, sweeps the edit layer of the traced
+fact, opens the shipped averages ("Across many facts") and one of their facts,
+and saves screenshots. The trace is the quick one (the subject's
 and the last token's rows) to keep the test short. Set
 ``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
 (``assets/screenshot.png``, then with a full trace; the edit and undo views go
@@ -16,6 +18,7 @@ In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,11 +121,22 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             expect(page.locator("#trace-scores")).to_contain_text(preset.attribute, timeout=900_000)
             for kind in ("hidden", "mlp", "attn"):
                 expect(page.locator(f"#plot-{kind} .js-plotly-plot")).to_be_visible()
-            expect(page.locator("#layer-suggestion")).to_contain_text("peaks at layer")
+            expect(page.locator("#layer-suggestion")).to_contain_text(re.compile("peaks at layer|No layer stands out"))
             expect(page.locator("#plot-mlp")).to_contain_text("Impact of restoring MLP")
             page.get_by_text("Advanced settings").click()  # fold it again for the screenshot
             page.wait_for_timeout(1000)
             page.screenshot(path=str(shots / "screenshot.png"), full_page=True)
+
+            # Which layer to edit? ROME at layers 0 and 15 of the traced fact, drawn beside its MLP row.
+            page.locator("#sweep-accordion").get_by_text("Which layer to edit?", exact=False).first.click()
+            expect(page.locator("#sweep-target textarea")).to_have_value(preset.counterfactual)
+            every = page.locator("#sweep-every input[type=number]")
+            every.fill("15")
+            every.press("Enter")
+            page.locator("#sweep-button").click()
+            expect(page.locator("#sweep-out")).to_contain_text("Best layer by S", timeout=900_000)
+            expect(page.locator("#sweep-out")).to_contain_text("of 2 layers")
+            expect(page.locator("#sweep-plot .js-plotly-plot")).to_be_visible()
 
             # Edit with the preset's counterfactual.
             page.get_by_role("tab", name="② Rewrite the fact").click()
@@ -173,6 +187,20 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             expect(page.locator("#batch-health")).to_contain_text("Health check")
             expect(page.locator("#edit-status")).to_contain_text("1 edit active")
             page.screenshot(path=str(shots / "static" / "screenshot-batch.png"), full_page=True)
+
+            # Across many facts: the shipped averages, the severed paths, and a fact that opens in the Locate tab.
+            page.get_by_role("tab", name="③ Across many facts").click()
+            expect(page.locator("#average-intro")).to_contain_text("facts that SmolLM2-135M-Instruct knows")
+            for figure in ("average-curve-subject", "average-curve-last", "average-hidden", "average-mlp",
+                           "average-attn", "average-severed"):
+                expect(page.locator(f"#{figure} .js-plotly-plot")).to_be_visible(timeout=60_000)
+            expect(page.locator("#average-mlp")).to_contain_text("Average impact of restoring MLP")
+            first = page.locator("#average-facts tbody tr").first
+            prompt = first.locator("td").first.inner_text().strip()
+            first.locator("td").nth(1).click()
+            expect(page.locator("#trace-prompt textarea")).to_have_value(prompt, timeout=30_000)
+            page.get_by_role("tab", name="③ Across many facts").click()
+            page.screenshot(path=str(shots / "static" / "screenshot-average.png"), full_page=True)
         finally:
             browser.close()
     assert (shots / "screenshot.png").stat().st_size > 10_000
