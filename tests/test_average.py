@@ -89,7 +89,7 @@ def test_average_traces_caches_each_fact_and_resumes(lm, facts, tmp_path, monkey
     monkeypatch.setattr(average, "trace", counting)
     stops = iter([False, True])
     first = average_traces(lm, facts, config=CONFIG, cache=tmp_path, severed=False, should_stop=lambda: next(stops))
-    assert first["n_facts"] == 1 and len(calls) == 1
+    assert first["n_facts"] == 1 and first["n_recalled"] == 3 and len(calls) == 1
     whole = average_traces(lm, facts, config=CONFIG, cache=tmp_path)
     assert whole["n_facts"] == 3 and len(calls) == 3  # the first fact came from the cache
     again = average_traces(lm, facts, config=CONFIG, cache=tmp_path)

@@ -305,6 +305,7 @@ def average_traces(
     ``should_stop()`` ends the run early with the facts done so far.
     """
     facts = list(recalled_facts(lm) if facts is None else facts)
+    available = len(facts)
     if limit is not None:
         facts = facts[: max(0, limit)]
     if not facts:
@@ -322,6 +323,7 @@ def average_traces(
         raise ValueError("Stopped before the first fact was traced.")
     summary = summarise(traced, severed=severs or None, model=lm.name, settings=config.to_dict())
     summary["fingerprint"] = lm.fingerprint
+    summary["n_recalled"] = available  # the facts there were; n_facts of them were traced (a limit or a stop)
     return summary
 
 

@@ -442,9 +442,11 @@ def average_intro(summary: dict) -> str:
     """What the averaged figures are, over how many facts, and where each kind peaks."""
     from tracing.average import peaks
 
+    recalled = summary.get("n_recalled") or summary["n_facts"]
+    share = f" (the first {summary['n_facts']} of the {recalled} it recalls)" if recalled > summary["n_facts"] else ""
     lines = [
-        f"**{summary['n_facts']} facts that {summary['model']} knows** (of the paper's known facts: its top next token "
-        f"is the answer), each traced with the paper's settings and averaged by token group and layer. "
+        f"**{summary['n_facts']} facts that {summary['model']} knows**{share} (of the paper's known facts: its top "
+        f"next token is the answer), each traced with the paper's settings and averaged by token group and layer. "
         f"Clean runs give the answer {_pct(summary['clean'])} on average, corrupted runs {_pct(summary['corrupted'])} "
         f"(the paper's GPT-2 XL: 27.0 % and 8.47 %).",
         "",
