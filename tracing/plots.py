@@ -336,10 +336,15 @@ def average_curves(summary: dict, group: str = "last subject token") -> go.Figur
         _band(fig, list(range(len(mean))), mean, ci, KIND_STYLE[kind][1], KIND_LINE[kind], _BAND[kind])
     fig.add_hline(y=summary["corrupted"], line=dict(color="#888", dash="dot"),
                   annotation_text="corrupted", annotation_position="bottom right")
+    return _curve_layout(fig, f"Average restored p(answer) at the {group}", _average_subtitle(summary),
+                         "layer (centre of the window for MLP and attention)", "mean p(answer)")
+
+
+def _curve_layout(fig: go.Figure, title: str, subtitle: str, x_title: str, y_title: str) -> go.Figure:
+    """The layout the per-layer curve figures share: title and subtitle, axes, legend below."""
     fig.update_layout(
-        title=dict(text=f"Average restored p(answer) at the {group}", subtitle=dict(text=_average_subtitle(summary)),
-                   x=0.0, xanchor="left"),
-        xaxis_title="layer (centre of the window for MLP and attention)", yaxis_title="mean p(answer)",
+        title=dict(text=title, subtitle=dict(text=subtitle), x=0.0, xanchor="left"),
+        xaxis_title=x_title, yaxis_title=y_title,
         margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=340, font=dict(size=12),
         legend=dict(orientation="h", y=-0.25),
     )
@@ -375,17 +380,9 @@ def severed_figure(severed: dict, *, model: str = "", n_facts: int | None = None
         mean, ci = np.array(data["mean"], dtype=np.float64), np.array(data["ci95"], dtype=np.float64)
         _band(fig, list(range(len(mean))), mean, ci, label, KIND_LINE[colour_kind], _BAND[colour_kind], dash)
     facts = f" · {n} fact{'s' if n != 1 else ''}" if n else ""
-    fig.update_layout(
-        title=dict(text="Restoring the last subject token's hidden state, with paths severed",
-                   subtitle=dict(text=f"{html.escape(str(model))}{facts} · later layers' outputs at that token "
-                                 "held at their corrupted values"), x=0.0, xanchor="left"),
-        xaxis_title="layer of the restored hidden state", yaxis_title="p(answer)",
-        margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=340, font=dict(size=12),
-        legend=dict(orientation="h", y=-0.25),
-    )
-    fig.update_xaxes(showgrid=False, zeroline=False)
-    fig.update_yaxes(gridcolor="#eee", zeroline=False)
-    return fig
+    return _curve_layout(fig, "Restoring the last subject token's hidden state, with paths severed",
+                         f"{html.escape(str(model))}{facts} · later layers' outputs at that token held at their "
+                         "corrupted values", "layer of the restored hidden state", "p(answer)")
 
 
 def average_csv(summary: dict) -> str:
