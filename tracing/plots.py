@@ -294,7 +294,7 @@ def average_heatmap(summary: dict, kind: str, *, height: int | None = None) -> g
         text=text, hovertemplate="%{text}<extra></extra>", hoverongaps=False, xgap=1, ygap=1,
     ))
     fig.update_layout(
-        title=dict(text=f"Average impact of restoring {KIND_TITLE[kind]} after corrupted input",
+        title=dict(text=f"Average impact of restoring {KIND_TITLE[kind]}",
                    subtitle=dict(text=_average_subtitle(summary)), x=0.0, xanchor="left"),
         margin=dict(l=10, r=10, t=70, b=50), plot_bgcolor="white", height=height or 330, font=dict(size=12),
     )
