@@ -107,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"Edit: {edit.describe()}")
     print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items()))
+    if edit.info.get("warning"):
+        print(f"warning: {edit.info['warning']}")
+    elif edit.info.get("retried"):
+        print(f"      (took on a second optimisation: {edit.info['retried']['steps']} steps)")
     print()
     for prompt, a, b in zip(prompts, before_text, after_text):
         print(f"{prompt!r}")

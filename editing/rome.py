@@ -46,7 +46,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -391,6 +391,7 @@ def compute_edit(
     progress: Progress | None = None,
     *,
     stats_spec: StatsSpec | None = None,
+    retries: int = 1,
 ) -> Edit:
     """Compute the ROME edit that makes the model complete ``request`` with its new target.
 
@@ -407,6 +408,14 @@ def compute_edit(
     answer if it was missing. Raises ValueError for invalid input, before any
     work. The other editors (FT, FT+L, KN) share this interface through
     :func:`editing.methods.compute`.
+
+    Whether the edit took is checked, not assumed: after the update the
+    rewrite prompt must prefer the new object to the old one (mean token
+    log-probability, as CounterFact's efficacy). When it does not, the
+    optimisation is run again up to ``retries`` times with twice the steps and
+    1.5 times the clamp; ``edit.info`` says ``took``, the rewrite prompt's
+    ``p_new``/``p_old``, whether the optimisation ``reached_target``, any
+    ``retried`` settings, and a ``warning`` to show when the edit did not take.
     """
     from .stats import StatsSpec, key_stats  # here, so that `python -m editing.stats` runs cleanly
 
@@ -428,7 +437,7 @@ def compute_edit(
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
+        timings[name] = round(timings.get(name, 0.0) + now - clock, 4)  # a retry adds to its stage
         clock = now
 
     def report(stage: str, fraction: float) -> None:
@@ -473,26 +482,72 @@ def compute_edit(
         result = _optimise(lm, runner, rows, hp, values[0], scales, report)
         lap("optimise")
 
-        report("update", 0.0)
-        delta = result.delta.double()
-        v = delta / denominator  # ΔW k_ref = v (u·k_ref) = δ
+        def build(result: _Optimised, hp_used: ROMEHyperParams) -> Edit:
+            report("update", 0.0)
+            delta = result.delta.double()
+            v = delta / denominator  # ΔW k_ref = v (u·k_ref) = δ
+            info = {
+                "steps": result.steps, "loss": result.loss, "nll": result.nll, "kl": result.kl,
+                "target_prob_before": result.prob_before, "target_prob_after": result.prob_after,
+                "reached_target": result.loss < hp_used.early_stop_loss or result.nll < hp_used.early_stop_nll,
+                "delta_norm": float(delta.norm()), "value_norm": float(values[0].norm()),
+                "key_norm": float(k_star.norm()), "denominator": denominator, "templates": len(templates),
+                "stats_tokens": stats.count if stats is not None else 0,
+                "bare_scale": float((keys[0] @ u) / denominator),  # the update's effect on the bare prompt, per unit δ
+            }
+            return Edit(
+                request=request, layer=layer, module=lm.module_name("down_proj", layer),
+                u=u.float().cpu().numpy(), v=v.float().cpu().numpy(),
+                key=k_ref.float().cpu().numpy(), value=(v_base + delta).float().cpu().numpy(),
+                variant=hp_used.variant, model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info,
+                hparams=hp_used.to_dict(),
+            )
+
+        edit = build(result, hp)
         lap("update")
+        check = _rewrite_preference(lm, edit)
+        tried = hp
+        for _ in range(max(0, retries)):
+            if check[0] > check[1]:
+                break
+            tried = replace(tried, v_num_grad_steps=tried.v_num_grad_steps * 2,
+                            clamp_norm_factor=tried.clamp_norm_factor * 1.5)
+            log.info("The edit did not take at layer %d; retrying with %d steps and clamp %.3g", layer,
+                     tried.v_num_grad_steps, tried.clamp_norm_factor)
+            retried = _optimise(lm, runner, rows, tried, values[0], scales, report)
+            lap("optimise")
+            again = build(retried, tried)
+            again_check = _rewrite_preference(lm, again)
+            again.info["retried"] = {"steps": tried.v_num_grad_steps, "clamp_norm_factor": tried.clamp_norm_factor,
+                                     "first_steps": edit.info["steps"]}
+            if again_check[0] - again_check[1] >= check[0] - check[1]:
+                edit, check = again, again_check
+            lap("update")
     timings["other"] = round(max(0.0, time.perf_counter() - start - sum(timings.values())), 4)
-    info = {
-        "steps": result.steps, "loss": result.loss, "nll": result.nll, "kl": result.kl,
-        "target_prob_before": result.prob_before, "target_prob_after": result.prob_after,
-        "delta_norm": float(delta.norm()), "value_norm": float(values[0].norm()),
-        "key_norm": float(k_star.norm()), "denominator": denominator, "templates": len(templates),
-        "stats_tokens": stats.count if stats is not None else 0,
-        "bare_scale": float((keys[0] @ u) / denominator),  # the update's effect on the bare prompt, per unit of δ
-    }
-    edit = Edit(
-        request=request, layer=layer, module=lm.module_name("down_proj", layer),
-        u=u.float().cpu().numpy(), v=v.float().cpu().numpy(),
-        key=k_ref.float().cpu().numpy(), value=(v_base + delta).float().cpu().numpy(),
-        variant=hp.variant, model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info,
-        hparams=hp.to_dict(),
-    )
+    p_new, p_old = check
+    edit.info.update(took=bool(p_new > p_old), p_new=p_new, p_old=p_old, warning=None)
+    if not edit.info["took"]:
+        retried = edit.info.get("retried")
+        again = (f", even with {retried['steps']} steps and clamp {retried['clamp_norm_factor']:.3g}"
+                 if retried else "")
+        edit.info["warning"] = (
+            f"The edit did not take: after it, the rewrite prompt still prefers {request.target_true!r} "
+            f"(p {p_old:.3f}) to {request.target!r} (p {p_new:.3f}){again}. Try another layer (the Which layer "
+            "to edit? sweep shows where edits take) or a shorter new object.")
+        log.warning("%s: %s", edit.describe(), edit.info["warning"])
     log.info("ROME edit %s in %.1f s (%d steps, p(target) %.3f -> %.3f)", edit.describe(), edit.seconds,
-             result.steps, result.prob_before, result.prob_after)
+             edit.info["steps"], edit.info["target_prob_before"], edit.info["target_prob_after"])
     return edit
+
+
+def _rewrite_preference(lm: LoadedModel, edit: Edit) -> tuple[float, float]:
+    """p(new) and p(old) on the rewrite prompt with ``edit`` applied (exp of the mean token log-probability)."""
+    from .edit import applied
+    from .scores import continuation_logprobs
+
+    request = edit.request
+    if not request.target_true:
+        return 1.0, 0.0  # nothing to compare with: count it as taken
+    with applied(lm, [edit]):
+        logp = continuation_logprobs(lm, [(request.text, request.target), (request.text, request.target_true)])
+    return float(np.exp(logp[0])), float(np.exp(logp[1]))

@@ -34,7 +34,7 @@ from tracing.models import LoadedModel
 
 from .edit import EditRequest, applied
 from .hparams import HyperParams, load_hparams
-from .methods import compute
+from .rome import compute_edit
 from .scores import EditScores, score_edit
 
 SweepProgress = Callable[[int, int, int], None]  # (layers done, layers in all, the layer now starting)
@@ -117,7 +117,8 @@ def layer_sweep(
             if progress:
                 progress(done, len(chosen), layer)
             started = time.perf_counter()
-            edit = compute(lm, request, method="rome", layer=layer, hparams=hp, stats_spec=stats_spec)
+            # no retry: the sweep shows where the hyperparameters' own optimisation takes
+            edit = compute_edit(lm, request, layer=layer, hparams=hp, stats_spec=stats_spec, retries=0)
             with applied(lm, [edit]):
                 post = score_edit(lm, request, paraphrases=paraphrases, neighbours=neighbours)
             rows.append(_layer_row(layer, pre, post, edit, time.perf_counter() - started))

@@ -8,6 +8,7 @@ bitwise the original after ``applied`` (also on exceptions), undo and reset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -658,3 +659,22 @@ def test_command_lines_on_a_saved_tiny_model(cache, tokenizer, tmp_path, capsys)
     assert proc.returncode == 0, proc.stderr
     assert "before:" in proc.stdout and "after:" in proc.stdout and "ES" in proc.stdout
     assert len(load_edits(saved)) == 1
+
+
+def test_an_edit_says_whether_it_took_and_retries_once_when_it_did_not(tokenizer, device, tmp_path):
+    import editing.rome as rome
+    from editing.edit import EditRequest
+
+    with private_cache(tmp_path):
+        lm = make_tiny("gpt2", tokenizer, device)
+        request = EditRequest("Paris", "{} is the capital of", "Rome", "France")
+        edit = rome.compute_edit(lm, request, layer=1, hparams=TINY_HPARAMS)
+        p_new, p_old = rome._rewrite_preference(lm, edit)
+        assert edit.info["p_new"] == pytest.approx(p_new) and edit.info["took"] == (p_new > p_old)
+        # an optimisation that never moves: the edit cannot take, one retry with more steps is tried, and it says so
+        hp = dataclasses.replace(TINY_HPARAMS, v_lr=1e-12)
+        stuck = rome.compute_edit(lm, request, layer=1, hparams=hp)
+        assert stuck.info["took"] is False and stuck.info["warning"].startswith("The edit did not take")
+        assert stuck.info["retried"]["steps"] == 2 * hp.v_num_grad_steps and "Try another layer" in stuck.info["warning"]
+        none = rome.compute_edit(lm, request, layer=1, hparams=hp, retries=0)
+        assert "retried" not in none.info and none.info["took"] is False

@@ -65,7 +65,7 @@ def test_numbers_from_forms_and_apis(value, message):
 def test_edit_and_generation_checks():
     ask = check_edit(Limits(), words, 30, **EDIT)
     assert ask.request == EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris")
-    assert ask.cost == (9 + 1) * 21 * 20 * 29 * 3
+    assert ask.cost == (9 + 1) * 21 * (20 * 3) * 29 * 3  # its steps counted with the one retry of twice as many
     with pytest.raises(Refused, match="limit visitor_mb"):
         check_edit(Limits(), words, 30, **{**EDIT, "edits_mb": 41.0})
     with pytest.raises(Refused, match="limit edits_per_visitor"):

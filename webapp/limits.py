@@ -287,17 +287,21 @@ def check_request(limits: Limits, count: TokenCounter, request: EditRequest, whe
     return checked
 
 
-def edit_work(method: str, hparams, width: int, n_layers: int, layer: int | None) -> tuple[int, str]:
+def edit_work(method: str, hparams, width: int, n_layers: int, layer: int | None,
+              retries: int | None = None) -> tuple[int, str]:
     """An edit's estimated work in token-layer passes (a backward pass counts as two), and how it was counted.
 
     ROME optimises v* on the templated prompts through the layers above the
-    edit layer, and MEMIT each fact's target the same way above its last
-    layer (the keys and updates of its range cost little beside it); FT and FT+L run the whole model per step; KN integrates
-    gradients for every searched layer through the whole model.
+    edit layer (counted with its ``retries`` of twice the steps each, for an
+    edit that did not take: by default one), and MEMIT each fact's target the same way above its
+    last layer (the keys and updates of its range cost little beside it); FT
+    and FT+L run the whole model per step; KN integrates gradients for every
+    searched layer through the whole model.
     """
     if method in ("rome", "memit"):
         contexts = sum(count for _, count in hparams.context_templates) + 1
-        steps, layers = hparams.v_num_grad_steps, n_layers - (layer or 0)
+        retries = (1 if method == "rome" else 0) if retries is None else retries
+        steps, layers = hparams.v_num_grad_steps * (2 ** (retries + 1) - 1), n_layers - (layer or 0)
         return width * contexts * steps * layers * 3, f"{width} tokens × {contexts} contexts × {steps} steps × " \
                                                        f"{layers} layers × 3"
     if method in ("ft", "ft-l"):
@@ -468,7 +472,7 @@ def check_sweep(limits: Limits, count: TokenCounter, n_layers: int, *, traced, t
         limits.at_most("line_tokens", count(line), f"The test prompt {line[:40]!r}'s length in tokens",
                        "Shorten it.")
     width = count(request.text) + count(request.target)
-    cost = sum(edit_work("rome", hparams, width, n_layers, layer)[0] for layer in layers)
+    cost = sum(edit_work("rome", hparams, width, n_layers, layer, retries=0)[0] for layer in layers)  # no retries
     limits.at_most("sweep_cost", cost, f"This sweep's cost ({len(layers)} edits, token-layer passes)",
                    "Edit fewer layers (a larger k) or shorten the prompt.")
     return SweepAsk(request, layers, tuple(para), tuple(neigh), cost)

@@ -264,8 +264,17 @@ def scores_card(result: EditComparison) -> str:
                 f'<div class="le-small">before: {pct(value_b)}</div><div class="le-small">{help_text}</div></div>')
 
     edit = result.edit
+    warning = edit.info.get("warning")
+    retried = edit.info.get("retried")
+    note = ""
+    if warning:
+        note = f'<div class="le-card le-warn" id="edit-warning">{esc(warning)}</div>'
+    elif retried:
+        note = (f'<div class="le-small" id="edit-retried">The first optimisation did not make the rewrite prompt prefer '
+                f'the new object; a second one with {retried["steps"]} steps and clamp '
+                f'{retried["clamp_norm_factor"]:.3g} did.</div>')
     return (
-        '<div class="le-scores" id="edit-scores">'
+        note + '<div class="le-scores" id="edit-scores">'
         + cell("Efficacy", b.efficacy, a.efficacy, "rewrite prompt: p(new) > p(old)")
         + cell("Paraphrase", b.paraphrase, a.paraphrase, "paraphrases: p(new) > p(old)")
         + cell("Neighbourhood", b.neighbourhood, a.neighbourhood, "neighbours keep p(old) > p(new)")
