@@ -24,13 +24,17 @@ true object as answer).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, cache_dir
 
 from .edit import EditRequest, applied
 from .hparams import HyperParams, load_hparams
@@ -177,8 +181,13 @@ def sweep_cases(
     hparams: HyperParams | None = None,
     stats_spec=None,
     on_case: Callable[[int, dict], None] | None = None,
+    cache: Path | None = None,
 ) -> dict:
     """:func:`layer_sweep` over CounterFact-style cases, each with its traced MLP effect per layer.
+
+    Each case's sweep is cached on disk (``cache``, default
+    ``$LOCATE_EDIT_CACHE/sweeps``; key: the model's fingerprint, the case,
+    the layers and the hyperparameters), so an interrupted run resumes.
 
     Returns ``{"layers", "cases": [{"case_id", "request", "effect", "pre",
     "layers", "best"}], "per_layer": [{layer, ES, PS, NS, S, rewrite_score,
@@ -190,17 +199,27 @@ def sweep_cases(
     from .evaluate import request_of
 
     chosen = sweep_layers(lm.n_layers, every, layers)
+    hp = hparams if hparams is not None else load_hparams(lm)
+    folder = Path(cache or cache_dir() / "sweeps") / lm.fingerprint
     out_cases = []
     for i, case in enumerate(cases):
-        request = request_of(case)
-        fact = {"prompt": request.text, "subject": request.subject.strip(), "attribute": request.target_true}
-        (mlp,) = cached_trace(lm, fact, TraceConfig(tokens="subject_last"), kinds=("mlp",))
-        last = mlp.subject_range[1] - 1
-        effect = (mlp.scores[last] - mlp.low_score).tolist()
-        sweep = layer_sweep(lm, request, layers=chosen, paraphrases=case.get("paraphrase_prompts") or (),
-                            neighbours=case.get("neighborhood_prompts") or (), hparams=hparams, stats_spec=stats_spec)
-        record = {"case_id": case.get("case_id", i), **sweep, "effect": effect,
-                  "clean": mlp.high_score, "corrupted": mlp.low_score}
+        key = json.dumps([case, chosen, hp.to_dict()], sort_keys=True, default=str)
+        path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        record = _read_cached(path, key)
+        if record is None:
+            request = request_of(case)
+            fact = {"prompt": request.text, "subject": request.subject.strip(), "attribute": request.target_true}
+            (mlp,) = cached_trace(lm, fact, TraceConfig(tokens="subject_last"), kinds=("mlp",))
+            last = mlp.subject_range[1] - 1
+            effect = (mlp.scores[last] - mlp.low_score).tolist()
+            sweep = layer_sweep(lm, request, layers=chosen, paraphrases=case.get("paraphrase_prompts") or (),
+                                neighbours=case.get("neighborhood_prompts") or (), hparams=hp, stats_spec=stats_spec)
+            record = {"case_id": case.get("case_id", i), **sweep, "effect": effect,
+                      "clean": mlp.high_score, "corrupted": mlp.low_score}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "record": record}))
+            os.replace(tmp, path)
         out_cases.append(record)
         if on_case:
             on_case(i, record)
@@ -214,6 +233,14 @@ def sweep_cases(
         per_layer.append(entry)
     return {"model": lm.name, "layers": chosen, "n_cases": len(out_cases), "per_layer": per_layer,
             "correlation": correlations(out_cases), "cases": out_cases}
+
+
+def _read_cached(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data["record"] if data.get("key") == key else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def format_table(result: dict) -> str:
@@ -240,9 +267,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
-    import json
     import sys
-    from pathlib import Path
 
     from tracing.models import DEFAULT_MODEL, load_model
 

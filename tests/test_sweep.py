@@ -79,13 +79,22 @@ def _cases():
             for i, s in enumerate(["Paris", "Lyon"])]
 
 
-def test_sweep_over_cases_traces_and_correlates(lm):
+def test_sweep_over_cases_traces_and_correlates(lm, monkeypatch):
     result = sweep_cases(lm, _cases(), layers=[0, 1, 3], hparams=TINY_HPARAMS, stats_spec=TINY_STATS)
     assert result["n_cases"] == 2 and [r["layer"] for r in result["per_layer"]] == [0, 1, 3]
     case = result["cases"][0]
     assert len(case["effect"]) == lm.n_layers and case["corrupted"] <= case["clean"] + 1
     assert set(result["correlation"]) >= {"rewrite_score", "ES", "traced_peak_is_best_layer"}
     assert result["per_layer"][0]["effect"] == pytest.approx(np.mean([c["effect"][0] for c in result["cases"]]))
+    # each case is cached: a second run (e.g. after an interruption) recomputes nothing
+    import editing.sweep as sweep_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached case")
+
+    monkeypatch.setattr(sweep_module, "layer_sweep", fail)
+    again = sweep_cases(lm, _cases(), layers=[0, 1, 3], hparams=TINY_HPARAMS, stats_spec=TINY_STATS)
+    assert json.dumps(again["per_layer"]) == json.dumps(result["per_layer"])
 
 
 def test_cli(lm, tokenizer, tmp_path, capsys):
