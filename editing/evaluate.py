@@ -143,6 +143,8 @@ def evaluate_cases(
             "norm": edit.norm,
             "seconds": edit_seconds[-1],
             "steps": edit.info.get("steps"),
+            "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
+            "retried": bool(edit.info.get("retried")),
             "pre": _nan_to_none({**pre.summary(), "fluency": fluency(pre_text) if pre_text else float("nan")}),
             "post": _nan_to_none({**post.summary(), "fluency": fluency(post_text) if post_text else float("nan")}),
             "prompts": [
@@ -166,6 +168,8 @@ def evaluate_cases(
         "seconds_per_edit": float(np.mean(edit_seconds)) if edit_seconds else None,
         "seconds_per_edit_median": float(np.median(edit_seconds)) if edit_seconds else None,
         "cases": len(per_case),
+        "not_taken": sum(1 for c in per_case if c.get("took") is False),
+        "retried": sum(1 for c in per_case if c.get("retried")),
     }
 
 
@@ -364,6 +368,9 @@ def format_table(result: dict) -> str:
     lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases{how}, "
                  f"{result['seconds_per_edit']:.1f} s per {per} "
                  f"(median {result['seconds_per_edit_median']:.1f} s)")
+    if result.get("not_taken") or result.get("retried"):
+        lines.append(f"edits that did not take: {result.get('not_taken', 0)}; taken only on a retry: "
+                     f"{result.get('retried', 0)}")
     if result.get("checkpoints"):
         lines.append(f"{'facts':>8}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}{'fluency':>9}{'max |dW|/|W|':>15}{'facts p':>9}")
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
