@@ -17,6 +17,7 @@ In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -195,10 +196,10 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
                            "average-attn", "average-severed"):
                 expect(page.locator(f"#{figure} .js-plotly-plot")).to_be_visible(timeout=60_000)
             expect(page.locator("#average-mlp")).to_contain_text("Average impact of restoring MLP")
-            first = page.locator("#average-facts tbody tr").first
-            prompt = first.locator("td").first.inner_text().strip()
-            first.locator("td").nth(1).click()
-            expect(page.locator("#trace-prompt textarea")).to_have_value(prompt, timeout=30_000)
+            fact = json.loads(next((ROOT / "assets" / "averages").glob("*.json")).read_text())["facts"][1]
+            page.locator("#average-facts").get_by_text(fact["subject"], exact=True).first.click()
+            expect(page.locator("#trace-prompt textarea")).to_have_value(fact["prompt"], timeout=30_000)
+            expect(page.locator("#trace-answer textarea")).to_have_value(fact["attribute"])
             page.get_by_role("tab", name="③ Across many facts").click()
             page.screenshot(path=str(shots / "static" / "screenshot-average.png"), full_page=True)
         finally:
