@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tracing.models import LoadedModel, cache_dir
+from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 
 from .edit import EditRequest, applied
 from .hparams import HyperParams, load_hparams
@@ -216,10 +215,7 @@ def sweep_cases(
                                 neighbours=case.get("neighborhood_prompts") or (), hparams=hp, stats_spec=stats_spec)
             record = {"case_id": case.get("case_id", i), **sweep, "effect": effect,
                       "clean": mlp.high_score, "corrupted": mlp.low_score}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "record": record}))
-            os.replace(tmp, path)
+            write_json_cache(path, {"key": key, "record": record})
         out_cases.append(record)
         if on_case:
             on_case(i, record)
@@ -236,11 +232,8 @@ def sweep_cases(
 
 
 def _read_cached(path: Path, key: str) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data["record"] if data.get("key") == key else None
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
+    data = read_json_cache(path)
+    return data.get("record") if isinstance(data, dict) and data.get("key") == key else None
 
 
 def format_table(result: dict) -> str:

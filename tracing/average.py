@@ -35,14 +35,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .assets import AVERAGES
-from .models import LoadedModel, cache_dir
+from .models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 from .recall import recalled_facts
 from .result import KINDS, TraceConfig, TraceResult
 from .sever import SEVERABLE, SeverResult, sever
@@ -80,19 +79,8 @@ def _cache_file(lm: LoadedModel, key: str, cache: Path | None, prefix: str = "")
 
 
 def _read(path: Path, key: str) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if data.get("key") == key else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _write(path: Path, data: dict) -> None:
-    """Written atomically: a stopped run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    data = read_json_cache(path)
+    return data if isinstance(data, dict) and data.get("key") == key else None
 
 
 def cached_trace(
@@ -117,7 +105,7 @@ def cached_trace(
     if results and all(k in {r.kind for r in results} for k in kinds):
         return [r for r in results if r.kind in kinds]
     results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=kinds, config=config)
-    _write(path, {"key": key, "results": [r.to_dict() for r in results]})
+    write_json_cache(path, {"key": key, "results": [r.to_dict() for r in results]})
     return results
 
 
@@ -132,7 +120,7 @@ def cached_sever(lm: LoadedModel, fact: dict, config: TraceConfig = TraceConfig(
     except (KeyError, TypeError, ValueError):
         pass
     result = sever(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
-    _write(path, {"key": key, "result": result.to_dict()})
+    write_json_cache(path, {"key": key, "result": result.to_dict()})
     return result
 
 

@@ -203,10 +203,10 @@ def sweep_card(sweep: dict, effect: Sequence[float], token: str, on_edits: bool)
              if r["layer"] < len(effect) and not np.isnan(effect[r["layer"]])]
     if len(known) >= 3:
         traced_best = max(known, key=lambda kv: kv[1])[0]
-        parts.append(f'The traced MLP effect at {esc(token)!s} is largest at layer {traced_best} of these'
-                     + (' — the same layer.' if traced_best == best["layer"] else
-                        f', not at the best edit layer: where a fact is traced need not be where an edit works '
-                        f'best (Hase et al., 2023).'))
+        parts.append(f'The traced MLP effect at <code>{esc(token)}</code> is largest at layer {traced_best} of '
+                     'these' + (' — the same layer.' if traced_best == best["layer"] else
+                                ', not at the best edit layer: where a fact is traced need not be where an edit '
+                                'works best (Hase et al., 2023).'))
     if on_edits:
         parts.append('Measured on top of your earlier edits.')
     return f'<div class="le-card" id="sweep-summary">{" ".join(parts)}</div>'
