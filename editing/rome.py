@@ -58,9 +58,10 @@ from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, u
 from tracing.models import LoadedModel
 from tracing.tokens import check_context, continuation_ids, encode_prompt
 
-from .edit import Edit, EditRequest
+from .edit import Edit, EditRequest, applied
 from .hparams import ROMEHyperParams, load_hparams
 from .sampling import decode
+from .scores import continuation_logprobs
 from .templates import context_templates
 
 if TYPE_CHECKING:
@@ -542,9 +543,6 @@ def compute_edit(
 
 def _rewrite_preference(lm: LoadedModel, edit: Edit) -> tuple[float, float]:
     """p(new) and p(old) on the rewrite prompt with ``edit`` applied (exp of the mean token log-probability)."""
-    from .edit import applied
-    from .scores import continuation_logprobs
-
     request = edit.request
     if not request.target_true:
         return 1.0, 0.0  # nothing to compare with: count it as taken

@@ -238,12 +238,9 @@ def _sever_pass(tracer: _FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarr
     prefix = [(k[:, :, :t], v[:, :, :t]) for k, v in tracer.kv]
     sample = torch.arange(copies, device=lm.device).repeat(n_layers * variants)  # the copy each row belongs to
     corrupted = {"mlp": tracer.corrupt_mlp, "attn": tracer.corrupt_attn}
-    current = {"layer": 0, "rows": 0}
 
     def holder(kind: str, variant: int, layer: int) -> Hook:
         def hold(module, args, output):
-            if current["layer"] != layer:
-                return None  # a module call outside this pass's block (not expected) changes nothing
             state = main_tensor(output)
             rows = state.shape[0] // per_layer
             view = state.view(rows, variants, copies, *state.shape[1:])
@@ -252,7 +249,7 @@ def _sever_pass(tracer: _FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarr
 
         return Hook(lm.module_name(kind, layer), hold)
 
-    specs = [holder(kind, 1 + i, j) for i, kind in enumerate(kinds) for j in range(n_layers)]
+    specs = [holder(kind, 1 + i, j) for i, kind in enumerate(kinds) for j in range(1, n_layers)]  # blocks 1.. run
     hidden = None
     with hooks(lm.model, *specs):
         for j in range(1, n_layers + 1):
@@ -262,7 +259,6 @@ def _sever_pass(tracer: _FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarr
             hidden = joining if hidden is None else torch.cat([hidden, joining])
             if j == n_layers:
                 break
-            current["layer"] = j
             cache = PrefixCache(prefix, rows=sample[: hidden.shape[0]])
             hidden = calls[j](lm.block(j), hidden, cache)
     scores = tracer._scores(hidden).float().cpu().numpy()  # (layers * variants * copies,)

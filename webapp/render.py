@@ -20,6 +20,7 @@ from editing.edit import method_label
 from tracing import TraceResult
 from tracing.result import LayerSuggestion
 from tracing.assets import STATIC
+from tracing.average import peaks
 
 from .engine import Engine
 
@@ -449,8 +450,6 @@ def _pct(value: float | None) -> str:
 
 def average_intro(summary: dict) -> str:
     """What the averaged figures are, over how many facts, and where each kind peaks."""
-    from tracing.average import peaks
-
     recalled = summary.get("n_recalled") or summary["n_facts"]
     share = f" (the first {summary['n_facts']} of the {recalled} it recalls)" if recalled > summary["n_facts"] else ""
     lines = [
