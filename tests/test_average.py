@@ -156,3 +156,44 @@ def test_cli_writes_json_and_html(lm, facts, tokenizer, tmp_path, capsys):
     assert len(data["kinds"]["mlp"]["mean"]) == 6 and "severed" in data
     assert "peak mlp" in capsys.readouterr().out
     assert average.main(["--model", str(tmp_path / "nowhere")]) == 2
+
+
+def test_merged_parts_equal_one_average(lm, facts, tmp_path):
+    whole = average_traces(lm, facts, config=CONFIG, cache=tmp_path)
+    parts = [average_traces(lm, facts[:1], config=CONFIG, cache=tmp_path),
+             average_traces(lm, facts[1:], config=CONFIG, cache=tmp_path)]
+    merged = average.merge_summaries(parts)
+    assert merged["n_facts"] == 3 and merged["facts"] == whole["facts"]
+    assert merged["clean"] == pytest.approx(whole["clean"]) and merged["corrupted_ci95"] == pytest.approx(whole["corrupted_ci95"])
+    for kind, data in whole["kinds"].items():
+        assert merged["kinds"][kind]["n"] == data["n"]
+        for g in range(len(GROUPS)):
+            for name in ("mean", "ci95"):  # exact pooling, None where a group has too few rows
+                got, want = merged["kinds"][kind][name][g], data[name][g]
+                assert [v is None for v in got] == [v is None for v in want]
+                assert [v for v in got if v is not None] == pytest.approx([v for v in want if v is not None], abs=1e-12)
+    assert merged["severed"]["n"] == 3
+    assert merged["severed"]["gap"]["mlp"]["ci95"] == pytest.approx(whole["severed"]["gap"]["mlp"]["ci95"], abs=1e-12)
+    assert merged["severed"]["none"]["mean"] == pytest.approx(whole["severed"]["none"]["mean"], abs=1e-12)
+    with pytest.raises(ValueError, match="same fact"):
+        average.merge_summaries([whole, parts[0]])
+    other = dict(parts[1], settings=dict(parts[1]["settings"], samples=99))
+    with pytest.raises(ValueError, match="settings differs"):
+        average.merge_summaries([parts[0], other])
+
+
+def test_cli_merges_an_earlier_run_without_tracing_it_again(lm, facts, tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    base = ["--model", str(folder), "--facts", str(tmp_path / "facts.json"), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert average.main([*base, "--limit", "1", "--json", str(tmp_path / "one.json")]) == 0
+    traced = []
+    real = average.cached_trace
+    monkeypatch.setattr(average, "cached_trace", lambda lm_, fact, *a, **k: traced.append(fact) or real(lm_, fact, *a, **k))
+    assert average.main([*base, "--merge", str(tmp_path / "one.json"), "--json", str(tmp_path / "all.json")]) == 0
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert data["n_facts"] == 3 and len(traced) == 2 and facts[0] not in traced
+    (tmp_path / "bad.json").write_text("{}")
+    assert average.main([*base, "--merge", str(tmp_path / "bad.json")]) == 2

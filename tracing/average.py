@@ -60,7 +60,7 @@ GROUPS = (
 LAST_SUBJECT = GROUPS.index("last subject token")
 FORMAT = "locate-edit average trace v1"
 
-__all__ = ["FORMAT", "GROUPS", "average_traces", "cached_sever", "cached_trace", "peaks", "recalled_facts",
+__all__ = ["FORMAT", "GROUPS", "average_traces", "cached_sever", "cached_trace", "merge_summaries", "peaks", "recalled_facts",
            "shipped_average", "summarise", "token_groups"]
 
 
@@ -253,6 +253,86 @@ def _summarise_severed(severed: Sequence[SeverResult], n_layers: int) -> dict:
     return out
 
 
+def _array(values) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in np.ravel(values)], dtype=np.float64).reshape(np.shape(values))
+
+
+def _pool(parts: Sequence[tuple[int, list | float | None, list | float | None]]) -> tuple[list | float, list | float]:
+    """Mean and 95 % half-width of the union of disjoint samples, from each one's (n, mean, half-width).
+
+    Exact, not approximate: a half-width is ``1.96 * sd / sqrt(n)`` with
+    ``ddof=1``, so each part's sum of squared deviations can be recovered and
+    pooled (the parallel form of Welford's update).
+    """
+    filled = [(n, _array(m), _array(h)) for n, m, h in parts if n > 0]
+    if not filled:  # an empty group in every part stays empty
+        return parts[0][1], parts[0][2]
+    parts, total = filled, sum(n for n, _, _ in filled)
+    mean = sum(n * m for n, m, _ in parts) / total
+    squares = sum((n - 1) * (h * math.sqrt(n) / 1.96) ** 2 if n > 1 else np.zeros_like(m) for n, m, h in parts)
+    squares = squares + sum(n * (m - mean) ** 2 for n, m, _ in parts)
+    half = 1.96 * np.sqrt(squares / (total - 1)) / math.sqrt(total) if total > 1 else np.full_like(mean, math.nan)
+    return _json(mean.tolist() if mean.ndim else float(mean)), _json(half.tolist() if half.ndim else float(half))
+
+
+def _fact_key(line: dict) -> tuple[str, str, str]:
+    return line["prompt"], line["subject"], line["attribute"]
+
+
+def merge_summaries(parts: Sequence[dict]) -> dict:
+    """One summary of several that average disjoint sets of facts, as if all had been averaged at once.
+
+    Example::
+
+        whole = merge_summaries([shipped, summarise(more)])   # extend a shipped run, or join two machines' runs
+
+    The parts must share the model (fingerprint, where recorded), metric and
+    settings, and no fact may be in two of them. Means and intervals are
+    pooled exactly (see :func:`_pool`); severed paths are kept when every part
+    has them. ``n_recalled`` is the largest of the parts'.
+    """
+    if not parts:
+        raise ValueError("Nothing to merge.")
+    first = parts[0]
+    for name in ("format", "model", "metric", "settings", "fingerprint"):
+        values = {json.dumps(part.get(name), sort_keys=True) for part in parts}
+        if len(values) > 1:
+            raise ValueError(f"Cannot merge averages whose {name} differs: {', '.join(sorted(values))}.")
+    if len({tuple(part["kinds"]) for part in parts}) > 1:
+        raise ValueError("Cannot merge averages of different kinds: " + ", ".join(str(list(p["kinds"])) for p in parts))
+    seen: set[tuple[str, str, str]] = set()
+    for part in parts:
+        keys = {_fact_key(line) for line in part["facts"]}
+        if seen & keys:
+            raise ValueError(f"The same fact is in two parts: {sorted(seen & keys)[0][0]!r}; merge disjoint runs only.")
+        seen |= keys
+    out = {key: value for key, value in first.items() if key not in ("command",)}
+    out["n_facts"] = sum(part["n_facts"] for part in parts)
+    for name in ("clean", "corrupted"):
+        out[name], out[f"{name}_ci95"] = _pool([(p["n_facts"], p[name], p[f"{name}_ci95"]) for p in parts])
+    out["kinds"] = {}
+    for kind, data in first["kinds"].items():
+        pooled = [_pool([(p["kinds"][kind]["n"][g], p["kinds"][kind]["mean"][g], p["kinds"][kind]["ci95"][g])
+                         for p in parts]) for g in range(len(data["groups"]))]
+        out["kinds"][kind] = {"groups": list(data["groups"]), "mean": [m for m, _ in pooled],
+                              "ci95": [h for _, h in pooled],
+                              "n": [sum(p["kinds"][kind]["n"][g] for p in parts) for g in range(len(data["groups"]))]}
+    out["facts"] = [line for part in parts for line in part["facts"]]
+    out.pop("severed", None)
+    if all(part.get("severed") for part in parts):
+        severed = {"token_group": first["severed"]["token_group"], "n": sum(p["severed"]["n"] for p in parts)}
+        for name in [k for k in first["severed"] if k not in ("token_group", "n", "gap")]:
+            severed[name] = dict(zip(("mean", "ci95"), _pool(
+                [(p["severed"]["n"], p["severed"][name]["mean"], p["severed"][name]["ci95"]) for p in parts])))
+        severed["gap"] = {kind: dict(zip(("mean", "ci95"), _pool(
+            [(p["severed"]["n"], p["severed"]["gap"][kind]["mean"], p["severed"]["gap"][kind]["ci95"]) for p in parts])))
+            for kind in first["severed"]["gap"]}
+        out["severed"] = severed
+    if any("n_recalled" in part for part in parts):
+        out["n_recalled"] = max(part.get("n_recalled", 0) for part in parts)
+    return out
+
+
 def peaks(summary: dict) -> dict[str, dict]:
     """Where each kind's average peaks: ``{kind: {"group", "layer", "mean", "ci95", "effect"}}``.
 
@@ -395,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--html", metavar="OUT", default=None, help="write the figures as an HTML page")
     p.add_argument("--ship", action="store_true",
                    help="also write assets/averages/<model>.json, which the page shows (paper settings only)")
+    p.add_argument("--merge", metavar="FILE", nargs="+", default=[],
+                   help="averages of other facts (a shipped file, another machine's --json) to pool with this run; "
+                   "the facts they hold are not traced again")
     p.add_argument("--no-sever", action="store_true", help="skip the severed paths (the paper's Fig. 3)")
     p.add_argument("--quiet", action="store_true", help="no per-fact progress lines")
     args = p.parse_args(argv)
@@ -404,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .assets import known_facts
 
         facts = recalled_facts(lm, known_facts(args.facts) if args.facts else None)
+        merged = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+        for path, part in zip(args.merge, merged):
+            if not isinstance(part, dict) or part.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a file of averages ({FORMAT}); write one with --json.")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -414,9 +501,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{done}/{total}] {time.perf_counter() - started:7.1f} s  {fact['prompt']} -> {fact['attribute']}",
                   flush=True)
 
+    recalled = len(facts)
+    facts = facts[: args.limit] if args.limit is not None else facts
+    covered = {_fact_key(line) for part in merged for line in part.get("facts", ())}
+    todo = [fact for fact in facts if _fact_key(fact) not in covered]
     try:
-        summary = average_traces(lm, facts, limit=args.limit, cache=Path(args.cache) if args.cache else None,
-                                 severed=not args.no_sever, progress=progress)
+        parts = merged + ([average_traces(lm, todo, cache=Path(args.cache) if args.cache else None,
+                                          severed=not args.no_sever, progress=progress)] if todo else [])
+        for part in parts:
+            if part.get("fingerprint") not in (None, lm.fingerprint):
+                raise ValueError(f"Cannot merge averages of other weights (fingerprint {part['fingerprint']}, "
+                                 f"this model {lm.fingerprint}).")
+        summary = merge_summaries(parts) if len(parts) > 1 else parts[0] if parts else None
+        if summary is None:
+            raise ValueError("No facts to trace.")
+        summary["n_recalled"] = recalled
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
