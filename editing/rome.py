@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from tracing.blocks import BlockCall, PrefixCache, record_calls
 from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, returned_cache, with_cache
 from tracing.tokens import check_context, continuation_ids, encode_prompt
 
 from .edit import Edit, EditRequest, applied
@@ -184,7 +184,7 @@ class SuffixRunner:
             block_in.append(args[0] if args else kwargs["hidden_states"])
 
         with torch.no_grad(), hooks(lm.model, Hook(lm.module_name("hidden", layer), grab_input, pre=True)):
-            cache = lm.model(ids, use_cache=True, logits_to_keep=1).past_key_values  # right padding: causal = exact
+            cache = returned_cache(lm.model(ids, use_cache=True, logits_to_keep=1))  # right padding: causal = exact
 
         prefix_len = max(lookups)
         self.width = width = max(n_tok - lk for n_tok, lk in zip(lengths, lookups))  # S
@@ -226,7 +226,7 @@ class SuffixRunner:
             from transformers import DynamicCache
 
             data = full_prefix if uniform else [(k.clone(), v.clone()) for k, v in full_prefix]  # stopped: unchanged
-            kwargs = dict(attention_mask=mask, use_cache=True, past_key_values=DynamicCache(ddp_cache_data=data))
+            kwargs = dict(attention_mask=mask, use_cache=True, **with_cache(lm.model, DynamicCache(ddp_cache_data=data)))
         with torch.no_grad(), hooks(lm.model, *specs):
             until_stopped(lm.model, suffix, position_ids=positions, logits_to_keep=1, **kwargs)
         self.calls: dict[int, BlockCall] = {j: calls[0] if uniform else calls[j] for j in range(layer, lm.n_layers)}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, returned_cache, with_cache
 from tracing.tokens import check_context
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ def decode(
         for step in range(max_new_tokens):
             kwargs = {"attention_mask": mask} if padded else {}
             result = lm.model(
-                step_ids, position_ids=step_pos, past_key_values=past, use_cache=True, logits_to_keep=1, **kwargs
+                step_ids, position_ids=step_pos, use_cache=True, logits_to_keep=1, **with_cache(lm.model, past), **kwargs
             )
-            past = result.past_key_values
+            past = returned_cache(result)
             nxt = _choose(result.logits[:, -1], generator, top_k, temperature)  # (rows,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .hooks import Hook, hooks, main_tensor
-from .models import LoadedModel
+from .models import LoadedModel, returned_cache, with_cache
 
 
 class PrefixCache:
@@ -123,8 +123,8 @@ def capture_calls(lm: LoadedModel, ids: Sequence[int], start: int) -> tuple[list
     with torch.inference_mode():
         past = None
         if start > 0:
-            past = base(torch.tensor([ids[:start]], device=device), use_cache=True).past_key_values
+            past = returned_cache(base(torch.tensor([ids[:start]], device=device), use_cache=True))
         specs, calls, first = record_calls(lm)
         with hooks(lm.model, *specs):
-            base(torch.tensor([ids[start:]], device=device), past_key_values=past, use_cache=True)
+            base(torch.tensor([ids[start:]], device=device), use_cache=True, **with_cache(base, past))
     return [calls[j] for j in range(lm.n_layers)], first[0]

@@ -232,6 +232,32 @@ class LoadedModel:
         return digest.hexdigest()[:16]
 
 
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache) -> dict:
+    """The keyword argument that hands ``model`` a key/value cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old
+    name warns, and goes in a later release); this picks the model's own name.
+
+    Example::
+
+        model(ids, use_cache=True, **with_cache(model, past))
+    """
+    return {_cache_argument(type(model)): cache}
+
+
+def returned_cache(output):
+    """The key/value cache a forward pass returned, under either of transformers' names (see :func:`with_cache`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def cache_dir() -> Path:
     """The per-user cache: $LOCATE_EDIT_CACHE, else $XDG_CACHE_HOME/locate-edit, else ~/.cache/locate-edit."""
     if os.environ.get("LOCATE_EDIT_CACHE"):
