@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -93,6 +94,34 @@ def _aggregate(per_case: Sequence[dict], which: str) -> dict:
     if values:
         out["fluency"] = float(np.mean(values))
     return {k: out[k] for k in (*METRICS, "fluency") if k in out}
+
+
+def intervals(per_case: Sequence[dict], which: str = "post", *, resamples: int = 2000, seed: int = 0) -> dict:
+    """95 % bootstrap intervals over cases of ES, PS, NS, S, EM, PM, NM: ``{metric: [low, high]}``.
+
+    Cases are resampled with replacement and each resample aggregated as
+    :func:`evaluate_cases` does (S: the harmonic mean of the resample's mean
+    ES, PS and NS), so S gets an interval too. Seeded: the same cases give the
+    same intervals.
+    """
+    if len(per_case) < 2:
+        return {}
+    values = np.array([[np.nan if c[which].get(m) is None else c[which][m] for m in METRICS if m != "S"]
+                       for c in per_case], dtype=np.float64)  # (cases, metrics without S)
+    picks = np.random.default_rng(seed).integers(0, len(per_case), size=(resamples, len(per_case)))
+    with warnings.catch_warnings():  # a resample without a paraphrase is NaN, and skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(values[picks], axis=1)  # (resamples, metrics)
+    names = [m for m in METRICS if m != "S"]
+    es, ps, ns = (means[:, names.index(m)] for m in ("ES", "PS", "NS"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where((es > 0) & (ps > 0) & (ns > 0), 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns), 0.0)
+    out = {}
+    for name, column in [*zip(names, means.T), ("S", s)]:
+        column = column[~np.isnan(column)]
+        if len(column):
+            out[name] = [float(np.percentile(column, 2.5)), float(np.percentile(column, 97.5))]
+    return {m: out[m] for m in METRICS if m in out}
 
 
 def evaluate_cases(
@@ -164,6 +193,7 @@ def evaluate_cases(
         "sequential": False,
         "pre": _nan_to_none(_aggregate(per_case, "pre")),
         "post": _nan_to_none(_aggregate(per_case, "post")),
+        "post_ci95": intervals(per_case, "post"),
         "per_case": per_case,
         "seconds_per_edit": float(np.mean(edit_seconds)) if edit_seconds else None,
         "seconds_per_edit_median": float(np.median(edit_seconds)) if edit_seconds else None,
@@ -354,13 +384,15 @@ def evaluate_batches(
 
 def format_table(result: dict) -> str:
     """The pre/post summary as a text table."""
-    lines = [f"{'metric':<10}{'pre':>10}{'post':>10}"]
+    ci = result.get("post_ci95") or {}
+    lines = [f"{'metric':<10}{'pre':>10}{'post':>10}" + (f"{'post 95 % interval':>22}" if ci else "")]
     for metric in (*METRICS, "fluency"):
         if metric not in result["pre"] and metric not in result["post"]:
             continue
         a, b = result["pre"].get(metric), result["post"].get(metric)
         fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        lines.append(f"{metric:<10}{fmt(a):>10}{fmt(b):>10}")
+        interval = f"{fmt(ci[metric][0]):>14} – {fmt(ci[metric][1])}" if metric in ci else ""
+        lines.append(f"{metric:<10}{fmt(a):>10}{fmt(b):>10}{interval}")
     batch, sequential = result.get("batch", 1), result.get("sequential", False)
     how = (f", batches of {batch}" if batch > 1 else "") + (", one after another" if sequential else "") + \
         (", projected" if result.get("project") else "")

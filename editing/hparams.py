@@ -52,6 +52,10 @@ class HyperParams:
         """JSON-serialisable fields (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def settings(self) -> dict:
+        """:meth:`to_dict` without the notes (``description``, ``match``): what an edit's result depends on."""
+        return {k: v for k, v in self.to_dict().items() if k not in _META_KEYS}
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "hyperparameters"):
         """Build from a dict; unknown keys raise a ValueError that lists the known ones."""

@@ -120,10 +120,17 @@ def _edit_key(request: EditRequest, *, layer, hparams, paraphrases, neighbours, 
 
     spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hparams)
     return json.loads(json.dumps({
-        "request": request.to_dict(), "layer": int(layer), "method": method, "hparams": hparams.to_dict(),
+        "request": request.to_dict(), "layer": int(layer), "method": method, "hparams": hparams.settings(),
         "stats_spec": dataclasses.asdict(spec), "paraphrases": list(paraphrases), "neighbours": list(neighbours),
         "max_new_tokens": int(max_new_tokens), "sample": bool(sample), "seed": int(seed),
     }))
+
+
+def _settings_only(key) -> dict | None:
+    """A stored key without the hyperparameters' notes (files written before keys left them out held them)."""
+    if not isinstance(key, dict) or not isinstance(key.get("hparams"), dict):
+        return key
+    return {**key, "hparams": {k: v for k, v in key["hparams"].items() if k not in ("description", "match")}}
 
 
 def shipped_comparison(
@@ -159,7 +166,7 @@ def shipped_comparison(
     except (TypeError, ValueError, AttributeError):
         return None
     for entry in data.get("comparisons", []):
-        if entry.get("key") == key:
+        if _settings_only(entry.get("key")) == key:
             edits = load_edits(edits_path or Path(path).with_name(EDITS.name))
             edit = edits[int(entry["edit"])]
             if edit.fingerprint != lm.fingerprint:

@@ -202,7 +202,7 @@ def sweep_cases(
     folder = Path(cache or cache_dir() / "sweeps") / lm.fingerprint
     out_cases = []
     for i, case in enumerate(cases):
-        key = json.dumps([case, chosen, hp.to_dict()], sort_keys=True, default=str)
+        key = json.dumps([case, chosen, hp.settings()], sort_keys=True, default=str)
         path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         record = _read_cached(path, key)
         if record is None:
