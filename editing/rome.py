@@ -535,7 +535,8 @@ def compute_edit(
             f"The edit did not take: after it, the rewrite prompt still prefers {request.target_true!r} "
             f"(p {p_old:.3f}) to {request.target!r} (p {p_new:.3f}){again}. Try another layer (the Which layer "
             "to edit? sweep shows where edits take) or a shorter new object.")
-        log.warning("%s: %s", edit.describe(), edit.info["warning"])
+        # Without retries the caller (a layer sweep) expects misses and records them: no alarm in the log.
+        log.log(logging.WARNING if retries > 0 else logging.INFO, "%s: %s", edit.describe(), edit.info["warning"])
     log.info("ROME edit %s in %.1f s (%d steps, p(target) %.3f -> %.3f)", edit.describe(), edit.seconds,
              edit.info["steps"], edit.info["target_prob_before"], edit.info["target_prob_after"])
     return edit

@@ -661,7 +661,7 @@ def test_command_lines_on_a_saved_tiny_model(cache, tokenizer, tmp_path, capsys)
     assert len(load_edits(saved)) == 1
 
 
-def test_an_edit_says_whether_it_took_and_retries_once_when_it_did_not(tokenizer, device, tmp_path):
+def test_an_edit_says_whether_it_took_and_retries_once_when_it_did_not(tokenizer, device, tmp_path, caplog):
     import editing.rome as rome
     from editing.edit import EditRequest
 
@@ -676,5 +676,9 @@ def test_an_edit_says_whether_it_took_and_retries_once_when_it_did_not(tokenizer
         stuck = rome.compute_edit(lm, request, layer=1, hparams=hp)
         assert stuck.info["took"] is False and stuck.info["warning"].startswith("The edit did not take")
         assert stuck.info["retried"]["steps"] == 2 * hp.v_num_grad_steps and "Try another layer" in stuck.info["warning"]
+        assert any(r.levelname == "WARNING" and "did not take" in r.getMessage() for r in caplog.records)
+        caplog.clear()
         none = rome.compute_edit(lm, request, layer=1, hparams=hp, retries=0)
         assert "retried" not in none.info and none.info["took"] is False
+        # without retries (a layer sweep, which expects misses) the miss is recorded, not raised as a warning
+        assert not any(r.levelname == "WARNING" for r in caplog.records)
