@@ -96,6 +96,30 @@ def _aggregate(per_case: Sequence[dict], which: str) -> dict:
     return {k: out[k] for k in (*METRICS, "fluency") if k in out}
 
 
+def _resampled(per_case: Sequence[dict], which: str, picks: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric aggregated over each resample of cases (``picks``: resamples x cases indices)."""
+    names = [m for m in METRICS if m != "S"]
+    values = np.array([[np.nan if c[which].get(m) is None else c[which][m] for m in names] for c in per_case],
+                      dtype=np.float64)  # (cases, metrics without S)
+    with warnings.catch_warnings():  # a resample without a paraphrase is NaN, and skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(values[picks], axis=1)  # (resamples, metrics)
+    out = dict(zip(names, means.T))
+    es, ps, ns = out["ES"], out["PS"], out["NS"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["S"] = np.where((es > 0) & (ps > 0) & (ns > 0), 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns), 0.0)
+    return out
+
+
+def _picks(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _band(column: np.ndarray) -> list[float] | None:
+    column = column[~np.isnan(column)]
+    return [float(np.percentile(column, 2.5)), float(np.percentile(column, 97.5))] if len(column) else None
+
+
 def intervals(per_case: Sequence[dict], which: str = "post", *, resamples: int = 2000, seed: int = 0) -> dict:
     """95 % bootstrap intervals over cases of ES, PS, NS, S, EM, PM, NM: ``{metric: [low, high]}``.
 
@@ -106,22 +130,33 @@ def intervals(per_case: Sequence[dict], which: str = "post", *, resamples: int =
     """
     if len(per_case) < 2:
         return {}
-    values = np.array([[np.nan if c[which].get(m) is None else c[which][m] for m in METRICS if m != "S"]
-                       for c in per_case], dtype=np.float64)  # (cases, metrics without S)
-    picks = np.random.default_rng(seed).integers(0, len(per_case), size=(resamples, len(per_case)))
-    with warnings.catch_warnings():  # a resample without a paraphrase is NaN, and skipped
-        warnings.simplefilter("ignore", RuntimeWarning)
-        means = np.nanmean(values[picks], axis=1)  # (resamples, metrics)
-    names = [m for m in METRICS if m != "S"]
-    es, ps, ns = (means[:, names.index(m)] for m in ("ES", "PS", "NS"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where((es > 0) & (ps > 0) & (ns > 0), 3.0 / (1.0 / es + 1.0 / ps + 1.0 / ns), 0.0)
+    columns = _resampled(per_case, which, _picks(len(per_case), resamples, seed))
+    bands = {m: _band(columns[m]) for m in METRICS}
+    return {m: band for m, band in bands.items() if band is not None}
+
+
+def paired_difference(per_case: Sequence[dict], reference: Sequence[dict], which: str = "post", *,
+                      resamples: int = 2000, seed: int = 0) -> dict:
+    """How ``per_case`` differs from ``reference`` on the same cases: ``{metric: [mean, low, high]}``.
+
+    The mean difference of each aggregate (S included) with its 95 % interval
+    from resampling the *cases* (both runs resampled alike), so a setting is
+    compared with another case by case: far tighter than two separate intervals.
+    """
+    if len(per_case) != len(reference):
+        raise ValueError(f"Paired runs need the same cases: {len(per_case)} and {len(reference)}.")
+    if len(per_case) < 2:
+        return {}
+    picks = _picks(len(per_case), resamples, seed)
+    a, b = _resampled(per_case, which, picks), _resampled(reference, which, picks)
+    whole = _resampled(per_case, which, np.arange(len(per_case))[None]), _resampled(reference, which,
+                                                                                   np.arange(len(per_case))[None])
     out = {}
-    for name, column in [*zip(names, means.T), ("S", s)]:
-        column = column[~np.isnan(column)]
-        if len(column):
-            out[name] = [float(np.percentile(column, 2.5)), float(np.percentile(column, 97.5))]
-    return {m: out[m] for m in METRICS if m in out}
+    for m in METRICS:
+        band = _band(a[m] - b[m])
+        if band is not None:
+            out[m] = [float(whole[0][m][0] - whole[1][m][0]), *band]
+    return out
 
 
 def evaluate_cases(

@@ -39,7 +39,7 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .evaluate import evaluate_cases, intervals
+from .evaluate import evaluate_cases, intervals, paired_difference
 from .hparams import ROMEHyperParams, load_hparams
 
 __all__ = ["FORMAT", "format_table", "grid_settings", "marginals", "parse_grid", "tune"]
@@ -165,7 +165,10 @@ def tune(
     once. Returns ``{"format", "model", "fingerprint", "cases", "cases_key",
     "base", "grid", "settings": [rows, best S first], "marginals"}``; each row
     holds its ``setting``, full ``hparams``, post-edit means and ``ci95``,
-    ``not_taken``, ``retried``, ``steps``, ``norm``, seconds and per-case scores.
+    ``not_taken``, ``retried``, ``steps``, ``norm``, seconds, per-case scores
+    and ``vs_reference``: each metric's paired difference from the reference
+    setting (the unswept hyperparameters if the grid holds them, else its
+    first setting) on the same cases, ``[mean, low, high]``.
     """
     from .stats import StatsSpec, ensure_stats
 
@@ -192,6 +195,11 @@ def tune(
         rows.append(row)
         if on_setting:
             on_setting(i + 1, len(settings), row)
+    # The reference: the setting with the hyperparameters as they are (file and --set), else the grid's first.
+    current = load_hparams(lm, path=hparams_path, **base).settings()
+    reference = next((r for r in rows if r["hparams"] == current), rows[0])
+    for row in rows:
+        row["vs_reference"] = paired_difference(row["per_case"], reference["per_case"])
     ranked = sorted(rows, key=lambda r: -(r["post"]["S"] if r["post"]["S"] is not None else -1.0))
     return {
         "format": FORMAT,
@@ -201,6 +209,7 @@ def tune(
         "cases_key": key,
         "base": base,
         "grid": {k: list(v) for k, v in grid.items()},
+        "reference": reference["setting"],
         "settings": ranked,
         "marginals": marginals(ranked, grid),
     }
@@ -218,14 +227,19 @@ def format_table(result: dict) -> str:
     """The settings, best S first, then what each swept hyperparameter does to PS and S."""
     lines = [f"{result['model']}: {result['cases']} cases, {len(result['settings'])} settings"
              + (f" on top of {_setting_text(result['base'])}" if result.get("base") else ""),
-             f"{'ES':>7}{'PS':>7}{'PS 95 %':>14}{'NS':>7}{'S':>7}{'S 95 %':>14}{'PM':>7}{'miss':>5}{'retry':>6}"
-             f"{'steps':>7}{'s/edit':>8}  setting"]
+             f"{'ES':>7}{'PS':>7}{'PS 95 %':>14}{'NS':>7}{'S':>7}{'S 95 %':>14}{'ΔS vs ref (95 %)':>24}{'PM':>7}"
+             f"{'miss':>5}{'retry':>6}{'steps':>7}{'s/edit':>8}  setting"]
     for r in result["settings"]:
         post, ci = r["post"], r.get("ci95") or {}
         band = lambda m: f"{ci[m][0]:>7.3f}–{ci[m][1]:<6.3f}" if m in ci else f"{'-':>14}"  # noqa: E731
+        d = (r.get("vs_reference") or {}).get("S")
+        delta = f"{d[0]:+.3f} ({d[1]:+.3f} {d[2]:+.3f})" if d else "-"
         lines.append(f"{_fmt(post['ES'])}{_fmt(post['PS'])}{band('PS')}{_fmt(post['NS'])}{_fmt(post['S'])}{band('S')}"
-                     f"{_fmt(post['PM'])}{r['not_taken']:>5}{r['retried']:>6}{_fmt(r['steps'], 7, 1)}"
+                     f"{delta:>24}{_fmt(post['PM'])}{r['not_taken']:>5}{r['retried']:>6}{_fmt(r['steps'], 7, 1)}"
                      f"{_fmt(r['seconds_median'], 8, 1)}  {_setting_text(r['setting'])}")
+    if result.get("reference") is not None:
+        lines.append(f"ref: {_setting_text(result['reference'])}; a paired interval that excludes 0 is a real difference "
+                     "on these cases")
     for key, entries in result.get("marginals", {}).items():
         lines.append(f"{key}: " + "; ".join(f"{e['value']}: PS {e['PS']:.3f} S {e['S']:.3f} ({e['settings']})"
                                           for e in entries))

@@ -58,6 +58,18 @@ def test_grid_values_parse_as_json_or_words():
         parse_grid(["layer"])
 
 
+def test_paired_differences_resample_cases_alike():
+    from editing.evaluate import paired_difference
+
+    ref = [{"post": {"ES": 1.0, "PS": p, "NS": 0.5, "EM": 0.2, "PM": 0.1, "NM": 0.0}} for p in (0.0, 0.5, 1.0, 0.5)]
+    better = [{"post": dict(c["post"], PS=c["post"]["PS"] + 0.1)} for c in ref]
+    d = paired_difference(better, ref)
+    # every case gains 0.1: the paired interval is exactly 0.1, where two separate intervals would overlap
+    assert d["PS"] == pytest.approx([0.1, 0.1, 0.1]) and d["ES"] == [0.0, 0.0, 0.0] and d["S"][0] > 0
+    with pytest.raises(ValueError, match="same cases"):
+        paired_difference(better[:2], ref)
+
+
 def test_intervals_bootstrap_over_cases():
     per_case = [{"post": {"ES": 1.0, "PS": p, "NS": 0.5, "EM": 0.2, "PM": 0.1, "NM": 0.0}}
                 for p in (0.0, 0.5, 1.0, 1.0)]
@@ -91,6 +103,11 @@ def test_tune_rows_are_evaluate_runs_and_resume(lm, hp_file, monkeypatch):
     assert result["marginals"]["layer"][1]["PS"] == pytest.approx(
         np.mean([r["post"]["PS"] for r in rows if r["setting"]["layer"] == 1]))
     assert "S 95 %" in format_table(result) and "layer: 0: PS" in format_table(result)
+    # paired differences from the reference: the setting of the file's hyperparameters (layer 1, KL 0.0625) and --set
+    assert result["reference"] == {"layer": 1, "kl_factor": 0.0625}
+    ref = next(r for r in rows if r["setting"] == result["reference"])
+    assert ref["vs_reference"]["S"] == [0.0, 0.0, 0.0]
+    assert row["vs_reference"]["PS"][0] == pytest.approx(row["post"]["PS"] - ref["post"]["PS"])
     # an earlier result supplies the settings it holds: nothing is edited again
     monkeypatch.setattr(tune_module, "evaluate_cases", _no_edits)
     again = tune(lm, cases, {"layer": [1, 0]}, base={"v_lr": 0.4, "kl_factor": 1.0}, hparams_path=hp_file,
