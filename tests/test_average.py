@@ -197,3 +197,19 @@ def test_cli_merges_an_earlier_run_without_tracing_it_again(lm, facts, tokenizer
     assert data["n_facts"] == 3 and len(traced) == 2 and facts[0] not in traced
     (tmp_path / "bad.json").write_text("{}")
     assert average.main([*base, "--merge", str(tmp_path / "bad.json")]) == 2
+
+
+def test_the_shipped_averages_are_the_default_models(real_lm):
+    """The page's tab ③ shows these: they must match the served weights and settings, and cover every fact it recalls."""
+    from tracing.average import shipped_average
+    from tracing.recall import answer_probabilities
+
+    summary = shipped_average(real_lm)
+    assert summary is not None, "run python -m tracing.average --ship for the default model"
+    assert summary["n_facts"] == summary["n_recalled"] == len(summary["facts"]) and summary["severed"]["n"] == summary["n_facts"]
+    assert all(data["n"][2] == summary["n_facts"] for data in summary["kinds"].values())  # every fact: a last subject token
+    # the clean run of a few facts, recomputed: the shipped numbers are this model's
+    lines = summary["facts"][:: max(1, len(summary["facts"]) // 4)]
+    probs, top = answer_probabilities(real_lm, [f["prompt"] for f in lines], [f["attribute"] for f in lines])
+    assert all(top) and probs == pytest.approx([f["clean"] for f in lines], abs=1e-4)
+    assert summary["clean"] == pytest.approx(np.mean([f["clean"] for f in summary["facts"]]), abs=1e-9)

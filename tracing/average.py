@@ -16,7 +16,10 @@ Every fact is traced with the paper's settings (10 samples, noise 3 x the
 embedding std, window 10, every token) and its answer is the fact's attribute.
 Each trace is cached per fact (key: the model's fingerprint, the prompt,
 subject, attribute and settings), so an interrupted run picks up where it
-stopped and a longer run reuses a shorter one's work.
+stopped and a longer run reuses a shorter one's work. Averages of disjoint
+sets of facts merge exactly (:func:`merge_summaries`, ``--merge``): a
+shipped run extended on a machine without its cache, or runs split across
+machines.
 
 Token groups, as in the paper: the first subject token, the middle subject
 tokens, the last subject token, the first token after the subject, the further
