@@ -176,7 +176,8 @@ def shipped_comparison(
 
 
 def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig = TraceConfig(), hparams=None,
-                    stats_spec=None, path: str | Path = RESULTS, edits_path: str | Path | None = None) -> Path:
+                    stats_spec=None, path: str | Path = RESULTS, edits_path: str | Path | None = None,
+                    keep_traces: bool = False) -> Path:
     """Compute every preset's exact traces and edit comparison as the page does, and write them.
 
     Example::
@@ -185,7 +186,10 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
 
     The page's settings are the defaults: ``config`` the trace's (the
     paper's), ``hparams`` the model's ROME settings (their edit layer),
-    ``stats_spec`` theirs; tests pass smaller ones.
+    ``stats_spec`` theirs; tests pass smaller ones. ``keep_traces`` reuses
+    the traces already in ``path`` that fit exactly (same weights, settings
+    and prompt; see :func:`shipped_trace`), so new edit settings only cost
+    the edits.
     """
     from tracing.trace import trace
 
@@ -199,7 +203,12 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
     traces, comparisons, edits = [], [], []
     for i, p in enumerate(presets):
         started = time.perf_counter()
-        results = trace(lm, p.prompt, p.subject, answer=p.attribute, config=config)
+        results = shipped_trace(lm, p.prompt, p.subject, p.attribute, config, path=path) if keep_traces else None
+        if results is None:
+            results = trace(lm, p.prompt, p.subject, answer=p.attribute, config=config)
+        else:
+            for result in results:
+                result.settings.pop("shipped", None)
         traced = time.perf_counter() - started
         traces.append({"prompt": p.prompt, "subject": p.subject, "answer": p.attribute, "occurrence": 0,
                        "results": [r.to_dict() for r in results]})
@@ -264,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--time", action="store_true",
                         help="compute nothing: time loading every preset's shipped trace and edit, as a first click")
+    parser.add_argument("--keep-traces", action="store_true",
+                        help="reuse the traces already shipped that still fit (same weights, settings, prompts): "
+                        "after a change of edit settings only the edits are computed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -279,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.time:
         return _time_loading(lm, shipped.presets, Path(args.out))
     started = time.perf_counter()
-    path = compute_shipped(lm, shipped.presets, path=args.out)
+    path = compute_shipped(lm, shipped.presets, path=args.out, keep_traces=args.keep_traces)
     edits = path.with_name(EDITS.name)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB) and {edits} ({edits.stat().st_size / 1024:.0f} KB) "
           f"for {len(shipped.presets)} presets in {time.perf_counter() - started:.0f} s")

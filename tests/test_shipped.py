@@ -134,3 +134,30 @@ def test_none_for_another_model_edited_weights_or_a_missing_file(shipped, tokeni
                          path=tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert shipped_comparison(lm, request(), path=tmp_path / "bad.json", **edit_kwargs()) is None
+
+
+def test_new_edit_settings_keep_the_traces_that_still_fit(shipped, tmp_path, monkeypatch):
+    """--keep-traces: after a change of ROME's settings only the edits are computed again."""
+    import importlib
+    import shutil
+
+    lm, path, folder = shipped
+    copy = tmp_path / "presets.json"
+    shutil.copy(path, copy)
+    shutil.copy(path.with_name(EDITS.name), copy.with_name(EDITS.name))
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a trace that fits was computed again")
+
+    monkeypatch.setattr(importlib.import_module("tracing.trace"), "trace", no_trace)  # the module, not the function
+    other = dataclasses.replace(TINY_HPARAMS, layer=2)
+    with private_cache(folder / "cache"):
+        compute_shipped(lm, [PRESET], config=CONFIG, hparams=other, stats_spec=TINY_STATS, path=copy,
+                        keep_traces=True)
+    before, after = json.loads(path.read_text()), json.loads(copy.read_text())
+    assert after["traces"] == before["traces"]
+    assert shipped_comparison(lm, request(), path=copy, **edit_kwargs(layer=2, hparams=other)) is not None
+    assert shipped_comparison(lm, request(), path=copy, **edit_kwargs()) is None
+    with pytest.raises(AssertionError, match="computed again"):  # another trace setting does not fit
+        compute_shipped(lm, [PRESET], config=dataclasses.replace(CONFIG, samples=3), hparams=other,
+                        stats_spec=TINY_STATS, path=copy, keep_traces=True)
