@@ -12,9 +12,12 @@
   statistics of an edit layer are computed on its first edit ever and cached;
   the edit's own timings say how long each stage took;
 * and the same trace and edit for a second visitor (a new session), which the
-  app answers from the results it keeps for the unedited model.
+  app answers from the results it keeps for the unedited model;
+* first of all, for a prompt that is no preset (the Eiffel Tower, 10 tokens):
+  the seconds from Trace until the gradient preview's maps reach the visitor,
+  and until the first exact rows replace them; then the trace is stopped.
 
-Aims on 2 CPU cores: warm start <= 15 s, preset trace <= 30 s, preset edit <= 15 s.
+Aims on 2 CPU cores: warm start <= 15 s, preview <= 1 s, preset trace <= 30 s, preset edit <= 15 s.
 """
 
 from __future__ import annotations
@@ -69,6 +72,25 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def time_preview(client, prompt: str, subject: str) -> dict:
+    """Seconds from Trace to the estimated maps on the page, and to the first exact rows; then Stop."""
+    figures: dict[str, float] = {}
+    started = time.perf_counter()
+    job = client.submit(prompt, subject, "", 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", False,
+                        api_name="/trace")
+    try:
+        for out in job:
+            maps = " ".join(str(o) for o in out[1:4])
+            if "preview_s" not in figures and "Estimate" in maps:
+                figures["preview_s"] = round(time.perf_counter() - started, 2)
+            if "rows still being computed" in maps:
+                figures["first_exact_rows_s"] = round(time.perf_counter() - started, 1)
+                break
+    finally:
+        job.cancel()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", type=int, default=0, help="index of the shipped preset to trace and edit")
@@ -92,8 +114,12 @@ def main() -> None:
     print(f"warm start to a served page:               {seconds:6.1f} s   (aim <= 15 s)", flush=True)
     try:
         client = Client(url, verbose=False)
+        preview = time_preview(client, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+        figures.update(preview)
+        print(f"a new prompt's preview on the page:        {preview.get('preview_s', float('nan')):6.2f} s   "
+              f"(aim <= 1 s); first exact rows {preview.get('first_exact_rows_s', float('nan')):.1f} s", flush=True)
         prompt, subject, answer, e_subject, relation, target, old, para, neigh = client.predict(
-            args.preset, api_name="/preset")
+            args.preset, api_name="/preset")[:9]
         print(f"preset {args.preset}: {prompt!r} -> {answer!r}, edit to {target!r}", flush=True)
         def trace_args(quick: bool) -> tuple:  # the paper's settings; quick: subject and last token only
             return (prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", quick)

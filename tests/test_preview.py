@@ -150,3 +150,19 @@ def test_verdict_only_for_the_measured_model_and_settings(llama, tokenizer, devi
         assert key in QUALITY_KEYS
         assert preview_verdict(llama, TraceConfig(**{key: value}), path=path) is None
     assert preview_verdict(make_tiny("gpt2", tokenizer, device), path=path) is None  # another model
+
+
+def test_a_short_prompts_prediction_runs_on_one_thread_and_puts_the_threads_back(llama, monkeypatch):
+    """The page predicts before the preview; on a busy 2-core machine two threads stalled on each other."""
+    from tracing import predict
+
+    before = torch.get_num_threads()
+    seen = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **k: seen.append(torch.get_num_threads()) or forward(*a, **k))
+    torch.set_num_threads(2)
+    try:
+        top = predict(llama, PROMPT, k=3)
+        assert seen == [1] and torch.get_num_threads() == 2 and len(top) == 3
+    finally:
+        torch.set_num_threads(before)

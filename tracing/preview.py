@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .assets import ROOT
-from .backends import kernel_policy
+from .backends import kernel_policy, one_cpu_thread
 from .hooks import Hook, hooks, main_tensor
 from .models import LoadedModel
 from .result import KINDS, TraceConfig, TraceResult, window_layers
@@ -81,7 +80,7 @@ def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, space: 
     started = time.perf_counter()
     lm = _with_precision(lm, config.precision)
     policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
-    with torch.inference_mode(False), kernel_policy(lm.device, **policy), _one_cpu_thread(lm.device):
+    with torch.inference_mode(False), kernel_policy(lm.device, **policy), one_cpu_thread(lm.device):
         clean, keepers = _state_keepers(lm)
         setup, high, _ = _prepare(lm, prompt, subject, answer, config, occurrence, record=keepers)
         with torch.enable_grad():
@@ -101,26 +100,6 @@ def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, space: 
             raw[positions, layer] = _restored(rows, per_layer[:, span].sum(1), space)
         out.append(_results(setup, kind, raw, low, high, run))
     return out
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """On a CPU, torch runs single-threaded for the block (restored on exit, also on errors).
-
-    The estimate is many small operations; two threads wait on each other at
-    every one, and on a busy shared machine a thread that is not scheduled
-    stalls the other: on 2 shared cores the Eiffel Tower preview took 0.7 s
-    on one thread and 26 s on two.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _restored(rows: np.ndarray, steps: np.ndarray, space: str) -> np.ndarray:

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backends import attention_backends, kernel_policy, precision_label, uses_tf32
+from .backends import attention_backends, kernel_policy, one_cpu_thread, precision_label, uses_tf32
 from .blocks import BlockCall, PrefixCache, capture_calls
 from .corruption import Corruption, make_corruption
 from .hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
@@ -1055,6 +1055,9 @@ def trace_profile(
     return out
 
 
+ONE_THREAD_TOKENS = 64  # a prompt this short runs on one CPU thread in predict (see backends.one_cpu_thread)
+
+
 def predict(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The model's top-k next tokens after ``prompt`` with their probabilities."""
     if not prompt or not prompt.strip():
@@ -1062,7 +1065,8 @@ def predict(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
     check_context(lm.max_length, ids.shape[1], fix="Shorten the prompt.")
     ids = ids.to(lm.device)
-    with torch.inference_mode(), kernel_policy(lm.device, dtype=lm.dtype):
+    small = one_cpu_thread(lm.device) if ids.shape[1] <= ONE_THREAD_TOKENS else nullcontext()
+    with torch.inference_mode(), kernel_policy(lm.device, dtype=lm.dtype), small:
         probs = lm.model(ids).logits[0, -1].float().softmax(-1)
     top = probs.topk(k)
     return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
