@@ -10,7 +10,7 @@ import torch
 from editing_fixtures import changed, snapshot
 
 from conftest import make_tiny
-from tracing import KINDS, TraceConfig, TraceResult, estimate, trace
+from tracing import KINDS, TraceConfig, TraceResult, estimate, predict, trace
 from tracing.hooks import active_hook_count
 from tracing.preview import QUALITY_KEYS, _restored, preview_verdict
 
@@ -81,6 +81,16 @@ def test_token_range_and_metric_options(llama):
     assert computed == list(range(start, end)) + [len(r.tokens) - 1]
     rec = estimate(llama, PROMPT, SUBJECT, kinds=("hidden",), config=TraceConfig(samples=2, metric="recovered"))[0]
     assert (rec.low_score, rec.high_score) == (0.0, 1.0) and rec.settings["estimate"]
+
+
+def test_top_predictions_come_from_the_clean_row_like_predict(llama):
+    for answer, metric in ((None, "prob"), (" Paris France", "answer_logprob")):  # teacher-forced answer tokens too
+        config = TraceConfig(samples=2, metric=metric)
+        r = estimate(llama, PROMPT, SUBJECT, kinds=("mlp",), answer=answer, config=config, top_k=4)[0]
+        expected = predict(llama, PROMPT, k=4)
+        assert [t for t, _ in r.settings["top"]] == [t for t, _ in expected]
+        np.testing.assert_allclose([p for _, p in r.settings["top"]], [p for _, p in expected], rtol=1e-4)
+    assert "top" not in estimate(llama, PROMPT, SUBJECT, kinds=("mlp",), config=TraceConfig(samples=2))[0].settings
 
 
 def test_json_round_trip_keeps_the_estimate_label(llama):

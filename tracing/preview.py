@@ -39,7 +39,7 @@ from .backends import kernel_policy, one_cpu_thread
 from .hooks import Hook, hooks, main_tensor
 from .models import LoadedModel
 from .result import KINDS, TraceConfig, TraceResult, window_layers
-from .trace import _check_kinds, _prepare, _results, _run_settings, _with_precision
+from .trace import _check_kinds, _Plan, _results, _run_settings, _with_precision
 
 PREVIEW_QUALITY = ROOT / "preview_quality.json"  # written by benchmarks/preview_quality.py --write-verdict
 METHOD = "attribution patching"
@@ -57,6 +57,7 @@ def estimate(
     kinds: Sequence[str] = KINDS,
     config: TraceConfig = TraceConfig(),
     occurrence: int = 0,
+    top_k: int = 0,
 ) -> list[TraceResult]:
     """First-order estimates of the causal traces of ``subject`` in ``prompt``, one :class:`TraceResult` per kind.
 
@@ -68,29 +69,35 @@ def estimate(
     Same arguments, shapes and fields as :func:`tracing.trace`, with
     ``settings["estimate"] = True`` and ``settings["seconds"]`` (this
     estimate's own time). ``low_score`` and ``high_score`` are exact; cells
-    outside ``config.tokens`` are NaN. The weights are never modified;
-    gradients are enabled here even if the caller is in ``torch.inference_mode``.
+    outside ``config.tokens`` are NaN. ``top_k``: also the clean run's top
+    next tokens, as ``settings["top"]`` = [[token, p], ...] (what
+    :func:`tracing.predict` gives, without a run of its own). The weights are
+    never modified; gradients are enabled here even if the caller is in
+    ``torch.inference_mode``.
     """
-    return _estimate(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence)
+    return _estimate(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
+                     top_k=top_k)
 
 
-def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, space: str = "auto") -> list[TraceResult]:
+def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, top_k: int = 0,
+              space: str = "auto") -> list[TraceResult]:
     """:func:`estimate`, with the space the first-order step is taken in (``space``, see :func:`_restored`)."""
     kinds = _check_kinds(kinds)
     started = time.perf_counter()
     lm = _with_precision(lm, config.precision)
     policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
     with torch.inference_mode(False), kernel_policy(lm.device, **policy), one_cpu_thread(lm.device):
-        clean, keepers = _state_keepers(lm)
-        setup, high, _ = _prepare(lm, prompt, subject, answer, config, occurrence, record=keepers)
+        plan = _Plan.make(lm, prompt, subject, answer, config, occurrence)
         with torch.enable_grad():
-            terms, rows = _first_order_terms(lm, setup, clean)
+            setup, high, top, terms, rows = _first_order_terms(lm, plan, top_k)
     if space == "auto":
         space = SPACE if config.metric in ("prob", "recovered", "answer_prob") else "metric"
     n_tokens, n_layers = len(setup.enc), lm.n_layers
     positions = setup.token_positions()
     low = float(rows.mean())
     run = _run_settings(lm, config, started) | {"estimate": True, "method": METHOD, "space": space}
+    if top_k:
+        run["top"] = top
     out = []
     for kind in kinds:
         raw = np.full((n_tokens, n_layers), np.nan)
@@ -119,45 +126,43 @@ def _restored(rows: np.ndarray, steps: np.ndarray, space: str) -> np.ndarray:
     return (1 / (1 + np.exp(-log_odds))).mean(0)
 
 
-def _state_keepers(lm: LoadedModel) -> tuple[dict[str, list], list[Hook]]:
-    """Hooks that keep every block, MLP and attention output of a one-row run: kind -> layers of (tokens, d_model)."""
-    states: dict[str, list[torch.Tensor | None]] = {kind: [None] * lm.n_layers for kind in KINDS}
+def _first_order_terms(lm: LoadedModel, plan: _Plan, top_k: int = 0):
+    """One forward pass of the clean row and every noisy copy, one backward pass of the copies' metric.
 
-    def keeper(kind: str, layer: int):
-        def keep(module, args, output):
-            states[kind][layer] = main_tensor(output)[0].detach()
-
-        return keep
-
-    return states, [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(lm.n_layers)]
-
-
-def _first_order_terms(lm: LoadedModel, setup, clean) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per kind (copies, layers, tokens): (clean - corrupted state) · ∂metric/∂state in each copy; and each
-    copy's corrupted metric (copies,)."""
-    copies = setup.corruption.copies
-    ids = setup.input_ids.expand(copies, -1)  # (copies, tokens)
+    Returns the setup (the clean row fixes the answer), the clean score, the
+    clean run's top ``top_k`` next tokens as [token, p], per kind (copies,
+    layers, tokens) the terms (clean - corrupted state) · ∂metric/∂state of
+    each copy, and each copy's corrupted metric (copies,). The clean row rides
+    in the corrupted batch: on a CPU the weights' memory traffic, not the
+    arithmetic, sets the cost of a short prompt, so it comes almost free.
+    """
+    copies = plan.corruption.copies
+    ids = plan.input_ids.expand(copies + 1, -1)  # (1 + copies, tokens): row 0 is the clean run
     with torch.no_grad():
-        embedded = setup.corruption.embeddings(lm.embed(ids).clone())  # (copies, tokens, d_model)
+        embedded = lm.embed(ids).clone()  # (1 + copies, tokens, d_model)
+        embedded[1:] = plan.corruption.embeddings(embedded[1:])
     embedded.requires_grad_(True)  # a leaf, so that every state downstream is in the graph (weights stay frozen)
     states: dict[str, list[torch.Tensor | None]] = {kind: [None] * lm.n_layers for kind in KINDS}
 
     def keeper(kind: str, layer: int):
         def keep(module, args, output):
-            states[kind][layer] = main_tensor(output)  # (copies, tokens, d_model)
+            states[kind][layer] = main_tensor(output)  # (1 + copies, tokens, d_model)
 
         return keep
 
-    def corrupted(module, args, output):
+    def noisy(module, args, output):
         return embedded
 
-    specs = [Hook(lm.spec.embed, corrupted)]
+    specs = [Hook(lm.spec.embed, noisy)]
     specs += [Hook(lm.module_name(kind, j), keeper(kind, j)) for kind in KINDS for j in range(lm.n_layers)]
     with hooks(lm.model, *specs):
         lm.model.base_model(ids, use_cache=False)
-    last = states["hidden"][-1][:, -setup.read:]  # (copies, read, d_model): the last block's output where read
-    metric = setup.score(lm.unembed(lm.final_norm(last)))  # (copies,); copies never mix, so one backward
-    flat = [state for kind in KINDS for state in states[kind]]  # gives each copy's own gradients
+    last = states["hidden"][-1][:, plan.read_from:]  # (1 + copies, read, d_model): the last block's output
+    logits = lm.unembed(lm.final_norm(last))  # (1 + copies, read, vocab)
+    setup = plan.setup(logits[0].detach())
+    high = float(setup.score(logits[:1].detach())[0])
+    metric = setup.score(logits[1:])  # (copies,); copies never mix, so one backward gives each its own gradients
+    flat = [state for kind in KINDS for state in states[kind]]
     grads = torch.autograd.grad(metric.sum(), flat, allow_unused=True)
     terms = {}
     for k, kind in enumerate(KINDS):
@@ -165,12 +170,17 @@ def _first_order_terms(lm: LoadedModel, setup, clean) -> tuple[dict[str, np.ndar
         for j in range(lm.n_layers):
             grad, state = grads[k * lm.n_layers + j], states[kind][j].detach()
             if grad is None:  # the metric does not depend on this state
-                layers.append(torch.zeros(state.shape[:2], device=state.device))
+                layers.append(torch.zeros((copies, state.shape[1]), device=state.device))
                 continue
-            delta = clean[kind][j].float() - state.float()  # (copies, tokens, d_model)
-            layers.append((delta * grad.float()).sum(-1))  # (copies, tokens)
+            delta = state[:1].float() - state[1:].float()  # (copies, tokens, d_model): clean - corrupted
+            layers.append((delta * grad[1:].float()).sum(-1))  # (copies, tokens)
         terms[kind] = torch.stack(layers, 1).double().cpu().numpy()  # (copies, layers, tokens)
-    return terms, metric.detach().double().cpu().numpy()
+    top = []
+    if top_k:
+        probs = logits[0, 0].detach().float().softmax(-1)  # after the prompt's last token
+        values, indices = probs.topk(top_k)
+        top = [[lm.tokenizer.decode([int(i)]), float(p)] for p, i in zip(values, indices)]
+    return setup, high, top, terms, metric.detach().double().cpu().numpy()
 
 
 def preview_verdict(lm: LoadedModel, config: TraceConfig = TraceConfig(),

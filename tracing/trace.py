@@ -161,24 +161,58 @@ def _prepare(
 
     ``record``: hooks active during the clean run (e.g. to keep its states).
     """
-    enc = encode_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence, max_length=lm.max_length)
-    given = answer is not None and str(answer).strip()
-    answer_ids = tuple(continuation_ids(lm.tokenizer, prompt, answer)) if given else ()
-    extra = answer_ids[:-1] if config.metric in ANSWER_METRICS else ()
-    if extra:
-        check_context(lm.max_length, len(enc) + len(extra), fix="Shorten the prompt or the answer.")
-    ids = torch.tensor([enc.ids + extra], device=lm.device)
+    plan = _Plan.make(lm, prompt, subject, answer, config, occurrence)
     with torch.inference_mode(), hooks(lm.model, *record):
-        last = lm.model.base_model(ids, use_cache=False).last_hidden_state[:, -1 - len(extra):]  # final norm applied
-        logits = lm.unembed(last)  # (1, read, vocab): the positions the metric reads
-    if not given:
-        answer_ids = (int(logits[0, -1].argmax()),)  # the model's top prediction (one token)
-    contrast_id = None
-    if config.metric == "logit_diff":
-        contrast_id = continuation_ids(lm.tokenizer, prompt, config.contrast)[0]
-    corruption = make_corruption(lm, enc, subject.strip(), config)
-    setup = _Setup(lm, enc, subject.strip(), answer_ids, contrast_id, corruption, config)
+        hidden = lm.model.base_model(plan.input_ids, use_cache=False).last_hidden_state  # final norm applied
+        logits = lm.unembed(hidden[:, plan.read_from:])  # (1, read, vocab): the positions the metric reads
+    setup = plan.setup(logits[0])
     return setup, float(setup.score(logits)[0]), setup.answer_id
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A prompt ready to run before its clean run has fixed the answer (when none was given)."""
+
+    lm: LoadedModel
+    enc: EncodedPrompt
+    subject: str
+    answer_ids: tuple[int, ...]  # the given answer's tokens, or () for the model's own top prediction
+    contrast_id: int | None
+    corruption: Corruption
+    config: TraceConfig
+
+    @classmethod
+    def make(cls, lm: LoadedModel, prompt: str, subject: str, answer: str | None, config: TraceConfig,
+             occurrence: int) -> _Plan:
+        enc = encode_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence, max_length=lm.max_length)
+        given = answer is not None and str(answer).strip()
+        answer_ids = tuple(continuation_ids(lm.tokenizer, prompt, answer)) if given else ()
+        if config.metric in ANSWER_METRICS and len(answer_ids) > 1:
+            check_context(lm.max_length, len(enc) + len(answer_ids) - 1, fix="Shorten the prompt or the answer.")
+        contrast_id = None
+        if config.metric == "logit_diff":
+            contrast_id = continuation_ids(lm.tokenizer, prompt, config.contrast)[0]
+        return cls(lm, enc, subject.strip(), answer_ids, contrast_id, make_corruption(lm, enc, subject.strip(), config),
+                   config)
+
+    @property
+    def extra(self) -> tuple[int, ...]:
+        """The answer's tokens fed after the prompt (all but its last), when the metric reads them all."""
+        return self.answer_ids[:-1] if self.config.metric in ANSWER_METRICS else ()
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.tensor([self.enc.ids + self.extra], device=self.lm.device)  # (1, tokens)
+
+    @property
+    def read_from(self) -> int:
+        """The first position whose logits the metric reads (the prompt's last token)."""
+        return len(self.enc) - 1
+
+    def setup(self, logits: torch.Tensor) -> _Setup:
+        """The setup, with the clean run's ``logits`` (read, vocab) fixing the answer if none was given."""
+        answer_ids = self.answer_ids or (int(logits[-1].argmax()),)  # the model's top prediction (one token)
+        return _Setup(self.lm, self.enc, self.subject, answer_ids, self.contrast_id, self.corruption, self.config)
 
 
 def _run_settings(lm: LoadedModel, config: TraceConfig, started: float) -> dict:

@@ -224,11 +224,13 @@ class App:
                 return
 
         def work(lm, job) -> None:
-            job.emit(("top", job.memo(("top", ask.prompt), lambda: predict(lm, ask.prompt, k=5))))
-            # A first-order estimate of every map within about a second, for the kinds where it was measured good.
+            # A first-order estimate of every map within about a second, for the kinds where it was measured good;
+            # its clean row also gives the top-5 prediction.
             verdict = preview_verdict(lm, config)
-            previews = (estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config)
+            previews = (estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config, top_k=5)
                         if verdict is None or any(verdict.values()) else [])
+            found = [tuple(pair) for pair in previews[0].settings["top"]] if previews else None
+            job.emit(("top", job.memo(("top", ask.prompt), lambda: found or predict(lm, ask.prompt, k=5))))
             job.emit(("preview", [r for r in previews if verdict is None or verdict.get(r.kind)], verdict))
 
             def compute() -> list[TraceResult]:
