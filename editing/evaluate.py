@@ -12,7 +12,8 @@ so far, after 1, 10, 100, ... edits (``"checkpoints"``) and at the end
 run is left out (pre and post alike): that subject's own fact is rewritten. Besides ES, PS, NS and S it reports
 the magnitudes EM, PM, NM (mean p(new) − p(old); for neighbours p(old) −
 p(new)) and, with ``--generation-tokens``, the generation entropy ("fluency"),
-as in the paper's Table 4. Records are read as-is in the
+as in the paper's Table 4, and PS over the paraphrases the unedited model
+answers (:func:`answered_paraphrases`). Records are read as-is in the
 CounterFact format: ``requested_rewrite`` (``prompt`` with ``{}``,
 ``subject``, ``target_new.str``, ``target_true.str``), ``paraphrase_prompts``,
 ``neighborhood_prompts`` and optional ``generation_prompts``.
@@ -52,6 +53,23 @@ from .scores import EditScores, continuation_logprobs, fluency, harmonic_mean, s
 log = logging.getLogger(__name__)
 
 METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+ANSWERED = 0.05  # a paraphrase elicits the fact when the unedited model gives the old object at least this
+
+
+def answered_paraphrases(per_case: Sequence[dict], threshold: float = ANSWERED) -> dict:
+    """PS over the paraphrase prompts that elicit the fact before the edit: p(old object) >= ``threshold``.
+
+    A paraphrase after which the unedited model gives neither object any
+    weight ("Marco Tardelli plays as", for a footballer's position) compares
+    two tiny probabilities; whether the edit wins there says little about
+    generalisation. Pooled over prompts (PS itself is a mean over cases):
+    ``{"threshold", "prompts", "of", "PS", "PS_all"}``, PS_all over every
+    paraphrase prompt, pooled the same way.
+    """
+    rows = [p for c in per_case for p in c.get("prompts", ()) if p["kind"] == "paraphrase" and "success_post" in p]
+    kept = [p for p in rows if p["p_old"] >= threshold]
+    share = lambda items: float(np.mean([p["success_post"] for p in items])) if items else None  # noqa: E731
+    return {"threshold": threshold, "prompts": len(kept), "of": len(rows), "PS": share(kept), "PS_all": share(rows)}
 
 
 def read_cases(path: str | Path) -> list[dict]:
@@ -233,6 +251,7 @@ def evaluate_cases(
         "seconds_per_edit": float(np.mean(edit_seconds)) if edit_seconds else None,
         "seconds_per_edit_median": float(np.median(edit_seconds)) if edit_seconds else None,
         "cases": len(per_case),
+        "answered_paraphrases": answered_paraphrases(per_case),
         "not_taken": sum(1 for c in per_case if c.get("took") is False),
         "retried": sum(1 for c in per_case if c.get("retried")),
     }
@@ -411,6 +430,7 @@ def evaluate_batches(
         "edits": len(groups), "cases": len(per_case),
         "neighbours_left_out": int(sum(p[2] for p in prompts)),
         "neighbours_kept": int(sum(len(p[1]) for p in prompts)),
+        "answered_paraphrases": answered_paraphrases(per_case),
     }
     if sequential:
         result["checkpoints"] = history
@@ -435,6 +455,11 @@ def format_table(result: dict) -> str:
     lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases{how}, "
                  f"{result['seconds_per_edit']:.1f} s per {per} "
                  f"(median {result['seconds_per_edit_median']:.1f} s)")
+    answered = result.get("answered_paraphrases")
+    if answered and answered.get("PS") is not None:
+        lines.append(f"PS over the {answered['prompts']} of {answered['of']} paraphrase prompts the unedited model "
+                     f"answers (p(old) >= {answered['threshold']:g}): {answered['PS']:.3f} (all, pooled: "
+                     f"{answered['PS_all']:.3f})")
     if result.get("not_taken") or result.get("retried"):
         lines.append(f"edits that did not take: {result.get('not_taken', 0)}; taken only on a retry: "
                      f"{result.get('retried', 0)}")

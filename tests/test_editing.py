@@ -38,7 +38,7 @@ from editing import (
     save_edits,
     score_edit,
 )
-from editing.evaluate import evaluate_cases, read_cases
+from editing.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
 from editing.hparams import hparams_files
 from editing.rome import SuffixRunner, build_rows
 from editing.scores import continuation_logprobs, harmonic_mean, ngram_entropy
@@ -594,6 +594,9 @@ def test_evaluate_cases_reports_pre_and_post(edits_of, tmp_path):
     assert set(result["pre"]) >= {"ES", "PS", "NS", "S", "fluency"} and result["cases"] == 1
     assert result["per_case"][0]["case_id"] == 7 and result["seconds_per_edit"] > 0
     assert len(result["per_case"][0]["prompts"]) == 3
+    assert result["answered_paraphrases"]["of"] == 1
+    assert "paraphrase prompts the unedited model answers" in format_table(result) or \
+        result["answered_paraphrases"]["PS"] is None
     json.dumps(result)  # strict JSON
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
@@ -602,6 +605,20 @@ def test_evaluate_cases_reports_pre_and_post(edits_of, tmp_path):
                                                        "target_new": {"str": "a"}, "target_true": {"str": "b"}}}]))
     with pytest.raises(ValueError, match="Case 0"):
         read_cases(path)
+
+
+def test_answered_paraphrases_keep_the_prompts_that_elicit_the_fact():
+    def prompt(kind, p_old, success):
+        return {"kind": kind, "p_old": p_old, "success_post": success}
+
+    per_case = [{"prompts": [prompt("rewrite", 0.9, True), prompt("paraphrase", 0.30, True),
+                             prompt("paraphrase", 0.001, False)]},
+                {"prompts": [prompt("paraphrase", 0.05, False), prompt("neighborhood", 0.5, True)]},
+                {"prompts": []}]
+    out = answered_paraphrases(per_case, threshold=0.05)
+    assert (out["prompts"], out["of"]) == (2, 3)
+    assert out["PS"] == pytest.approx(0.5) and out["PS_all"] == pytest.approx(1 / 3)
+    assert answered_paraphrases(per_case, threshold=0.5)["PS"] is None
 
 
 def test_shipped_counterfact_set_is_well_formed():
