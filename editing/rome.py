@@ -19,8 +19,10 @@ that the layers above turn into the fact. To write a new fact:
    denominator (Gupta et al., 2024, "Rebuilding ROME"); ``"original"``
    reproduces the paper code, whose residual and denominator use the bare
    prompt's key although the direction uses the averaged one — updates that
-   can blow up over sequential edits, yet on the default model single edits
-   generalise a little better with it, so its tuned settings use it.
+   can blow up over sequential edits (on the default model, after 100 edits
+   in a row, unrelated facts kept 0.51 of their probability, 0.65 with
+   r-ROME), yet single edits generalise a little better with it, so its
+   tuned settings use it.
    ``"exact"`` makes step 2 honest about step 3: a rank-one update adds
    ``δ (uᵀkᵢ)/(uᵀk₀)`` (u = C⁻¹k*/‖C⁻¹k*‖, k₀ the bare prompt's key) at a
    prompt whose key is kᵢ, not the same δ everywhere, so during the
