@@ -135,7 +135,7 @@ def main() -> None:
 
         started = time.perf_counter()
         layer = client.predict(api_name="/model_info")["default_edit_layer"]
-        edit_args = (e_subject, relation, target, old, layer, para, neigh, 16, False, 0)
+        edit_args = (e_subject, relation, target, old, layer, "rome", para, neigh, 16, False, 0)
         out = client.predict(*edit_args, api_name="/edit")
         seconds = time.perf_counter() - started
         details = out[2]
