@@ -1101,6 +1101,11 @@ def predict(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]
     ids = ids.to(lm.device)
     small = one_cpu_thread(lm.device) if ids.shape[1] <= ONE_THREAD_TOKENS else nullcontext()
     with torch.inference_mode(), kernel_policy(lm.device, dtype=lm.dtype), small:
-        probs = lm.model(ids).logits[0, -1].float().softmax(-1)
-    top = probs.topk(k)
+        logits = lm.model(ids).logits[0, -1]
+    return top_tokens(lm, logits, k)
+
+
+def top_tokens(lm: LoadedModel, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    """The ``k`` most probable next tokens of one position's ``logits`` (vocab,), decoded, with probabilities."""
+    top = logits.detach().float().softmax(-1).topk(k)
     return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
