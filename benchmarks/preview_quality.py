@@ -32,6 +32,10 @@ a preview is on the screen for the half minute before the exact map replaces
 it, and one whose bright spot is elsewhere would teach the wrong layer.
 ``--spaces`` compares where the first-order step is taken (the metric itself,
 or its log-odds); ``tracing.preview.SPACE`` is the library's choice.
+``--precisions`` compares the library's choice of precision for the blocks
+("auto": bf16 on CPUs with AMX or AVX-512 BF16, see
+``tracing.preview.block_dtype``) with float32, and reports how closely the
+bf16 estimates follow the float32 ones. The verdict is taken for "auto".
 ``--write-verdict`` writes ``assets/preview_quality.json``: per kind the
 figures and whether to show it, keyed by the model's fingerprint and the
 settings; :func:`tracing.preview.preview_verdict` reads it.
@@ -44,6 +48,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,16 +94,15 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def time_preview(lm, repeats: int) -> dict:
+def time_preview(lm, repeats: int, config) -> dict:
     """Seconds of the Eiffel Tower preview (all three kinds): one warm-up, then the median of ``repeats``."""
-    from tracing import TraceConfig
     from tracing.preview import estimate
 
-    estimate(lm, *EIFFEL, config=TraceConfig())
+    estimate(lm, *EIFFEL, config=config)
     runs = []
     for _ in range(repeats):
         started = time.perf_counter()
-        results = estimate(lm, *EIFFEL, config=TraceConfig())
+        results = estimate(lm, *EIFFEL, config=config)
         runs.append(time.perf_counter() - started)
     return {"median_s": statistics.median(runs), "runs_s": runs, "library_s": results[0].settings["seconds"],
             "tokens": len(results[0].tokens)}
@@ -114,39 +118,64 @@ def verdict(figures: dict) -> bool:
 
 
 def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
-    """Estimates of every fact in each space, their agreement with the exact traces, the timing; print and write."""
-    from tracing import KINDS
-    from tracing.preview import METHOD, SPACE, _estimate
+    """Estimates of every fact in each space and precision, their agreement with the exact traces (and, for
+    bf16 blocks, with the float32 estimate), the timing; print and write."""
+    import numpy as np
 
-    per_fact, summary = [], {}
+    from tracing import KINDS
+    from tracing.preview import METHOD, SPACE, _estimate, block_dtype
+
+    blocks = {precision: str(block_dtype(lm, replace(config, precision=precision))).removeprefix("torch.")
+              for precision in args.precisions}
+    per_fact, summary, versus_fp32 = [], {}, {}
     for space in args.spaces:
-        rows = {kind: [] for kind in KINDS}
+        rows = {(precision, kind): [] for precision in args.precisions for kind in KINDS}
+        same = {(precision, kind): [] for precision in args.precisions for kind in KINDS}
         for fact, reference in zip(facts, exact):
-            estimates = _estimate(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=KINDS,
-                                  config=config, occurrence=0, space=space)
-            for e, guess in zip(reference, estimates):
-                row = agreement(e, guess)
-                rows[e.kind].append(row)
-                per_fact.append({"space": space, "kind": e.kind, "prompt": fact["prompt"],
-                                 "answer": fact["attribute"], "seconds": guess.settings["seconds"], **row})
-        summary[space] = {kind: summarise(rows[kind]) for kind in KINDS}
-    timing = time_preview(lm, args.repeats)
+            estimates = {precision: _estimate(lm, fact["prompt"], fact["subject"], answer=fact["attribute"],
+                                              kinds=KINDS, config=replace(config, precision=precision),
+                                              occurrence=0, space=space)
+                         for precision in args.precisions}
+            for precision, results in estimates.items():
+                for k, (e, guess) in enumerate(zip(reference, results)):
+                    row = agreement(e, guess)
+                    rows[precision, e.kind].append(row)
+                    per_fact.append({"space": space, "precision": precision, "blocks": blocks[precision],
+                                     "kind": e.kind, "prompt": fact["prompt"], "answer": fact["attribute"],
+                                     "seconds": guess.settings["seconds"], **row})
+                    if "fp32" in estimates and blocks[precision] != blocks["fp32"]:
+                        same[precision, e.kind].append(agreement(estimates["fp32"][k], guess)["r"])
+        summary[space] = {precision: {kind: summarise(rows[precision, kind]) for kind in KINDS}
+                          for precision in args.precisions}
+        versus_fp32[space] = {precision: {kind: float(np.median(same[precision, kind])) for kind in KINDS}
+                              for precision in args.precisions if same[precision, KINDS[0]]}
+    timing = {precision: time_preview(lm, args.repeats, replace(config, precision=precision))
+              for precision in args.precisions}
 
     print(f"\nPreview ({METHOD}) against exact traces, {len(facts)} known facts, paper settings")
-    print(f"{'space':<8}{'kind':<8}{'r mean':>8}{'median':>8}{'p10':>8}{'r>=0.8':>8}{'same peak':>11}"
+    print(f"{'space':<8}{'blocks':<10}{'kind':<8}{'r mean':>8}{'median':>8}{'p10':>8}{'r>=0.8':>8}{'same peak':>11}"
           f"{'near peak':>11}{'edit layer':>12}   show")
-    for space, kinds in summary.items():
-        for kind, f in kinds.items():
-            print(f"{space:<8}{kind:<8}{f['r_mean']:>8.3f}{f['r_median']:>8.3f}{f['r_p10']:>8.3f}"
-                  f"{f['r_at_least_0.8']:>8.2f}{f['same_peak']:>11.2f}{f['near_peak']:>11.2f}"
-                  f"{f['same_subject_peak_layer']:>12.2f}   {verdict(f)}")
-    print(f"(show: median r >= {SHOW_R} and near peak >= {SHOW_NEAR_PEAK}; the library's space: {SPACE})")
-    print(f"Eiffel Tower preview ({timing['tokens']} tokens, 3 kinds, {torch_threads()} threads): median "
-          f"{timing['median_s']:.3f} s over {args.repeats} runs ({', '.join(f'{s:.3f}' for s in timing['runs_s'])})")
+    for space, precisions in summary.items():
+        for precision, kinds in precisions.items():
+            for kind, f in kinds.items():
+                print(f"{space:<8}{blocks[precision]:<10}{kind:<8}{f['r_mean']:>8.3f}{f['r_median']:>8.3f}"
+                      f"{f['r_p10']:>8.3f}{f['r_at_least_0.8']:>8.2f}{f['same_peak']:>11.2f}{f['near_peak']:>11.2f}"
+                      f"{f['same_subject_peak_layer']:>12.2f}   {verdict(f)}")
+    print(f"(show: median r >= {SHOW_R} and near peak >= {SHOW_NEAR_PEAK}; the library's space: {SPACE}; "
+          f"precision auto runs the blocks in {blocks.get('auto', '?')} here)")
+    for space, precisions in versus_fp32.items():
+        for precision, kinds in precisions.items():
+            print(f"{space}, {blocks[precision]} blocks against the float32 estimate: median r "
+                  + ", ".join(f"{kind} {r:.4f}" for kind, r in kinds.items()))
+    for precision, t in timing.items():
+        print(f"Eiffel Tower preview ({t['tokens']} tokens, 3 kinds, {torch_threads()} threads, {blocks[precision]} "
+              f"blocks): median {t['median_s']:.3f} s over {args.repeats} runs "
+              f"({', '.join(f'{s:.3f}' for s in t['runs_s'])})")
 
     out = {"model": lm.name, "fingerprint": lm.fingerprint, "settings": config.to_dict(), "facts": len(facts),
            "method": METHOD, "space": SPACE, "rule": {"r_median_at_least": SHOW_R, "near_peak_at_least": SHOW_NEAR_PEAK},
-           "summary": summary, "timing": timing, "threads": torch_threads(), "per_fact": per_fact}
+           "blocks": blocks, "summary": summary, "versus_fp32": versus_fp32, "timing": timing,
+           "threads": torch_threads(), "per_fact": per_fact}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
@@ -154,13 +183,15 @@ def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
     if args.write_verdict:
         from tracing.preview import PREVIEW_QUALITY
 
-        if SPACE not in summary:
-            print(f"error: --write-verdict needs the library's space {SPACE!r} among --spaces", file=sys.stderr)
+        if SPACE not in summary or "auto" not in args.precisions:
+            print(f"error: --write-verdict needs the library's space {SPACE!r} among --spaces and 'auto' among "
+                  f"--precisions", file=sys.stderr)
             return 2
-        kinds = {kind: {**f, "show": verdict(f)} for kind, f in summary[SPACE].items()}
+        kinds = {kind: {**f, "show": verdict(f)} for kind, f in summary[SPACE]["auto"].items()}
         record = {"model": lm.name, "fingerprint": lm.fingerprint, "settings": config.to_dict(),
-                  "facts": len(facts), "method": METHOD, "space": SPACE,
-                  "rule": out["rule"], "kinds": kinds, "eiffel_preview_s": timing["median_s"],
+                  "facts": len(facts), "method": METHOD, "space": SPACE, "blocks_dtype": blocks["auto"],
+                  "rule": out["rule"], "kinds": kinds, "versus_fp32_r_median": versus_fp32[SPACE].get("auto"),
+                  "eiffel_preview_s": round(timing["auto"]["median_s"], 3), "threads": torch_threads(),
                   "generated_by": "benchmarks/preview_quality.py --write-verdict"}
         PREVIEW_QUALITY.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {PREVIEW_QUALITY}")
@@ -183,6 +214,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--spaces", nargs="+", default=["metric", "logit"], choices=["metric", "logit"],
                    help="where the first-order step is taken: the metric itself, or log-odds (see tracing.preview)")
+    p.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=["auto", "fp32"],
+                   help="auto: the library's choice (bf16 blocks on CPUs with AMX or AVX-512 BF16); fp32: float32")
     p.add_argument("--json", metavar="OUT", default=None, help="write every figure as JSON")
     p.add_argument("--write-verdict", action="store_true", help="write assets/preview_quality.json for the page")
     args = p.parse_args()

@@ -12,6 +12,7 @@ import pytest
 
 from editing import EditRequest, compute_edit, edit_and_compare, is_edited
 from tracing import iter_trace
+from tracing.hooks import active_hook_count
 from webapp.engine import DeadlineExceeded, Engine, Stopped, Visitor
 from webapp.limits import Limits, Refused
 
@@ -65,6 +66,14 @@ def test_work_sees_the_visitors_edits_and_the_weights_come_back(clean, tmp_path)
     seen = items(engine.stream(lambda m, job: job.emit(changed(m.model, saved)), edits=[edit]))
     assert seen[0]  # the edit was applied while the work ran
     assert items(engine.stream(lambda m, job: job.emit(changed(m.model, saved)))) == [[]]
+
+
+def test_warm_up_runs_a_preview_and_leaves_the_model_as_it_was(clean, tmp_path):
+    lm, _, engines = clean
+    engine = make_engine(lm, tmp_path)
+    engines.append(engine)
+    assert engine.warm_up() > 0
+    assert active_hook_count(lm.model) == 0 and engine.waiting == 0
 
 
 def test_requests_run_one_at_a_time_in_arrival_order(clean, tmp_path):

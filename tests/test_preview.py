@@ -12,10 +12,11 @@ from editing_fixtures import changed, snapshot
 from conftest import make_tiny
 from tracing import KINDS, TraceConfig, TraceResult, estimate, predict, trace
 from tracing.hooks import active_hook_count
-from tracing.preview import QUALITY_KEYS, _restored, preview_verdict
+from tracing.preview import QUALITY_KEYS, _low_precision_weights, _restored, block_dtype, preview_verdict
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
+FP32 = dict(precision="fp32")  # the exactness tests: float32 blocks also on CPUs where "auto" previews in bf16
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def llama(tokenizer, device):
 
 
 def test_every_family_gives_trace_shaped_estimates_with_exact_ends(tiny):
-    config = TraceConfig(samples=3, window=2)
+    config = TraceConfig(samples=3, window=2, **FP32)
     exact = trace(tiny, PROMPT, SUBJECT, config=config)
     previews = estimate(tiny, PROMPT, SUBJECT, config=config)
     assert [p.kind for p in previews] == list(KINDS)
@@ -47,7 +48,8 @@ def test_single_states_are_exact_to_first_order(family, tokenizer, device):
     lm = make_tiny(family, tokenizer, device)
 
     def relative_error(noise_scale: float) -> np.ndarray:
-        config = TraceConfig(samples=2, window=1, noise_scale=noise_scale, metric="logit_diff", contrast="Rome")
+        config = TraceConfig(samples=2, window=1, noise_scale=noise_scale, metric="logit_diff", contrast="Rome",
+                             **FP32)
         exact = trace(lm, PROMPT, SUBJECT, config=config)
         previews = estimate(lm, PROMPT, SUBJECT, config=config)
         errors = []
@@ -62,7 +64,7 @@ def test_single_states_are_exact_to_first_order(family, tokenizer, device):
 
 
 def test_windows_sum_their_layers_terms(llama):
-    config = TraceConfig(samples=2, window=3, metric="logit_diff", contrast="Rome")
+    config = TraceConfig(samples=2, window=3, metric="logit_diff", contrast="Rome", **FP32)
     single = estimate(llama, PROMPT, SUBJECT, config=TraceConfig(**{**config.to_dict(), "window": 1}))
     windowed = estimate(llama, PROMPT, SUBJECT, config=config)
     for one, many in zip(single[1:], windowed[1:]):
@@ -106,6 +108,63 @@ def test_log_odds_space_keeps_probabilities_in_range():
     p = _restored(rows, steps, "logit")
     assert ((p > 0) & (p < 1)).all() and p[0] == pytest.approx(rows.mean())
     np.testing.assert_allclose(_restored(rows, steps, "metric"), rows.mean() + steps.mean(0))
+
+
+# --- bf16 blocks (CPUs that multiply bf16 in hardware) ----------------------------------
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch, device):
+    """As on a CPU with AMX or AVX-512 BF16: "auto" previews run the blocks in bf16 (on any CPU, slower there)."""
+    if device.type != "cpu":
+        pytest.skip("the bf16 preview is a CPU path")
+    monkeypatch.setattr("tracing.preview.native_cpu_bf16", lambda: True)
+
+
+def test_bf16_blocks_keep_the_answer_clean_score_and_top_exact(llama, bf16_cpu):
+    config = TraceConfig(samples=3, window=2)
+    assert block_dtype(llama, config) == torch.bfloat16
+    assert block_dtype(llama, TraceConfig(**FP32)) == torch.float32 == block_dtype(llama, TraceConfig(precision="tf32"))
+    fast = estimate(llama, PROMPT, SUBJECT, config=config, top_k=4)
+    slow = estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=3, window=2, **FP32), top_k=4)
+    exact = trace(llama, PROMPT, SUBJECT, config=config)
+    for f, s, e in zip(fast, slow, exact):
+        assert f.settings["blocks_dtype"] == "bfloat16" and "blocks_dtype" not in s.settings
+        assert f.answer_id == s.answer_id == e.answer_id
+        assert [t for t, _ in f.settings["top"]] == [t for t, _ in s.settings["top"]]
+        np.testing.assert_allclose([p for _, p in f.settings["top"]], [p for _, p in s.settings["top"]], rtol=1e-4)
+        assert abs(f.high_score - e.high_score) <= 1e-5 * abs(e.high_score)  # from a float32 clean pass
+        span = abs(s.high_score - s.low_score)
+        assert abs(f.low_score - s.low_score) <= 0.05 * span  # the corrupted copies ran in bf16
+        keep = ~np.isnan(s.scores)
+        assert np.corrcoef(f.scores[keep], s.scores[keep])[0, 1] > 0.95, f.kind
+        np.testing.assert_allclose(f.scores[0], f.low_score)  # before the subject: clean and corrupted rows agree
+
+
+def test_bf16_weights_follow_in_place_changes_of_the_model(llama, bf16_cpu):
+    """An edit applied or undone changes weights in place; the bf16 copy converts just those again."""
+    config = TraceConfig(samples=2)
+    before = estimate(llama, PROMPT, SUBJECT, config=config)[1]
+    weight = llama.down_proj(1).weight
+    saved = weight.detach().clone()
+    held = dict(_low_precision_weights(llama, torch.bfloat16))
+    try:
+        with torch.no_grad():
+            weight.mul_(4.0)
+        now = _low_precision_weights(llama, torch.bfloat16)
+        changed_names = [name for name in held if now[name] is not held[name]]
+        assert len(changed_names) == 1 and changed_names[0].endswith("layers.1.mlp.down_proj.weight")
+        torch.testing.assert_close(now[changed_names[0]], weight.detach().to(torch.bfloat16))
+        edited = estimate(llama, PROMPT, SUBJECT, config=config)[1]
+        reference = estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2, **FP32))[1]
+        assert edited.answer_id == reference.answer_id
+        keep = ~np.isnan(reference.scores)
+        assert np.corrcoef(edited.scores[keep], reference.scores[keep])[0, 1] > 0.95
+        assert np.abs(edited.scores[keep] - before.scores[keep]).max() > 0  # the change is seen
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    np.testing.assert_array_equal(estimate(llama, PROMPT, SUBJECT, config=config)[1].scores, before.scores)
 
 
 # --- hygiene -------------------------------------------------------------------------

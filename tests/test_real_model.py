@@ -40,6 +40,25 @@ def test_fast_engine_equals_oracle_on_the_default_model(real_lm):
     assert hidden.scores[9, -1] == pytest.approx(hidden.high_score, abs=1e-5)
 
 
+def test_bf16_preview_follows_the_float32_one_on_the_default_model(real_lm, monkeypatch):
+    """As on a CPU with AMX or AVX-512 BF16 (forced here, so every CPU runs it): the page's preview in bf16."""
+    from tracing import estimate
+
+    if real_lm.device.type != "cpu":
+        pytest.skip("the bf16 preview is a CPU path")
+    monkeypatch.setattr("tracing.preview.native_cpu_bf16", lambda: True)
+    fast = estimate(real_lm, PROMPT, SUBJECT, top_k=5)
+    slow = estimate(real_lm, PROMPT, SUBJECT, top_k=5, config=TraceConfig(precision="fp32"))
+    for f, s in zip(fast, slow):
+        assert f.settings["blocks_dtype"] == "bfloat16" and f.answer == s.answer == " Paris"
+        assert f.high_score == pytest.approx(s.high_score, abs=1e-5) and f.settings["top"][0][0] == " Paris"
+        assert f.low_score == pytest.approx(s.low_score, abs=0.005)
+        keep = ~np.isnan(s.scores)
+        assert np.corrcoef(f.scores[keep], s.scores[keep])[0, 1] >= 0.98, f.kind
+        span = np.nanmax(s.scores) - s.low_score
+        assert np.nanmax(s.scores) - s.scores[f.peak()] <= 0.05 * span, f.kind  # the same bright spot, or a near tie
+
+
 def test_cli_writes_json_and_html(tmp_path, device):
     out, page = tmp_path / "trace.json", tmp_path / "trace.html"
     html = importlib.util.find_spec("plotly") is not None  # the page needs plotly (a GPU machine may lack it)

@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", default=None, help="contrast answer for --metric logit_diff")
     p.add_argument("--tokens", default="all", help="all, subject_last, or comma-separated token positions")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto loads fp32; bf16/fp16 are faster on GPUs; tf32 is fp32 weights with TF32 matrix products (CUDA)")
+                   help="auto loads fp32 (an --estimate then runs its blocks in bf16 on CPUs with AMX or AVX-512 "
+                   "BF16; fp32 keeps float32); bf16/fp16 are faster on GPUs; tf32 is fp32 weights with TF32 matrix "
+                   "products (CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
     p.add_argument("--no-skip", action="store_true", help="compute cells that provably equal the low score too")
     p.add_argument("--estimate", action="store_true",
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, noise=args.noise, noise_scale=args.noise_scale, corruption=args.corruption,
             replacement=args.replacement, window=args.window, seed=args.seed, metric=args.metric,
             contrast=args.contrast, tokens=_tokens_arg(args.tokens), skip=not args.no_skip,
-            precision="tf32" if args.precision == "tf32" else "auto",
+            precision=args.precision if args.precision in ("tf32", "fp32") else "auto",
         )
         dtype = None if args.precision == "auto" else args.precision
         lm = load_model(args.model, device=args.device, dtype=dtype)

@@ -162,9 +162,7 @@ def _prepare(
     ``record``: hooks active during the clean run (e.g. to keep its states).
     """
     plan = _Plan.make(lm, prompt, subject, answer, config, occurrence)
-    with torch.inference_mode(), hooks(lm.model, *record):
-        hidden = lm.model.base_model(plan.input_ids, use_cache=False).last_hidden_state  # final norm applied
-        logits = lm.unembed(hidden[:, plan.read_from:])  # (1, read, vocab): the positions the metric reads
+    logits = plan.clean_logits(record)
     setup = plan.setup(logits[0])
     return setup, float(setup.score(logits)[0]), setup.answer_id
 
@@ -208,6 +206,12 @@ class _Plan:
     def read_from(self) -> int:
         """The first position whose logits the metric reads (the prompt's last token)."""
         return len(self.enc) - 1
+
+    def clean_logits(self, record: Sequence[Hook] = ()) -> torch.Tensor:
+        """The clean run's logits (1, read, vocab) at the positions the metric reads; ``record``: hooks during it."""
+        with torch.inference_mode(), hooks(self.lm.model, *record):
+            hidden = self.lm.model.base_model(self.input_ids, use_cache=False).last_hidden_state  # final norm applied
+            return self.lm.unembed(hidden[:, self.read_from:])
 
     def setup(self, logits: torch.Tensor) -> _Setup:
         """The setup, with the clean run's ``logits`` (read, vocab) fixing the answer if none was given."""
