@@ -103,6 +103,9 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.goto(page_url)
             expect(page.locator("#model-card")).to_contain_text("SmolLM2-135M-Instruct", timeout=60_000)
+            # Plotly is loaded with the page (in a plot that is never shown), not when the first map arrives.
+            expect(page.locator("#plotly-preload .js-plotly-plot")).to_be_attached(timeout=60_000)
+            assert not page.locator("#plotly-preload").is_visible()
 
             # A preset fills both panels.
             page.locator("#presets").get_by_text(preset.label, exact=True).click()
