@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {lm.name}   answer: {first.answer!r}   subject tokens: {subject_tokens!r}")
     print(f"clean {first.metric}: {first.high_score:.4f}   corrupted: {first.low_score:.4f}")
     what = "estimate (attribution patching, not the exact trace)" if args.estimate else "trace"
-    print(f"on {run['device']} in {run['dtype']}: {what} {run['seconds']:.2f} s ({seconds:.1f} s with loading)")
+    blocks = f" (its blocks in {run['blocks_dtype']})" if "blocks_dtype" in run else ""
+    print(f"on {run['device']} in {run['dtype']}{blocks}: {what} {run['seconds']:.2f} s ({seconds:.1f} s with loading)")
     last_subject = first.subject_range[1] - 1
     for r in results:
         token, layer = r.peak()
