@@ -167,6 +167,27 @@ def test_bf16_weights_follow_in_place_changes_of_the_model(llama, bf16_cpu):
     np.testing.assert_array_equal(estimate(llama, PROMPT, SUBJECT, config=config)[1].scores, before.scores)
 
 
+def test_a_failure_inside_the_bf16_pass_leaves_the_float32_weights_in_place(llama, bf16_cpu, monkeypatch):
+    """The bf16 weights stand in for the model's own during the pass only, also when it is stopped midway."""
+    saved = snapshot(llama.model)
+    weights = {name: w for name, w in llama.model.named_parameters()}
+    block = llama.block(2)
+    original = block.forward
+
+    def stopped(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("stopped by the visitor")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", stopped)
+    with pytest.raises(RuntimeError, match="stopped by the visitor"):
+        estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
+    now = dict(llama.model.named_parameters())
+    assert now.keys() == weights.keys() and all(now[name] is weights[name] for name in weights)
+    assert changed(llama.model, saved) == [] and active_hook_count(llama.model) == 0
+    assert {w.dtype for w in now.values()} == {torch.float32}
+
+
 # --- hygiene -------------------------------------------------------------------------
 
 
