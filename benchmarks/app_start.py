@@ -127,7 +127,8 @@ def browser_preview(url: str, chromium: str) -> dict:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.goto(url)
             page.wait_for_selector("#trace-button", timeout=60_000)
-            page.wait_for_timeout(1000)  # the page's own start-up (fonts, the model card) is not the preview's
+            page.wait_for_selector("#plotly-preload .js-plotly-plot", state="attached", timeout=60_000)
+            page.wait_for_timeout(1000)  # the page's own start-up (Plotly, fonts, the model card) is not the preview's
             page.evaluate(WATCH)
             page.wait_for_function("() => window.__leMarks.exact !== null", timeout=120_000, polling=100)
             marks = page.evaluate("() => window.__leMarks")
