@@ -24,6 +24,19 @@ def llama(tokenizer, device):
     return make_tiny("llama", tokenizer, device)
 
 
+def fail_in_the_gradient_pass(lm, monkeypatch, message: str) -> None:
+    """Block 2 raises RuntimeError(message) in the preview's pass (gradients on), as a Stop or a fault would."""
+    block = lm.block(2)
+    original = block.forward
+
+    def failing(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(message)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", failing)
+
+
 def test_every_family_gives_trace_shaped_estimates_with_exact_ends(tiny):
     config = TraceConfig(samples=3, window=2, **FP32)
     exact = trace(tiny, PROMPT, SUBJECT, config=config)
@@ -171,15 +184,7 @@ def test_a_failure_inside_the_bf16_pass_leaves_the_float32_weights_in_place(llam
     """The bf16 weights stand in for the model's own during the pass only, also when it is stopped midway."""
     saved = snapshot(llama.model)
     weights = {name: w for name, w in llama.model.named_parameters()}
-    block = llama.block(2)
-    original = block.forward
-
-    def stopped(*args, **kwargs):
-        if torch.is_grad_enabled():
-            raise RuntimeError("stopped by the visitor")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(block, "forward", stopped)
+    fail_in_the_gradient_pass(llama, monkeypatch, "stopped by the visitor")
     with pytest.raises(RuntimeError, match="stopped by the visitor"):
         estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
     now = dict(llama.model.named_parameters())
@@ -204,15 +209,7 @@ def test_weights_hooks_threads_and_grad_mode_are_left_as_they_were(llama):
 
 
 def test_no_hook_survives_an_estimate_that_fails(llama, monkeypatch):
-    block = llama.block(2)
-    original = block.forward
-
-    def broken(*args, **kwargs):
-        if torch.is_grad_enabled():
-            raise RuntimeError("simulated failure")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(block, "forward", broken)
+    fail_in_the_gradient_pass(llama, monkeypatch, "simulated failure")
     with pytest.raises(RuntimeError, match="simulated failure"):
         estimate(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2))
     assert active_hook_count(llama.model) == 0
