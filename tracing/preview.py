@@ -232,7 +232,7 @@ def block_dtype(lm: LoadedModel, config: TraceConfig = TraceConfig()) -> torch.d
     keeps float32.
     """
     if (config.precision == "auto" and lm.device.type == "cpu" and lm.dtype == torch.float32 and native_cpu_bf16()
-            and sum(p.numel() for p in lm.model.parameters()) <= BF16_MAX_PARAMETERS):
+            and lm.n_params <= BF16_MAX_PARAMETERS):
         return torch.bfloat16
     return lm.dtype
 
