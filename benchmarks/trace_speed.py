@@ -28,7 +28,7 @@ fast and baseline engines N times each, alternating, and reports each one's
 best (least disturbed) run. CPU seconds (this process, all threads) are
 reported next to wall seconds: on a shared machine they vary less. After its
 timed trace the fast engine's run profiles one more trace per stage
-(``tracing.trace.trace_profile``: block calls, attention, MLP, the rest of
+(``tracing.profiling.trace_profile``: block calls, attention, MLP, the rest of
 the blocks, unembedding, base runs, bookkeeping), printed and in the JSON.
 """
 
@@ -61,6 +61,104 @@ def load(args):
 
         return random_model(args.model, device=args.device, dtype=dtype, seed=args.seed)
     return load_model(args.model, device=args.device, dtype=dtype)
+
+
+# Operations that launch no kernel of their own: views and aliases, allocations and metadata, and wrappers
+# that launch nothing when there is nothing to do (a .to() to the same dtype). Every other aten op counts,
+# unless an op under it counts (a wrapper's kernels are counted once, under it: linear -> mm, to -> copy_).
+NO_KERNEL = frozenset("aten::" + name for name in (
+    "as_strided", "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "expand_as", "slice", "select",
+    "narrow", "unsqueeze", "squeeze", "transpose", "t", "permute", "unbind", "split", "split_with_sizes", "chunk",
+    "flatten", "unflatten", "unfold", "alias", "detach", "detach_", "view_as", "movedim", "lift_fresh",
+    "resolve_conj", "resolve_neg", "numpy_T", "diagonal", "empty", "empty_strided", "empty_like", "new_empty",
+    "new_empty_strided", "resize_", "result_type", "is_nonzero", "item", "set_", "to", "_to_copy", "contiguous",
+    "clone", "linear", "matmul", "scaled_dot_product_attention", "dropout", "type_as", "repeat",
+))
+
+
+def gpu_budget_mib(lm, memory_gib: float) -> int:
+    """The memory for restored rows that the engine takes on a GPU of ``memory_gib``: a quarter of what the
+    weights leave free, at least 1 GiB (tracing.passes.Target.gpu; written out here so that a baseline commit
+    without it is counted with the same budget)."""
+    weights = sum(p.numel() for p in lm.model.parameters()) * lm.dtype.itemsize
+    return max(1024, (int(memory_gib * 2**30) - weights) // 4 // 2**20)
+
+
+def count_ops(lm, args, kinds, config) -> dict:
+    """Operations of one more trace, counted with torch.profiler in every thread: linear calls, block calls
+    (direct and inside the model's forward passes), aten ops that launch a kernel (see NO_KERNEL) and all aten
+    ops. ``--count gpu`` plans the passes as a GPU of ``--gpu-memory`` GiB would, wherever this runs."""
+    import dataclasses
+    from collections import Counter
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tracing import iter_trace
+
+    kwargs, plan = {}, "this device's"
+    if args.count == "gpu":
+        plan = f"a {args.gpu_memory:g} GiB GPU's"
+        budget = gpu_budget_mib(lm, args.gpu_memory)
+        config = dataclasses.replace(config, memory_mb=budget,
+                                     batching="all" if config.batching == "auto" else config.batching)
+        os.environ["LOCATE_EDIT_TRACE_WORKERS"] = "1"  # a GPU runs one pass at a time
+        try:
+            from tracing.passes import Target
+        except ImportError:  # a baseline commit from before tracing.passes: its own GPU figures
+            engine = sys.modules["tracing.trace"]
+            cpu_speed = engine._speed
+            engine._speed = lambda device, dtype, tf32: cpu_speed(torch.device("cuda"), dtype, tf32)
+        else:
+            kwargs["target"] = Target.gpu(lm, args.gpu_memory)
+    block_type = type(lm.block(0))
+    blocks = [0]
+
+    def count_block(module, inputs, output):  # after the call: a run stopped at block 0 is not a call
+        if type(module) is block_type:
+            blocks[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count_block)
+    try:
+        try:  # every thread's operations (the CPU plan runs passes in worker threads)
+            from torch._C._profiler import _ExperimentalConfig
+
+            every_thread = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+        except (ImportError, TypeError):  # an older torch: this thread's only
+            every_thread = {}
+        with profile(activities=[ProfilerActivity.CPU], **every_thread) as prof:
+            results = list(iter_trace(lm, args.prompt, args.subject, kinds=kinds, config=config, **kwargs))
+    finally:
+        handle.remove()
+    events = prof.events()
+    names = Counter(e.name for e in events)
+    kernels: Counter = Counter()
+    counted: dict[int, bool] = {}
+
+    def visit(event) -> bool:  # whether this op or one under it launches a kernel
+        if id(event) not in counted:
+            below = [visit(child) for child in event.cpu_children]
+            own = event.name.startswith("aten::") and event.name not in NO_KERNEL and not any(below)
+            if own:
+                kernels[event.name] += 1
+            counted[id(event)] = own or any(below)
+        return counted[id(event)]
+
+    for event in events:
+        if event.cpu_parent is None:
+            visit(event)
+    return {
+        "plan": plan,
+        "batching": results[-1].settings.get("batching"),
+        "passes": results[-1].settings.get("passes"),
+        "memory_mib": config.memory_mb,
+        "linear_calls": names["aten::linear"],
+        "block_calls": blocks[0],
+        "kernel_ops": sum(kernels.values()),
+        "aten_ops": sum(n for name, n in names.items() if name.startswith("aten::")),
+        "threads": len({e.thread for e in events}),
+        "top_kernel_ops": dict(kernels.most_common(12)),
+    }
 
 
 def run_phase(args) -> None:
@@ -116,9 +214,10 @@ def run_phase(args) -> None:
     steady = [one_trace()[1] for _ in range(args.repeats)]
     profile = None
     if args.phase == "fast" and not args.no_profile:
-        from tracing.trace import trace_profile
+        from tracing.profiling import trace_profile
 
         profile = trace_profile(lm, args.prompt, args.subject, kinds=kinds, config=config)
+    counts = count_ops(lm, args, kinds, config) if args.count and args.phase in ("fast", "baseline") else None
     if on_gpu:
         peak, peak_kind = torch.cuda.max_memory_allocated(lm.device) / 2**20, "GPU MiB allocated"
         device_name = torch.cuda.get_device_name(lm.device)
@@ -145,6 +244,7 @@ def run_phase(args) -> None:
         "first_s": first_s,
         "first_cpu_s": first_cpu,
         "profile": profile,
+        "counts": counts,
         "steady_s": statistics.median(steady) if steady else None,
         "steady_all_s": steady,
         "kinds_ready_s": ready,
@@ -182,6 +282,8 @@ def spawn(phase: str, precision: str, args) -> dict:
         cmd.append("--random-weights")
     if args.no_profile:
         cmd.append("--no-profile")
+    if args.count:
+        cmd += ["--count", args.count, "--gpu-memory", str(args.gpu_memory)]
     if phase == "baseline":
         cmd += ["--root", str(args.baseline_root)]
     print(f"running the {phase} engine in {precision} ...", flush=True)
@@ -208,6 +310,12 @@ def main() -> None:
     p.add_argument("--baseline", default=None, metavar="COMMIT", help="the commit whose fast engine is 'baseline'")
     p.add_argument("--rounds", type=int, default=1, help="runs of the fast and baseline engines, alternating")
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile of the fast engine")
+    p.add_argument("--count", nargs="?", const="gpu", choices=["gpu", "device"], default=None,
+                   help="count the operations of one more fast/baseline trace (linear calls, block calls, aten ops "
+                        "that launch a kernel) with torch.profiler: 'gpu' (the default) plans the passes as a GPU "
+                        "of --gpu-memory GiB would, so that a CPU counts what a GPU would run; 'device' as this "
+                        "device does")
+    p.add_argument("--gpu-memory", type=float, default=24.0, help="GiB of the GPU that --count gpu plans for")
     p.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16", "fp16", "tf32"],
                    help="default: fp32 on a CPU, fp32 and bf16 on a GPU")
     p.add_argument("--skip-bf16", action="store_true", help="fp32 only (same as --precisions fp32)")
@@ -257,6 +365,8 @@ def main() -> None:
                 best = min(tries[engine], key=lambda run: run["first_s"])
                 best["rounds_s"] = [run["first_s"] for run in tries[engine]]
                 best["rounds_cpu_s"] = [run["first_cpu_s"] for run in tries[engine]]
+                if best.get("counts") is None:
+                    best["counts"] = next((run["counts"] for run in tries[engine] if run.get("counts")), None)
                 if best.get("profile") is None:
                     best["profile"] = next((run["profile"] for run in tries[engine] if run.get("profile")), None)
                 runs.append(best)
@@ -292,6 +402,15 @@ def main() -> None:
                   f"{prof['passes']} passes; timers included):")
             for suffix, label in (("", "wall s"), ("_cpu", "CPU s")):
                 print(f"  {label:<7}" + ", ".join(f"{k} {prof[k + suffix]:.2f}" for k in stages))
+    for run in runs:
+        if run.get("counts"):
+            c = run["counts"]
+            print(f"operations of one {run['engine']} trace, passes planned as {c['plan']} "
+                  f"({c['batching']} batching, {c['passes']} passes, {c['memory_mib']} MiB of rows per pass): "
+                  f"{c['linear_calls']} linear calls, {c['block_calls']} block calls, {c['kernel_ops']} aten ops "
+                  f"that launch a kernel ({c['aten_ops']} with views and aliases; {c['threads']} threads)")
+            print("  most frequent: " + ", ".join(f"{k.removeprefix('aten::')} {v}"
+                                                  for k, v in c["top_kernel_ops"].items()))
     if args.json:
         report = {"prompt": args.prompt, "subject": args.subject, "samples": args.samples, "window": args.window,
                   "kinds": args.kinds.split(","), "random_weights": args.random_weights,

@@ -214,7 +214,7 @@ def test_progressive_trace_draws_the_story_rows_first_and_ends_with_the_same_res
 
 
 def test_parallel_passes_equal_one_at_a_time_and_leave_threads_and_hooks_as_they_were(llama, monkeypatch):
-    from tracing.trace import WORKERS_ENV
+    from tracing.fast import WORKERS_ENV
 
     config = TraceConfig(samples=2, batching="token")
     threads = torch.get_num_threads()
@@ -235,7 +235,7 @@ def test_parallel_passes_equal_one_at_a_time_and_leave_threads_and_hooks_as_they
 
 
 def test_profile_names_every_stage(llama):
-    from tracing.trace import PROFILE_STAGES, trace_profile
+    from tracing.profiling import PROFILE_STAGES, trace_profile
 
     profile = trace_profile(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2, tokens="subject_last"))
     assert set(PROFILE_STAGES) <= set(profile) and profile["block_calls"] > 0 and profile["passes"] > 0
@@ -246,20 +246,24 @@ def test_profile_names_every_stage(llama):
         assert profile["attention" + suffix] + profile["mlp" + suffix] <= profile["blocks" + suffix] + 1e-3
 
 
-def test_plan_pads_tokens_together_only_where_passes_cost_more_than_arithmetic(llama, monkeypatch):
+def test_plan_pads_tokens_together_only_where_passes_cost_more_than_arithmetic(llama):
     """A launch-bound device (a GPU) merges tokens into one padded pass; an arithmetic-bound one keeps them apart."""
-    engine = importlib.import_module("tracing.trace")
-    setup, _, _ = engine._prepare(llama, PROMPT, SUBJECT, None, TraceConfig(samples=2), 0)
-    tracer = engine._FastTracer(setup)
+    from tracing.passes import Planner, Target
+
+    def planner(flops):
+        target = Target("cuda", flops=flops, per_call=1e-3, memory=2**30)
+        return Planner(llama, n_tokens=10, read=1, copies=2, config=TraceConfig(samples=2), target=target,
+                       memory=target.memory)
+
     tokens = list(range(1, 10))
-    monkeypatch.setattr(engine, "_speed", lambda *a: engine._Speed(flops=1e18, per_call=1e-3))
-    assert tracer.buckets(("mlp",), tokens) == [tuple(tokens)]
-    passes = tracer.plan(KINDS, tokens, "all")
+    fast = planner(1e18)
+    assert fast.buckets(("mlp",), tokens) == [tuple(tokens)]
+    passes = fast.plan(KINDS, tokens, "all")
     assert len(passes) == 1 and passes[0][0] == 1 and len(passes[0][1]) == 3 * len(tokens) * llama.n_layers
-    monkeypatch.setattr(engine, "_speed", lambda *a: engine._Speed(flops=1e3, per_call=1e-3))
-    assert tracer.buckets(("mlp",), tokens) == [(t,) for t in tokens]
-    assert len(tracer.plan(KINDS, tokens, "kind")) == 3 * len(tokens)
-    assert len(tracer.plan(KINDS, tokens, "token")) == 3 * len(tokens)
+    slow = planner(1e3)
+    assert slow.buckets(("mlp",), tokens) == [(t,) for t in tokens]
+    assert len(slow.plan(KINDS, tokens, "kind")) == 3 * len(tokens)
+    assert len(slow.plan(KINDS, tokens, "token")) == 3 * len(tokens)
     starts = [c.start for c in passes[0][1]]
     assert starts == sorted(starts)
 

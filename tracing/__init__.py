@@ -12,7 +12,8 @@ from .hooks import Hook, hooks
 from .models import ARCHITECTURES, ArchSpec, LoadedModel, load_model, wrap_model
 from .result import KINDS, TraceConfig, TraceResult
 from .tokens import EncodedPrompt, continuation_ids, encode_prompt
-from .trace import iter_trace, predict, trace, trace_reference
+from .reference import trace_reference
+from .trace import iter_trace, predict, trace
 from .preview import estimate, preview_verdict
 
 __all__ = [

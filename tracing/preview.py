@@ -48,7 +48,8 @@ from .backends import kernel_policy, native_cpu_bf16, one_cpu_thread
 from .hooks import Hook, hooks, main_tensor
 from .models import LoadedModel
 from .result import KINDS, TraceConfig, TraceResult, window_layers
-from .trace import _check_kinds, _Plan, _results, _run_settings, _with_precision, top_tokens
+from .prepare import PromptPlan, check_kinds, run_settings, to_result, with_precision
+from .trace import top_tokens
 
 PREVIEW_QUALITY = ROOT / "preview_quality.json"  # written by benchmarks/preview_quality.py --write-verdict
 METHOD = "attribution patching"
@@ -94,13 +95,13 @@ def estimate(
 def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, top_k: int = 0,
               space: str = "auto") -> list[TraceResult]:
     """:func:`estimate`, with the space the first-order step is taken in (``space``, see :func:`_restored`)."""
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
     started = time.perf_counter()
-    lm = _with_precision(lm, config.precision)
+    lm = with_precision(lm, config.precision)
     dtype = block_dtype(lm, config)
     policy = dict(tf32=config.precision == "tf32", dtype=dtype, backward=True)
     with torch.inference_mode(False), kernel_policy(lm.device, **policy), one_cpu_thread(lm.device):
-        plan = _Plan.make(lm, prompt, subject, answer, config, occurrence)
+        plan = PromptPlan.make(lm, prompt, subject, answer, config, occurrence)
         weights = _low_precision_weights(lm, dtype) if dtype != lm.dtype else None
         with torch.enable_grad():
             setup, high, top, terms, rows = _first_order_terms(lm, plan, top_k, weights)
@@ -109,7 +110,7 @@ def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, top_k: 
     n_tokens, n_layers = len(setup.enc), lm.n_layers
     positions = setup.token_positions()
     low = float(rows.mean())
-    run = _run_settings(lm, config, started) | {"estimate": True, "method": METHOD, "space": space}
+    run = run_settings(lm, config, started) | {"estimate": True, "method": METHOD, "space": space}
     if weights is not None:
         run["blocks_dtype"] = str(dtype).removeprefix("torch.")
     if top_k:
@@ -121,7 +122,7 @@ def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, top_k: 
         for layer in range(n_layers):
             span = [layer] if kind == "hidden" else list(window_layers(layer, config.window, n_layers))
             raw[positions, layer] = _restored(rows, per_layer[:, span].sum(1), space)
-        out.append(_results(setup, kind, raw, low, high, run))
+        out.append(to_result(setup, kind, raw, low, high, run))
     return out
 
 
@@ -142,7 +143,7 @@ def _restored(rows: np.ndarray, steps: np.ndarray, space: str) -> np.ndarray:
     return (1 / (1 + np.exp(-log_odds))).mean(0)
 
 
-def _first_order_terms(lm: LoadedModel, plan: _Plan, top_k: int = 0,
+def _first_order_terms(lm: LoadedModel, plan: PromptPlan, top_k: int = 0,
                        weights: dict[str, torch.Tensor] | None = None):
     """One forward pass of the clean row and every noisy copy, one backward pass of the copies' metric.
 

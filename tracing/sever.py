@@ -35,7 +35,9 @@ from .blocks import PrefixCache
 from .hooks import Hook, hooks, main_tensor, replace_main
 from .models import LoadedModel
 from .result import TraceConfig
-from .trace import _FastTracer, _prepare, _reference_run, _restore_hook, _run_settings, _with_precision
+from .fast import FastTracer
+from .prepare import PromptPlan, prepare, run_settings, with_precision
+from .reference import reference_run, restore_hook
 
 SEVERABLE = ("mlp", "attn")
 
@@ -153,9 +155,9 @@ def sever_reference(
     """
     kinds = _check(kinds, config)
     started = time.perf_counter()
-    lm = _with_precision(lm, config.precision)
+    lm = with_precision(lm, config.precision)
     with kernel_policy(lm.device, tf32=config.precision == "tf32", dtype=lm.dtype):
-        setup, high, _ = _prepare(lm, prompt, subject, answer, config, occurrence)
+        setup, high, _ = prepare(lm, prompt, subject, answer, config, occurrence)
         t = _token(setup, token)
         recorded: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -165,7 +167,7 @@ def sever_reference(
 
             return Hook(lm.module_name(kind, layer), keep)
 
-        low = _reference_run(setup, [recorder(k, j) for k in kinds for j in range(lm.n_layers)])
+        low = reference_run(setup, [recorder(k, j) for k in kinds for j in range(lm.n_layers)])
 
         def holder(kind, layer):
             def hold(module, args, output):
@@ -175,14 +177,14 @@ def sever_reference(
 
             return Hook(lm.module_name(kind, layer), hold)
 
-        unsevered = [_reference_run(setup, [_restore_hook(lm.module_name("hidden", l), t)]) for l in range(lm.n_layers)]
+        unsevered = [reference_run(setup, [restore_hook(lm.module_name("hidden", l), t)]) for l in range(lm.n_layers)]
         severed = {
-            kind: [_reference_run(setup, [_restore_hook(lm.module_name("hidden", l), t)]
+            kind: [reference_run(setup, [restore_hook(lm.module_name("hidden", l), t)]
                                   + [holder(kind, j) for j in range(l + 1, lm.n_layers)])
                    for l in range(lm.n_layers)]
             for kind in kinds
         }
-    return _result(setup, t, unsevered, severed, low, high, _run_settings(lm, config, started))
+    return _result(setup, t, unsevered, severed, low, high, run_settings(lm, config, started))
 
 
 def sever(
@@ -212,18 +214,18 @@ def sever(
     """
     kinds = _check(kinds, config)
     started = time.perf_counter()
-    lm = _with_precision(lm, config.precision)
+    lm = with_precision(lm, config.precision)
     with kernel_policy(lm.device, tf32=config.precision == "tf32", dtype=lm.dtype), torch.inference_mode():
-        setup, _, _ = _prepare(lm, prompt, subject, answer, config, occurrence)
+        tracer = FastTracer(PromptPlan.make(lm, prompt, subject, answer, config, occurrence))
+        setup = tracer.setup
         t = _token(setup, token)
-        tracer = _FastTracer(setup)
         scores = _sever_pass(tracer, t, kinds)  # (layers, 1 + len(kinds))
-    run = _run_settings(lm, config, started)
+    run = run_settings(lm, config, started)
     severed = {kind: scores[:, 1 + i] for i, kind in enumerate(kinds)}
     return _result(setup, t, scores[:, 0], severed, tracer.low, tracer.high, run)
 
 
-def _sever_pass(tracer: _FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarray:
+def _sever_pass(tracer: FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarray:
     """Scores (layers, variants): variant 0 unsevered, then one per severed kind; one pass that grows by layer.
 
     Rows are ordered layer, variant, copy. Before block ``j`` the rows of
@@ -261,5 +263,5 @@ def _sever_pass(tracer: _FastTracer, t: int, kinds: tuple[str, ...]) -> np.ndarr
                 break
             cache = PrefixCache(prefix, rows=sample[: hidden.shape[0]])
             hidden = calls[j](lm.block(j), hidden, cache)
-    scores = tracer._scores(hidden).float().cpu().numpy()  # (layers * variants * copies,)
+    scores = tracer.scores(hidden).float().cpu().numpy()  # (layers * variants * copies,)
     return scores.reshape(n_layers, variants, copies).mean(-1)
