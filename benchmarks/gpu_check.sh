@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the device-clean tests and the speed table, figures under $OUT (default ./gpu-out).
+# One call on a GPU machine: the device-clean tests, the speed table and the operation counts, figures under
+# $OUT (default ./gpu-out).
 #
 #   benchmarks/gpu_check.sh shapes    # tests on tiny models with --device cuda; traces of random-weight shapes
 #   benchmarks/gpu_check.sh tests     # only the tests;  benchmarks/gpu_check.sh speed: only the traces
@@ -42,6 +43,8 @@ shapes | tests)
     ;;&
 shapes | speed)
     bench trace_default 60 --precisions fp32 bf16 tf32 --repeats 3
+    # The operations of one trace as this GPU plans it, and the GPU's busy share while it runs.
+    bench counts_default 60 --precisions bf16 fp32 --repeats 0 --no-profile --count device
     bench trace_gpt2xl 90 --model gpt2-xl --precisions bf16 fp32 tf32 --repeats 2
     # The previous engine's plan (a pass per kind and token, 1 GiB of rows) with PyTorch's own attention choice.
     step trace_default_previous 45 env LOCATE_EDIT_ATTENTION=torch $PY benchmarks/trace_speed.py --random-weights \

@@ -7,6 +7,8 @@
         --device cpu --json out.json                                 # seconds, no weights loaded
     .venv/bin/python benchmarks/trace_speed.py --engines oracle fast baseline --baseline e18e2cd --rounds 2
         # the oracle, this engine and the engine of an earlier commit, fast and baseline alternating
+    .venv/bin/python benchmarks/trace_speed.py --engines fast baseline --baseline 8c05d34 --count --no-profile
+        # the operations of one trace of each, planned as a 24 GiB GPU would (on this CPU)
 
 Every (engine, precision) runs in its own process, so its peak memory is its
 own and its first trace is the first after loading. Each process loads the
@@ -30,6 +32,20 @@ reported next to wall seconds: on a shared machine they vary less. After its
 timed trace the fast engine's run profiles one more trace per stage
 (``tracing.profiling.trace_profile``: block calls, attention, MLP, the rest of
 the blocks, unembedding, base runs, bookkeeping), printed and in the JSON.
+
+``--count`` runs one more fast (or baseline) trace under ``torch.profiler``,
+in every thread, and counts its linear calls, its block calls (direct and
+inside the model's own forward passes) and its aten operations that launch a
+kernel: every aten op except views, aliases, allocations and wrappers whose
+kernels are counted under them (``linear`` -> ``mm``, ``to`` -> ``copy_``;
+see ``NO_KERNEL``). ``--count gpu`` (the default) plans that trace's passes
+as a GPU of ``--gpu-memory`` GiB (24) would -- its batching, cost figures and
+memory for restored rows -- wherever it runs, so that a CPU counts what a
+GPU would launch; ``--count device`` counts this device's own plan. On a
+CUDA device the counted trace also reports the GPU's busy share: the
+kernels' summed time over the trace's wall time (profiler overhead included,
+so a lower bound). A CPU splits a few ops that a GPU runs as one kernel
+(``mean`` is ``sum`` and ``div_`` there), so its counts are slightly high.
 """
 
 from __future__ import annotations
@@ -118,16 +134,24 @@ def count_ops(lm, args, kinds, config) -> dict:
         if type(module) is block_type:
             blocks[0] += 1
 
+    try:  # every thread's operations (the CPU plan runs passes in worker threads)
+        from torch._C._profiler import _ExperimentalConfig
+
+        every_thread = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):  # an older torch: this thread's only
+        every_thread = {}
+    on_gpu = lm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     handle = torch.nn.modules.module.register_module_forward_hook(count_block)
     try:
-        try:  # every thread's operations (the CPU plan runs passes in worker threads)
-            from torch._C._profiler import _ExperimentalConfig
-
-            every_thread = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
-        except (ImportError, TypeError):  # an older torch: this thread's only
-            every_thread = {}
-        with profile(activities=[ProfilerActivity.CPU], **every_thread) as prof:
+        with profile(activities=activities, **every_thread) as prof:
+            if on_gpu:
+                torch.cuda.synchronize(lm.device)
+            started = time.perf_counter()
             results = list(iter_trace(lm, args.prompt, args.subject, kinds=kinds, config=config, **kwargs))
+            if on_gpu:
+                torch.cuda.synchronize(lm.device)
+            wall = time.perf_counter() - started
     finally:
         handle.remove()
     events = prof.events()
@@ -147,8 +171,14 @@ def count_ops(lm, args, kinds, config) -> dict:
     for event in events:
         if event.cpu_parent is None:
             visit(event)
+    busy = None
+    if on_gpu:  # kernels' own time (one stream: they do not overlap) over the trace's wall time
+        device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in prof.key_averages())
+        busy = device_us / 1e6 / wall if wall > 0 else None
     return {
         "plan": plan,
+        "seconds_profiled": wall,
+        "gpu_busy_share": busy,
         "batching": results[-1].settings.get("batching"),
         "passes": results[-1].settings.get("passes"),
         "memory_mib": config.memory_mb,
@@ -408,7 +438,9 @@ def main() -> None:
             print(f"operations of one {run['engine']} trace, passes planned as {c['plan']} "
                   f"({c['batching']} batching, {c['passes']} passes, {c['memory_mib']} MiB of rows per pass): "
                   f"{c['linear_calls']} linear calls, {c['block_calls']} block calls, {c['kernel_ops']} aten ops "
-                  f"that launch a kernel ({c['aten_ops']} with views and aliases; {c['threads']} threads)")
+                  f"that launch a kernel ({c['aten_ops']} with views and aliases; {c['threads']} threads)"
+                  + (f"; GPU busy {c['gpu_busy_share']:.0%} of {c['seconds_profiled']:.3f} s profiled"
+                     if c.get("gpu_busy_share") is not None else ""))
             print("  most frequent: " + ", ".join(f"{k.removeprefix('aten::')} {v}"
                                                   for k, v in c["top_kernel_ops"].items()))
     if args.json:

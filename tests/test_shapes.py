@@ -88,12 +88,15 @@ def test_unknown_shape_lists_the_shipped_ones(tmp_path):
 
 
 def test_shape_benchmark_writes_its_figures_without_weights(tmp_path, device):
-    """The benchmark's --random-weights path end to end, on a tiny shape so that it takes seconds."""
+    """The benchmark's --random-weights path end to end, on a tiny shape so that it takes seconds; with --count
+    (a 24 GiB GPU's plan: one pass of both kinds) the fast run also counts its operations. One torch thread:
+    on a small shared CPU two make these tiny passes slower."""
     TINY_CONFIGS["llama"]().save_pretrained(tmp_path)
     out = tmp_path / "out.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "trace_speed.py"), "--random-weights", "--model",
            str(tmp_path / "config.json"), "--engines", "both", "--kinds", "hidden,mlp", "--samples", "2",
-           "--device", str(device), "--precisions", "fp32", "--repeats", "1", "--json", str(out)]
+           "--device", str(device), "--precisions", "fp32", "--repeats", "1", "--json", str(out), "--count",
+           "--threads", "1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -104,3 +107,11 @@ def test_shape_benchmark_writes_its_figures_without_weights(tmp_path, device):
         assert set(run["kinds_ready_s"]) == {"hidden", "mlp"} and run["dtype"] == "float32"
         assert run["device"].startswith(device.type) and run["torch"] == torch.__version__
     assert fast["max_diff"] <= 1e-5 * max(abs(fast["high"]), 1e-3)
+    assert oracle["counts"] is None  # only the fast engine's operations are counted
+    counts = fast["counts"]
+    assert {"plan", "batching", "passes", "memory_mib", "linear_calls", "block_calls", "kernel_ops", "aten_ops",
+            "threads", "top_kernel_ops"} <= set(counts)
+    assert counts["passes"] == 1 and counts["batching"] == "all" and counts["memory_mib"] > 0
+    assert counts["linear_calls"] > 0 and counts["block_calls"] > 0
+    assert 0 < counts["kernel_ops"] <= counts["aten_ops"] and counts["threads"] >= 1
+    assert counts["top_kernel_ops"] and all(name.startswith("aten::") for name in counts["top_kernel_ops"])

@@ -207,8 +207,11 @@ class Planner:
         """Split ``tokens`` into runs that share forward passes, minimising estimated seconds.
 
         A bucket's rows compute every position from its first token on, so
-        merging costs arithmetic (padding) and saves passes (launches). The
-        choice is a dynamic programme over contiguous runs of sorted tokens.
+        merging costs arithmetic (padding) and saves passes (launches); a
+        bucket that starts after position 0 also pays for the two runs that
+        record its block calls (the prefix, then the rest; the clean run
+        records position 0's). The choice is a dynamic programme over
+        contiguous runs of sorted tokens.
         """
         tokens = sorted(tokens)
         if not tokens:
@@ -222,7 +225,8 @@ class Planner:
         def cost(a: int, b: int) -> float:
             positions, count = self.n_tokens - tokens[a], b - a + 1
             passes = math.ceil(count * cells_per_token / self.cells_per_pass(positions))
-            return work * positions * count + passes * per_pass
+            capture = 2 * per_pass if tokens[a] > 0 else 0.0  # a first position > 0: two runs record the calls
+            return work * positions * count + passes * per_pass + capture
 
         best, cut = [0.0] + [math.inf] * len(tokens), [0] * (len(tokens) + 1)
         for b in range(len(tokens)):
