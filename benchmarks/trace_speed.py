@@ -30,7 +30,7 @@ fast and baseline engines N times each, alternating, and reports each one's
 best (least disturbed) run. CPU seconds (this process, all threads) are
 reported next to wall seconds: on a shared machine they vary less. After its
 timed trace the fast engine's run profiles one more trace per stage
-(``tracing.profiling.trace_profile``: block calls, attention, MLP, the rest of
+(``tracing.trace.trace_profile``: block calls, attention, MLP, the rest of
 the blocks, unembedding, base runs, bookkeeping), printed and in the JSON.
 
 ``--count`` runs one more fast (or baseline) trace under ``torch.profiler``,
@@ -244,7 +244,7 @@ def run_phase(args) -> None:
     steady = [one_trace()[1] for _ in range(args.repeats)]
     profile = None
     if args.phase == "fast" and not args.no_profile:
-        from tracing.profiling import trace_profile
+        from tracing.trace import trace_profile
 
         profile = trace_profile(lm, args.prompt, args.subject, kinds=kinds, config=config)
     counts = count_ops(lm, args, kinds, config) if args.count and args.phase in ("fast", "baseline") else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 
 import numpy as np
@@ -235,7 +234,8 @@ def test_parallel_passes_equal_one_at_a_time_and_leave_threads_and_hooks_as_they
 
 
 def test_profile_names_every_stage(llama):
-    from tracing.profiling import PROFILE_STAGES, trace_profile
+    from tracing.profiling import PROFILE_STAGES
+    from tracing.trace import trace_profile
 
     profile = trace_profile(llama, PROMPT, SUBJECT, config=TraceConfig(samples=2, tokens="subject_last"))
     assert set(PROFILE_STAGES) <= set(profile) and profile["block_calls"] > 0 and profile["passes"] > 0

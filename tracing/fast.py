@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,10 +50,8 @@ from .hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_st
 from .models import LoadedModel
 from .passes import Cell, Planner, Target, memory_budget
 from .prepare import PromptPlan, Setup, check_kinds, run_settings, to_result, with_precision
+from .profiling import Profile
 from .result import KINDS, TraceConfig, TraceResult
-
-if TYPE_CHECKING:
-    from .profiling import Profile
 
 Progress = Callable[[int, int], None]
 WORKERS_ENV = "LOCATE_EDIT_TRACE_WORKERS"

@@ -1,27 +1,27 @@
-"""Where a fast trace's time goes: wall and CPU seconds per stage, for benchmarks.
+"""The fast engine's stopwatch: wall and CPU seconds per stage of one trace, timed around synchronous work.
+
+The engine (:mod:`tracing.fast`) opens a stage around its base runs, block
+calls and unembedding, and the module hooks time every attention and MLP
+module; :func:`tracing.trace.trace_profile` runs a trace with it.
 
 Example::
 
-    trace_profile(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
-    # {'total': 41.2, 'base_runs': 0.3, 'blocks': 35.1, 'attention': 7.9, 'mlp': 22.0, ..., 'total_cpu': ...}
-
-``benchmarks/trace_speed.py`` prints it beside its timings, and counts the
-operations of a trace with ``torch.profiler`` (``--count``).
+    profile = Profile(lm.device)
+    with profile.stage("blocks"):
+        ...
+    profile.seconds["blocks"], profile.cpu_seconds["blocks"]
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from .fast import run_trace
 from .hooks import Hook
 from .models import LoadedModel
-from .passes import Target
-from .result import KINDS, TraceConfig
 
 PROFILE_STAGES = ("base_runs", "blocks", "attention", "mlp", "rest_of_blocks", "unembedding", "bookkeeping")
 
@@ -72,48 +72,3 @@ class Profile:
                 name = lm.module_name(kind, j)
                 out += [Hook(name, start, pre=True), Hook(name, stop(stage))]
         return out
-
-
-def trace_profile(
-    lm: LoadedModel,
-    prompt: str,
-    subject: str,
-    *,
-    answer: str | None = None,
-    kinds: Sequence[str] = KINDS,
-    config: TraceConfig = TraceConfig(),
-    occurrence: int = 0,
-    target: Target | None = None,
-) -> dict:
-    """Seconds per stage of one fast trace, for benchmarks (timers slow it slightly; the scores are the same).
-
-    Example::
-
-        trace_profile(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
-        # {'total': 41.2, 'base_runs': 0.3, 'blocks': 35.1, 'attention': 7.9, 'mlp': 22.0, ..., 'total_cpu': ...}
-
-    Wall seconds under each stage's name, this process's CPU seconds (all
-    threads) under ``<stage>_cpu``: on a shared machine the CPU seconds say
-    what the work cost, the wall seconds what it took.
-    ``blocks`` is the time inside direct block calls, of which ``attention``
-    and ``mlp`` are the modules and ``rest_of_blocks`` the norms, residual
-    additions and rotary embeddings; ``unembedding`` is the final norm, the
-    unembedding and the metric; ``base_runs`` the clean and corrupted runs
-    (and the captured block arguments); ``bookkeeping`` everything else
-    (planning, joining and patching rows, Python). ``base_runs`` includes
-    capturing each first position's block arguments.
-    """
-    profile = Profile(lm.device)
-    started = profile._now()
-    results = list(run_trace(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
-                              progress=None, progressive=False, profile=profile,
-                                target=target))
-    ended = profile._now()
-    out = {"block_calls": profile.block_calls, "passes": results[-1].settings["passes"]}
-    for suffix, seconds, index in (("", profile.seconds, 0), ("_cpu", profile.cpu_seconds, 1)):
-        s = dict(seconds)
-        s["rest_of_blocks"] = s["blocks"] - s["attention"] - s["mlp"]
-        total = ended[index] - started[index]
-        s["bookkeeping"] = total - s["base_runs"] - s["blocks"] - s["unembedding"]
-        out.update({"total" + suffix: total, **{k + suffix: s[k] for k in PROFILE_STAGES}})
-    return out
