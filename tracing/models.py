@@ -351,6 +351,95 @@ def ensure_default_converted() -> Path:
     return target
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one HEAD request to the hub; $HF_HUB_ETAG_TIMEOUT overrides
+SAVED_FOLDER = ("a local folder holding config.json, the weights and the tokenizer's files "
+                "(as save_pretrained writes them)")
+
+
+def locate_model(name: str) -> tuple[str, dict]:
+    """Where :func:`load_model` reads ``name`` from: ``(source, from_pretrained options)``.
+
+    Example::
+
+        locate_model("gpt2")          # ("gpt2", {}) online; ("gpt2", {"local_files_only": True}) from the cache
+        locate_model("/models/mine")  # ("/models/mine", {}), or a ValueError that names the folder
+
+    An existing path is a local folder and must hold config.json; a name that
+    is no hub id (``/no/such/dir``, ``./x``) is a missing folder. A hub id is
+    first looked for in the local hub cache (huggingface_hub's
+    ``try_to_load_from_cache``: $HF_HOME, $HF_HUB_CACHE), then the hub is asked
+    once for its config.json with huggingface_hub's ``get_hf_file_metadata``:
+    one HEAD request, no retries, a short timeout (:data:`HUB_PROBE_TIMEOUT_S`,
+    or $HF_HUB_ETAG_TIMEOUT where set). Without the probe, transformers'
+    download retries each file the cache lacks five times with backoff
+    (offline: about 25 s before the hub library's own error for an unknown
+    id, minutes for a cached model whose optional files were never
+    downloaded, such as chat_template.jinja). With it: the hub has
+    the model, so transformers loads it as before (downloading what the cache
+    lacks); or the hub did not answer or has no such model, and then a cached
+    copy loads with ``local_files_only=True`` (no request at all), else a
+    ValueError says what was tried and how to pass a local folder. With
+    $HF_HUB_OFFLINE set the hub is not asked.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            what = "folder" if path.is_dir() else "file, not a folder,"
+            raise ValueError(f"Could not load model {name!r}: {path.absolute()} is a {what} without config.json. "
+                             f"Pass {SAVED_FOLDER}.")
+        return str(path), {}
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"Could not load model {name!r}: there is no folder {path.absolute()}, and the name is "
+                         f"not a Hugging Face hub id either. Pass {SAVED_FOLDER}, a hub id such as 'gpt2', "
+                         "or no model for the embedded default.") from None
+
+    cache = constants.HF_HUB_CACHE
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    tried = f"there is no local folder {name!r}, the local hub cache ({cache}) does not hold it, and"
+    fix = f"Pass {SAVED_FOLDER}, or no model for the embedded default."
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return name, {"local_files_only": True}
+        raise ValueError(f"Could not load model {name!r}: {tried} HF_HUB_OFFLINE is set, so the hub was not "
+                         f"asked. Unset HF_HUB_OFFLINE to download it, or pass {SAVED_FOLDER}.")
+    timeout = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else HUB_PROBE_TIMEOUT_S
+    endpoint = constants.ENDPOINT
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=timeout)
+        return name, {}
+    except Exception as exc:  # one request: any failure means "not from the hub now"; the message names it
+        if cached:
+            log.warning("Loading %s from the local hub cache: the hub did not provide it (%s)", name,
+                        exc.__class__.__name__)
+            return name, {"local_files_only": True}
+        reason = f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        if isinstance(exc, GatedRepoError):
+            answer = (f"the model is gated on the Hugging Face hub ({endpoint}): accept its terms on its page and "
+                      "log in with `hf auth login` (or set HF_TOKEN)")
+        elif isinstance(exc, RepositoryNotFoundError):
+            answer = (f"the Hugging Face hub ({endpoint}) has no model {name!r} (or it is private: log in with "
+                      "`hf auth login` or set HF_TOKEN). Check the id")
+        elif isinstance(exc, RemoteEntryNotFoundError):
+            answer = (f"the Hugging Face hub ({endpoint}) has a repository {name!r} but no config.json in it, so "
+                      "it is not a transformers model")
+        elif isinstance(exc, HfHubHTTPError):
+            answer = f"the Hugging Face hub ({endpoint}) did not provide its config.json ({reason})"
+        else:
+            answer = f"the Hugging Face hub ({endpoint}) could not be reached ({reason})"
+        if not isinstance(exc, RepositoryNotFoundError | RemoteEntryNotFoundError):
+            fix = (f"Load it once where the hub is reachable (HF_HOME chooses where the cache lives), or pass "
+                   f"{SAVED_FOLDER}, or no model for the embedded default.")
+        raise ValueError(f"Could not load model {name!r}: {tried} {answer}. {fix}") from None
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
@@ -365,28 +454,29 @@ def load_model(
         lm = load_model("EleutherAI/pythia-160m", device="cpu", dtype="bf16")
 
     ``name`` is a Hugging Face hub id or a local directory; None (or "default")
-    is the embedded SmolLM2-135M. ``trust_remote_code`` is never used.
+    is the embedded SmolLM2-135M. ``trust_remote_code`` is never used. A hub
+    id in the local hub cache loads offline; a name that is neither a folder,
+    nor cached, nor on a reachable hub fails within seconds with a ValueError
+    that says what was tried and how to pass a local folder (see
+    :func:`locate_model`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
     target_device = torch.device(device) if device is not None else default_device()
     if name is None or str(name) in ("", "default", DEFAULT_MODEL):
-        source, display = ensure_default_converted(), DEFAULT_MODEL
+        (source, options), display = (ensure_default_converted(), {}), DEFAULT_MODEL
     else:
-        source, display = str(name), str(name)
+        (source, options), display = locate_model(str(name)), str(name)
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **options)
+        arch_spec(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options)
     except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"Could not load model {display!r}: it is not a local model directory, and the Hugging Face hub "
-            f"did not provide it (this machine may be offline). Pass a local path, a hub id on a machine that "
-            f"reaches the hub, or no model for the embedded default. ({exc.__class__.__name__}: {str(exc)[:200]})"
-        ) from None
-    arch_spec(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        raise ValueError(f"Could not load model {display!r} from {source}: "
+                         f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
     lm = prepare_model(model.to(target_device), tokenizer, display)
     log.info("Loaded %s (%.0fM parameters) on %s in %s", display, lm.n_params / 1e6, target_device, torch_dtype)
     return lm
