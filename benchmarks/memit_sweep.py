@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from editing.edit import applied  # noqa: E402
 from editing.evaluate import _aggregate, _nan_to_none, _prompts_of, read_cases, request_of, score_many  # noqa: E402
 from editing.hparams import load_hparams  # noqa: E402
-from editing.memit import compute_memit, compute_targets, with_old_objects  # noqa: E402
+from editing.methods.common import with_old_objects  # noqa: E402
+from editing.methods.memit import compute_memit, compute_targets  # noqa: E402
 from tracing.models import load_model  # noqa: E402
 
 

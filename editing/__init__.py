@@ -16,9 +16,11 @@ Example::
     with SequentialEditor(lm, project=True) as editor: # edits one after another, earlier keys kept
         editor.add(requests); editor.health().warnings
 
-Modules: :mod:`editing.rome` (the method), :mod:`editing.methods` (every
-editor behind ``compute`` and ``compute_batch``: FT, FT+L, KN, MEMIT),
-:mod:`editing.memit` (many facts at once), :mod:`editing.batch` (a batch from
+Modules: :mod:`editing.methods` (every editor behind ``compute`` and
+``compute_batch``: :mod:`~editing.methods.rome` the method, FT and FT+L
+(:mod:`~editing.methods.ft`), KN (:mod:`~editing.methods.kn`), MEMIT
+(:mod:`~editing.methods.memit`, many facts at once), and what they share,
+:mod:`~editing.methods.common`), :mod:`editing.batch` (a batch from
 CSV/JSON, scored fact by fact: ``python -m editing.batch`` and the page), :mod:`editing.sequential` (edits one
 after another, AlphaEdit's projection, the health check), :mod:`editing.stats` (key
 statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
@@ -33,9 +35,8 @@ from .edit import (Edit, EditRequest, EditStack, applied, check_edits, is_edited
                    save_edits)
 from .compare import EditComparison, edit_and_compare
 from .hparams import MEMITHyperParams, ROMEHyperParams, load_hparams
-from .memit import compute_memit
-from .methods import METHODS, compute, compute_batch
-from .rome import compute_edit, model_answer
+from .methods import METHODS, compute, compute_batch, compute_edit, compute_memit
+from .methods.common import model_answer
 from .sampling import generate
 from .scores import EditScores, fluency, score_edit
 from .sequential import Health, SequentialEditor, health

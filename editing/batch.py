@@ -247,8 +247,9 @@ def write_batch(
     Raises ValueError for invalid input, before any work.
     """
     from .hparams import load_hparams
-    from .memit import check_requests, with_old_objects
     from .methods import compute_batch
+    from .methods.common import with_old_objects
+    from .methods.memit import check_requests
 
     def report(stage: str, fraction: float) -> None:
         if progress:

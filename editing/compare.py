@@ -29,7 +29,7 @@ from tracing.models import LoadedModel
 from .edit import Edit, EditRequest, applied
 from .hparams import HyperParams, check_method, load_hparams
 from .methods import compute
-from .rome import model_answer
+from .methods.common import model_answer
 from .sampling import generate
 from .scores import EditScores, score_edit
 

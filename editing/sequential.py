@@ -8,7 +8,7 @@ add up until generations degrade ("model collapse"). With ``project=True``
 every new MEMIT update is confined to directions the keys of all earlier
 edits do not use (and, with ``nullspace_threshold``, to the directions the
 preserved knowledge hardly uses: AlphaEdit, Fang et al., 2025; see
-:mod:`editing.memit`), so earlier facts keep exactly the values they were
+:mod:`editing.methods.memit`), so earlier facts keep exactly the values they were
 given.
 
 :class:`SequentialEditor` holds the edits on a model (an
@@ -249,7 +249,7 @@ class SequentialEditor:
         """
         requests = [requests] if isinstance(requests, EditRequest) else list(requests)
         if self.method == "memit":
-            from .memit import compute_memit
+            from .methods.memit import compute_memit
             from .methods import memit_layers
 
             layers = self.layers if self.layers is not None else memit_layers(self.lm, self.hparams, None)

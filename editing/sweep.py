@@ -37,7 +37,7 @@ from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_c
 
 from .edit import EditRequest, applied
 from .hparams import HyperParams, load_hparams
-from .rome import compute_edit
+from .methods.rome import compute_edit
 from .scores import EditScores, score_edit
 
 SweepProgress = Callable[[int, int, int], None]  # (layers done, layers in all, the layer now starting)

@@ -40,7 +40,7 @@ from editing import (
 )
 from editing.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
 from editing.hparams import hparams_files
-from editing.rome import SuffixRunner, build_rows
+from editing.methods.common import SuffixRunner, build_rows
 from editing.scores import continuation_logprobs, harmonic_mean, ngram_entropy
 from editing.stats import StatsSpec, ensure_stats, key_stats, stats_dir, stats_path
 from editing.templates import context_templates
@@ -679,7 +679,7 @@ def test_command_lines_on_a_saved_tiny_model(cache, tokenizer, tmp_path, capsys)
 
 
 def test_an_edit_says_whether_it_took_and_retries_once_when_it_did_not(tokenizer, device, tmp_path, caplog):
-    import editing.rome as rome
+    import editing.methods.rome as rome
     from editing.edit import EditRequest
 
     with private_cache(tmp_path):

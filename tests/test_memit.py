@@ -24,9 +24,9 @@ from safetensors.numpy import save_file
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
 from editing.edit import FILE_VERSION, Edit, WeightDelta
 from editing.hparams import METHODS, MEMITHyperParams, ROMEHyperParams, hparams_files, load_hparams
-from editing.memit import compute_memit, request_keys
 from editing.methods import STAGES, compute, compute_batch
-from editing.rome import compute_edit
+from editing.methods.memit import compute_memit, request_keys
+from editing.methods.rome import compute_edit
 from editing.stats import ensure_stats
 from tracing.hooks import active_hook_count
 
@@ -309,7 +309,7 @@ def test_batch_files_are_checked_before_they_are_read(batch_of, tokenizer, devic
 
 def test_version_2_files_still_load(cache, batch_of, tmp_path):
     lm, _ = batch_of("llama")
-    from editing.ft import compute_ft
+    from editing.methods.ft import compute_ft
     from editing.hparams import FTHyperParams
 
     ft = compute_ft(lm, REQUESTS[0], hparams=FTHyperParams(layer=1, num_steps=2, lr=5e-3))

@@ -23,11 +23,11 @@ from safetensors.numpy import save_file
 
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
 from editing.edit import Edit, WeightDelta
-from editing.ft import compute_ft
 from editing.hparams import FTHyperParams, KNHyperParams, ROMEHyperParams, hparams_files, load_hparams
-from editing.kn import attribution_scores, compute_kn
 from editing.methods import METHODS, STAGES, compute
-from editing.rome import SuffixRunner
+from editing.methods.common import SuffixRunner
+from editing.methods.ft import compute_ft
+from editing.methods.kn import attribution_scores, compute_kn
 from tracing.hooks import Hook, active_hook_count, hooks
 from tracing.tokens import continuation_ids
 

@@ -25,7 +25,7 @@ token at the prompt's last position); the new object keeps its leading space
 always kept.
 
 Speed: the scaled copies of one layer run as one batch through
-:class:`~editing.rome.SuffixRunner`, which recomputes only the positions from
+:class:`~editing.methods.common.SuffixRunner`, which recomputes only the positions from
 the prompt's last token on. The weights are never modified: the edit carries
 the new value vectors' changes as :class:`~editing.edit.WeightDelta` rows.
 
@@ -46,10 +46,9 @@ from tracing.hooks import Hook, hooks
 from tracing.models import LoadedModel
 from tracing.tokens import check_context, continuation_ids
 
-from .edit import Edit, EditRequest, WeightDelta
-from .hparams import KNHyperParams, load_hparams
-from .methods import Progress, Stopwatch, with_old_object
-from .rome import SuffixRunner, check_layer
+from ..edit import Edit, EditRequest, WeightDelta
+from ..hparams import KNHyperParams, load_hparams
+from .common import Progress, Stopwatch, SuffixRunner, check_layer, with_old_object
 
 log = logging.getLogger(__name__)
 

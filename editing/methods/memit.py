@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,14 +63,14 @@ from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, u
 from tracing.models import LoadedModel
 from tracing.tokens import continuation_ids
 
-from .edit import Edit, EditRequest, WeightDelta
-from .hparams import MEMITHyperParams, load_hparams
-from .rome import SuffixRunner, _fill, _locate, build_rows, check_layer, model_answer
-from .templates import context_templates
+from ..edit import Edit, EditRequest, WeightDelta
+from ..hparams import MEMITHyperParams, load_hparams
+from ..templates import context_templates
+from .common import (Progress, Stopwatch, SuffixRunner, build_rows, check_layer, fill_subject, locate_subject,
+                     with_old_objects)
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float], None]
 ROWS_PER_PASS = 192  # token rows per forward pass (the δ optimisation keeps activations of this many rows)
 _PROJECTIONS: dict[tuple, torch.Tensor] = {}  # null-space bases keyed by (stats file, mtime, threshold, device)
 _PROJECTIONS_MAX = 16
@@ -106,12 +106,6 @@ def check_requests(lm: LoadedModel, requests: Sequence[EditRequest], kl_prompt: 
     return requests
 
 
-def with_old_objects(lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[EditRequest, ...]:
-    """The requests with ``target_true`` set to the model's own short answer where it is missing."""
-    return tuple(r if r.target_true is not None else replace(r, target_true=model_answer(lm, r.text) or None)
-                 for r in requests)
-
-
 def template_groups(lengths: Sequence[Sequence[int]]) -> list[int]:
     """How many templates each group holds, in :func:`context_templates`' order: "{}", then each (tokens, count)."""
     return [1] + [int(count) for _, count in lengths if int(count) > 0]
@@ -123,8 +117,8 @@ def _key_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Seque
     for request in requests:
         subject = request.subject.strip()
         for template in templates:
-            text, start = _fill(template.replace("{}", request.prompt, 1), subject)
-            row, lookup = _locate(lm, text, subject, start)
+            text, start = fill_subject(template.replace("{}", request.prompt, 1), subject)
+            row, lookup = locate_subject(lm, text, subject, start)
             ids.append(row)
             lookups.append(lookup)
     return ids, lookups
@@ -343,7 +337,7 @@ class _Pass:
 
 def _optimise_batch(lm: LoadedModel, built, layer: int, hp: MEMITHyperParams, h: torch.Tensor,
                     report: Callable[[float], None]) -> _Found:
-    """δ of the facts whose rows are ``built`` (see :func:`editing.rome.build_rows`), ROME's loss and Adam per fact.
+    """δ of the facts whose rows are ``built`` (see :func:`build_rows`), ROME's loss and Adam per fact.
 
     Adam is written out (torch's defaults: β = (0.9, 0.999), ε = 1e-8) so that
     facts that are done can leave the pass: once half of a pass is done it is
@@ -497,8 +491,7 @@ def compute_memit(
     edits' requests), see the module's docstring. The weights are never
     modified. Raises ValueError for invalid input, before any work.
     """
-    from .methods import Stopwatch
-    from .stats import StatsSpec, ensure_stats
+    from ..stats import StatsSpec, ensure_stats  # here, so that `python -m editing.stats` runs cleanly
 
     hp = hparams if hparams is not None else load_hparams(lm, method="memit")
     if not isinstance(hp, MEMITHyperParams):

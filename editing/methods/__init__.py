@@ -7,12 +7,16 @@ edits, and only ROME does both. Every method here turns an
 reversible change of named weights, so applying, undoing, saving, scoring and
 the page work the same for all of them:
 
-* ``"rome"``: :func:`editing.rome.compute_edit`, a rank-one update (``Edit.u``, ``Edit.v``);
-* ``"ft"``, ``"ft-l"``: :func:`editing.ft.compute_ft`, a dense delta of one down-projection;
-* ``"kn"``: :func:`editing.kn.compute_kn`, deltas of a few neurons' value vectors;
-* ``"memit"``: :func:`editing.memit.compute_memit`, low-rank deltas of a range of
+* ``"rome"``: :func:`editing.methods.rome.compute_edit`, a rank-one update (``Edit.u``, ``Edit.v``);
+* ``"ft"``, ``"ft-l"``: :func:`editing.methods.ft.compute_ft`, a dense delta of one down-projection;
+* ``"kn"``: :func:`editing.methods.kn.compute_kn`, deltas of a few neurons' value vectors;
+* ``"memit"``: :func:`editing.methods.memit.compute_memit`, low-rank deltas of a range of
   down-projections; the only method that writes a batch of facts as one edit
   (:func:`compute_batch`).
+
+What the editors share (the progress type, the stopwatch, the old object, layer
+checks, token rows, the suffix runner) is in :mod:`editing.methods.common`; the
+editors import from there and never from each other or from this module.
 
 None of them modifies the model's weights: deltas are computed on the side
 and the weights are bitwise unchanged afterwards, also when the computation
@@ -33,15 +37,17 @@ Example::
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from tracing.models import LoadedModel
 
-from .edit import EditRequest, Edit
-from .hparams import HPARAMS_CLASSES, METHODS, HyperParams, check_method, load_hparams
-
-Progress = Callable[[str, float], None]
+from ..edit import Edit, EditRequest, applied
+from ..hparams import HPARAMS_CLASSES, METHODS, HyperParams, MEMITHyperParams, check_method, load_hparams
+from .common import Progress, Stopwatch, check_layer, with_old_object
+from .ft import compute_ft
+from .kn import compute_kn
+from .memit import compute_memit
+from .rome import compute_edit
 
 # The stages each method reports through progress(stage, fraction), in order.
 STAGES = {
@@ -85,25 +91,17 @@ def compute(
         raise ValueError(f"The {method!r} method takes {HPARAMS_CLASSES[method].__name__}, not "
                          f"{type(hparams).__name__}; load them with load_hparams(lm, method={method!r}).")
     if method == "rome":
-        from .rome import compute_edit
-
         return compute_edit(lm, request, layer=layer, hparams=hparams, progress=progress, stats_spec=stats_spec)
     if method in ("ft", "ft-l"):
-        from .ft import compute_ft
-
         return compute_ft(lm, request, method=method, layer=layer, hparams=hparams, progress=progress)
     if method == "memit":
         return compute_batch(lm, [request], method=method, layer=layer, hparams=hparams, progress=progress,
                              stats_spec=stats_spec)
-    from .kn import compute_kn
-
     return compute_kn(lm, request, layer=layer, hparams=hparams, progress=progress)
 
 
 def memit_layers(lm: LoadedModel, hparams, layer: int | None) -> tuple[int, ...]:
     """MEMIT's range: the hyperparameters' layers, or as many ending at ``layer``."""
-    from .rome import check_layer
-
     layers = hparams.edit_layers(lm.n_layers)
     if layer is None:
         return layers
@@ -138,7 +136,7 @@ def compute_batch(
     ``previous`` are applied for the computation (on top of the model as it
     is; the weights are the same again afterwards) and, with ``project``,
     the new update leaves the keys of all their requests unchanged (see
-    :mod:`editing.memit`). ``layers`` sets MEMIT's range directly, ``layer``
+    :mod:`editing.methods.memit`). ``layers`` sets MEMIT's range directly, ``layer``
     its last layer. Other methods write one fact per edit: a batch of one is
     passed to :func:`compute`, more raise a ValueError.
     ``progress(stage, fraction)`` is called at every optimisation step with
@@ -146,8 +144,6 @@ def compute_batch(
     leaves every weight bitwise as it was. Raises ValueError for invalid input,
     before any work.
     """
-    from .edit import applied
-
     check_method(method)
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     previous = list(previous)
@@ -160,9 +156,6 @@ def compute_batch(
         with applied(lm, previous):
             return compute(lm, requests[0], method=method, layer=layer, hparams=hparams, progress=progress,
                            stats_spec=stats_spec)
-    from .hparams import MEMITHyperParams
-    from .memit import compute_memit
-
     hp = hparams if hparams is not None else load_hparams(lm, method="memit")
     if not isinstance(hp, MEMITHyperParams):
         raise ValueError(f"The 'memit' method takes MEMITHyperParams, not {type(hp).__name__}; "
@@ -177,37 +170,5 @@ def compute_batch(
                              project=project, keep=keep)
 
 
-def with_old_object(lm: LoadedModel, request: EditRequest) -> EditRequest:
-    """``request`` with ``target_true`` set to the model's own short answer when it is missing."""
-    if request.target_true is not None:
-        return request
-    from .rome import model_answer
-
-    return EditRequest(request.subject, request.prompt, request.target, model_answer(lm, request.text) or None)
-
-
-class Stopwatch:
-    """Seconds per stage of one computation; the stages add up to the total (``other`` takes the rest).
-
-    Example::
-
-        clock = Stopwatch(); ...; clock.lap("optimise"); ...; timings = clock.finish()
-    """
-
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-        self._start = self._clock = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = round(self.timings.get(name, 0.0) + now - self._clock, 4)
-        self._clock = now
-
-    def finish(self) -> dict[str, float]:
-        total = time.perf_counter() - self._start
-        self.timings["other"] = round(max(0.0, total - sum(self.timings.values())), 4)
-        return dict(self.timings)
-
-
-__all__ = ["METHODS", "STAGES", "Stopwatch", "compute", "compute_batch", "load_hparams", "memit_layers",
-           "with_old_object"]
+__all__ = ["METHODS", "STAGES", "Progress", "Stopwatch", "compute", "compute_batch", "compute_edit", "compute_ft",
+           "compute_kn", "compute_memit", "load_hparams", "memit_layers", "with_old_object"]

@@ -33,10 +33,9 @@ from tracing.hooks import Hook, hooks, main_tensor, replace_main
 from tracing.models import LoadedModel
 from tracing.tokens import check_context, continuation_ids
 
-from .edit import Edit, EditRequest, WeightDelta
-from .hparams import FTHyperParams, load_hparams
-from .methods import Progress, Stopwatch, with_old_object
-from .rome import check_layer
+from ..edit import Edit, EditRequest, WeightDelta
+from ..hparams import FTHyperParams, load_hparams
+from .common import Progress, Stopwatch, check_layer, with_old_object
 
 log = logging.getLogger(__name__)
 
