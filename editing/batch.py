@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,10 +39,10 @@ import numpy as np
 from tracing.models import LoadedModel
 
 from .edit import Edit, EditRequest, applied
+from .progress import Progress
 from .scores import EditScores, harmonic_mean
 from .sequential import Health, health
 
-Progress = Callable[[str, float], None]
 
 # Column names a CSV header may use, per field (lower case)
 COLUMNS = {

@@ -29,11 +29,11 @@ from tracing.models import LoadedModel
 from .edit import Edit, EditRequest, applied
 from .hparams import HyperParams, check_method, load_hparams
 from .methods import compute
-from .methods.common import model_answer
+from .methods.common import with_old_object
+from .progress import Progress
 from .sampling import generate
 from .scores import EditScores, score_edit
 
-Progress = Callable[[str, float], None]
 Memo = Callable[[Hashable, Callable[[], object]], object]
 
 # Stages reported through ``progress(stage, fraction)``, in order; the middle ones come from the method
@@ -186,10 +186,9 @@ def edit_and_compare(
         req = request
         if req.target_true is None:  # the old object: what the model (with the earlier edits) says now
             report("answer", 0.0)
-            answer = model_answer(lm, req.text)
-            if not answer:
+            req = with_old_object(lm, req)
+            if req.target_true is None:
                 raise ValueError("The model gives no answer to the rewrite prompt; enter the old object yourself.")
-            req = replace(req, target_true=answer)
             req.validate()
         report("before", 0.0)
         scores_before = once(("scores", req, paraphrases, neighbours),

@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +43,12 @@ from tracing.models import LoadedModel
 
 from .edit import Edit, EditRequest, EditStack, _ORIGINALS, applied, original_weights
 from .hparams import HyperParams, check_method, load_hparams
+from .progress import Progress
 from .sampling import generate
 from .scores import continuation_logprobs, fluency
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float], None]
 
 # Fixed prompts whose greedy continuations give the generation entropy, and facts unrelated to typical edits whose
 # probability should not move (facts whose subject an edit rewrites are skipped). The default model knows each.

@@ -39,7 +39,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +52,11 @@ from tracing.models import LoadedModel, cache_dir
 
 from .edit import original_weights
 from .hparams import ROMEHyperParams
+from .progress import Progress
 from .sampling import decode, start_token_id
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float], None]
 _FACTORS: dict[tuple, torch.Tensor] = {}  # Cholesky factors keyed by (stats file, mtime, ridge, device)
 _FACTORS_MAX = 8
 SHIPPED = STATS

@@ -14,9 +14,10 @@ the page work the same for all of them:
   down-projections; the only method that writes a batch of facts as one edit
   (:func:`compute_batch`).
 
-What the editors share (the progress type, the stopwatch, the old object, layer
-checks, token rows, the suffix runner) is in :mod:`editing.methods.common`; the
-editors import from there and never from each other or from this module.
+What the editors share (the stopwatch, the old object, layer checks, token
+rows, the suffix runner) is in :mod:`editing.methods.common`; the editors
+import from there and never from each other or from this module. Their
+``progress`` callback is :data:`editing.progress.Progress`.
 
 None of them modifies the model's weights: deltas are computed on the side
 and the weights are bitwise unchanged afterwards, also when the computation
@@ -43,7 +44,8 @@ from tracing.models import LoadedModel
 
 from ..edit import Edit, EditRequest, applied
 from ..hparams import HPARAMS_CLASSES, METHODS, HyperParams, MEMITHyperParams, check_method, load_hparams
-from .common import Progress, Stopwatch, check_layer, with_old_object
+from ..progress import Progress
+from .common import Stopwatch, check_layer, with_old_object
 from .ft import compute_ft
 from .kn import compute_kn
 from .memit import compute_memit

@@ -1,11 +1,10 @@
-"""What every editor uses: the progress type, a stopwatch, the old object, layer checks, token rows, the suffix runner.
+"""What every editor uses: a stopwatch, the old object, layer checks, token rows, the suffix runner.
 
 The editors (:mod:`editing.methods.rome`, :mod:`~editing.methods.memit`,
 :mod:`~editing.methods.ft`, :mod:`~editing.methods.kn`) import from here and
-never from each other:
+never from each other (the progress callback they take is
+:data:`editing.progress.Progress`):
 
-* :data:`Progress`: ``progress(stage, fraction)``, the callback every long
-  computation of :mod:`editing` takes;
 * :class:`Stopwatch`: seconds per stage of one computation (``Edit.timings``);
 * :func:`model_answer`, :func:`with_old_object`, :func:`with_old_objects`: a
   request's old object, when missing, is the model's own short answer;
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +41,6 @@ from tracing.tokens import check_context, continuation_ids, encode_prompt
 
 from ..edit import EditRequest
 from ..sampling import decode
-
-Progress = Callable[[str, float], None]  # progress(stage, fraction); an exception it raises stops the work
 
 
 class Stopwatch:

@@ -35,7 +35,8 @@ from tracing.tokens import check_context, continuation_ids
 
 from ..edit import Edit, EditRequest, WeightDelta
 from ..hparams import FTHyperParams, load_hparams
-from .common import Progress, Stopwatch, check_layer, with_old_object
+from ..progress import Progress
+from .common import Stopwatch, check_layer, with_old_object
 
 log = logging.getLogger(__name__)
 

@@ -65,9 +65,9 @@ from tracing.tokens import continuation_ids
 
 from ..edit import Edit, EditRequest, WeightDelta
 from ..hparams import MEMITHyperParams, load_hparams
+from ..progress import Progress
 from ..templates import context_templates
-from .common import (Progress, Stopwatch, SuffixRunner, build_rows, check_layer, fill_subject, locate_subject,
-                     with_old_objects)
+from .common import Stopwatch, SuffixRunner, build_rows, check_layer, fill_subject, locate_subject, with_old_objects
 
 log = logging.getLogger(__name__)
 

@@ -61,9 +61,10 @@ from tracing.tokens import continuation_ids
 
 from ..edit import Edit, EditRequest, applied
 from ..hparams import ROMEHyperParams, load_hparams
+from ..progress import Progress
 from ..scores import continuation_logprobs
 from ..templates import context_templates
-from .common import Progress, Rows, Stopwatch, SuffixRunner, build_rows, check_layer, with_old_object
+from .common import Rows, Stopwatch, SuffixRunner, build_rows, check_layer, with_old_object
 
 if TYPE_CHECKING:
     from ..stats import StatsSpec
