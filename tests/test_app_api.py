@@ -13,7 +13,10 @@ import pytest
 from gradio_client import Client
 
 from app_fixtures import EDIT, QUICK, engine, served  # noqa: F401 - fixtures
+from editing import generate
 from editing_fixtures import changed, snapshot
+from test_engine import wait_until
+from webapp.render import highlight
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -91,30 +94,34 @@ def test_a_cancelled_request_restores_the_model(served, engine, monkeypatch):
     client = Client(url, verbose=False)
     edit(client, "The Eiffel Tower", "{} is located in the city of", "Rome", "Paris", "", "")  # this visitor edits
     saved = snapshot(engine.lm.model)
-    started, reports = threading.Event(), []
+    reporting, reports = threading.Event(), []
 
     def endless_trace(lm, *args, progress=None, **kwargs):
         reports.append(changed(lm.model, saved))  # the visitor's edit is applied while the work runs
-        started.set()
         for step in range(10_000):
             progress(step, 10_000)
-            time.sleep(0.05)
+            if step == 3:
+                reporting.set()  # the work is under way and has passed its Stop check a few times: cancel now
+            time.sleep(0.05)  # only paces the endless work (10,000 steps: minutes); the test never waits on it
         yield from ()
 
     monkeypatch.setattr(app_module, "iter_trace", endless_trace)
     job = client.submit("The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *QUICK.values(),
                         api_name="/trace")
-    assert started.wait(60)
-    time.sleep(0.5)
+    assert reporting.wait(60)
     job.cancel()
-    deadline = time.time() + 30
-    while engine.lock.locked() and time.time() < deadline:
-        time.sleep(0.05)
-    assert not engine.lock.locked(), "the cancelled work still holds the model"
+    assert wait_until(lambda: not engine.lock.locked(), 30), "the cancelled work still holds the model"
     assert reports[0] and changed(engine.lm.model, saved) == []
-    # The page still works for this visitor afterwards.
+    # The page still works for this visitor afterwards: the original model's continuation, and a second column
+    # with the visitor's edit (still active: the cancelled request did not lose it).
     monkeypatch.undo()
-    assert client.predict("The Eiffel Tower is in", 4, False, 0, api_name="/compare")
+    prompt = "The Eiffel Tower is in"
+    original = engine.call(lambda lm: generate(lm, [prompt], max_new_tokens=4)[0])
+    out = client.predict(prompt, 4, False, 0, api_name="/compare")
+    assert out.startswith('<table class="le-compare" id="free-comparison">')
+    assert f'<td class="le-prompt">{prompt}</td>' in out
+    assert f'<td class="before">{highlight(original, "Rome", "Paris")}</td>' in out
+    assert '<td class="after">' in out and "no edits yet" not in out
 
 
 def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine, monkeypatch):
@@ -154,7 +161,4 @@ def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine
                     break
     assert started.wait(30)
     assert stopped.wait(30), "the work of a visitor who left is still running"
-    deadline = time.time() + 30
-    while engine.lock.locked() and time.time() < deadline:
-        time.sleep(0.05)
-    assert not engine.lock.locked()
+    assert wait_until(lambda: not engine.lock.locked(), 30), "the work of a visitor who left still holds the model"

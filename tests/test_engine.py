@@ -124,7 +124,13 @@ def test_a_request_stopped_while_waiting_never_touches_the_model(clean, tmp_path
     assert wait_until(lambda: visitor.active == 0 and engine.waiting == 1)
     gate.set()
     blocker.join(20)
-    time.sleep(0.3)
+    # One more request, admitted after the stopped one. The queue is first come, first served: a request's work
+    # runs only once it is at the head of the queue, and a request leaves the queue only when its own thread ends
+    # (after its work, if that ran). So when this one's work has run, the stopped request's thread had already
+    # ended: had it been going to touch the model, it would have done so before this one.
+    after = []
+    assert items(engine.stream(lambda m, job: after.append(True))) == []  # consumed to the end: its work is done
+    assert after == [True]
     assert ran == []
 
 
