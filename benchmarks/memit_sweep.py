@@ -31,7 +31,7 @@ from editing.evaluate import _aggregate, _nan_to_none, _prompts_of, read_cases, 
 from editing.hparams import load_hparams  # noqa: E402
 from editing.methods.common import with_old_objects  # noqa: E402
 from editing.methods.memit import compute_memit, compute_targets  # noqa: E402
-from tracing.models import load_model  # noqa: E402
+from tracing.loading import load_model  # noqa: E402
 
 
 def main() -> int:

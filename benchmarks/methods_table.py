@@ -81,7 +81,7 @@ def main() -> int:
 
     from editing.evaluate import evaluate_cases, read_cases
     from editing.hparams import check_method, load_hparams
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     for method in args.methods:
         check_method(method)

@@ -26,7 +26,7 @@ def _fmt(x) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     from . import EditRequest, check_edits, load_edits, load_hparams, save_edits
     from .compare import edit_and_compare

@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     from .edit import check_edits, load_edits, save_edits
     from .hparams import load_hparams

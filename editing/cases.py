@@ -148,7 +148,7 @@ def split_cases(cases: Sequence[dict], tune_fraction: float = 0.5, *, seed: int 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m editing.cases``: write a CounterFact-style set of facts the model knows."""
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m editing.cases", description=main.__doc__)
     parser.add_argument("--out", required=True, help="output JSON file")

@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m editing.evaluate``: CounterFact-style scores of one editing method on a set of cases."""
     import torch
 
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     from .hparams import load_hparams
     from .stats import StatsSpec

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from tracing.assets import PRESETS, known_facts
-from tracing.models import LoadedModel, load_model
+from tracing.models import LoadedModel
+from tracing.loading import load_model
 from tracing.recall import answer_probabilities, equal_length_batches
 from tracing.result import TraceConfig
 from tracing.tokens import continuation_ids, encode_prompt

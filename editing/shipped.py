@@ -262,7 +262,7 @@ def _time_loading(lm: LoadedModel, presets: Sequence, path: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: compute and write the shipped preset results (default model, its shipped presets)."""
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     from .presets import PRESETS_PATH, load_presets
 

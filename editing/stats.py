@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m editing.stats``: precompute key statistics."""
     import argparse
 
-    from tracing.models import load_model
+    from tracing.loading import load_model
 
     from .hparams import load_hparams
 

@@ -262,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from tracing.models import DEFAULT_MODEL, load_model
+    from tracing.models import DEFAULT_MODEL
+
+    from tracing.loading import load_model
 
     from .evaluate import read_cases
     from .stats import StatsSpec, ensure_stats

@@ -251,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
     import sys
 
-    from tracing.models import DEFAULT_MODEL, load_model
+    from tracing.models import DEFAULT_MODEL
+
+    from tracing.loading import load_model
 
     from .evaluate import read_cases
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 import transformers
 
-from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel, load_model, wrap_model
+from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel
+
+from tracing.loading import load_model, wrap_model
 from tracing.shapes import shipped_tokenizer
 
 VOCAB = 49152  # the default model's tokenizer, shared by every tiny model

@@ -19,7 +19,8 @@ import transformers
 from tracing import load_model
 from tracing import models
 from tracing.hooks import active_hook_count
-from tracing.models import converted_default_dir, default_gguf_path, parse_dtype, warm_up, wrap_model
+from tracing.models import parse_dtype
+from tracing.loading import converted_default_dir, default_gguf_path, warm_up, wrap_model
 from tracing.shapes import shipped_tokenizer
 
 from conftest import make_tiny, needs_default_package
@@ -192,7 +193,7 @@ def test_default_cache_is_keyed_by_the_source_files_contents(tmp_path, monkeypat
     assert target.parent == tmp_path / "models" and target.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     copy = tmp_path / "elsewhere" / "copy.gguf"  # another checkout's venv: same bytes, other path and mtime
     copy.parent.mkdir()
-    copy.write_bytes(models.default_gguf_path().read_bytes())
+    copy.write_bytes(default_gguf_path().read_bytes())
     assert converted_default_dir(copy).name.split("-")[-1] == target.name.split("-")[-1]
     changed = bytearray(copy.read_bytes())
     changed[-1] ^= 0xFF

@@ -48,7 +48,7 @@ def test_each_shape_has_the_real_checkpoints_size(name):
 
 @needs_default_package
 def test_shipped_tokenizer_is_the_default_models():
-    from tracing.models import ensure_default_converted
+    from tracing.loading import ensure_default_converted
 
     original = transformers.AutoTokenizer.from_pretrained(ensure_default_converted())
     shipped = shipped_tokenizer()

@@ -9,7 +9,8 @@ Example::
 """
 
 from .hooks import Hook, hooks
-from .models import ARCHITECTURES, ArchSpec, LoadedModel, load_model, wrap_model
+from .models import ARCHITECTURES, ArchSpec, LoadedModel
+from .loading import load_model, wrap_model
 from .result import KINDS, TraceConfig, TraceResult
 from .tokens import EncodedPrompt, continuation_ids, encode_prompt
 from .reference import trace_reference

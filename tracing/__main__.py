@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
-    from .models import load_model
+    from .loading import load_model
     from .preview import estimate
     from .trace import iter_trace
 

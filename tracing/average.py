@@ -461,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     import time
 
-    from .models import DEFAULT_MODEL, load_model
+    from .models import DEFAULT_MODEL
+
+    from .loading import load_model
 
     p = argparse.ArgumentParser(
         prog="python -m tracing.average",

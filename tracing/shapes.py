@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .models import DEFAULT_MODEL, LoadedModel, arch_spec, default_device, parse_dtype, prepare_model
+from .models import DEFAULT_MODEL, LoadedModel, arch_spec, default_device, parse_dtype
+from .loading import prepare_model
 
 log = logging.getLogger(__name__)
 

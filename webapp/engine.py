@@ -48,7 +48,8 @@ from tracing.average import shipped_average
 from tracing import LoadedModel, load_model
 from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
-from tracing.models import DEFAULT_MODEL, parse_dtype, warm_up
+from tracing.models import DEFAULT_MODEL, parse_dtype
+from tracing.loading import warm_up
 from tracing.plots import heatmap
 from tracing.preview import estimate
 
