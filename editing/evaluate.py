@@ -11,7 +11,8 @@ so far, after 1, 10, 100, ... edits (``"checkpoints"``) and at the end
 (``"post"``). In these runs a neighbour prompt that names a subject of the
 run is left out (pre and post alike): that subject's own fact is rewritten. Besides ES, PS, NS and S it reports
 the magnitudes EM, PM, NM (mean p(new) − p(old); for neighbours p(old) −
-p(new)) and, with ``--generation-tokens``, the generation entropy ("fluency"),
+p(new)), EasyEdit's token-level accuracies ``rel_acc``, ``gen_acc``, ``loc_acc`` (Reliability,
+Generalization, Locality: :func:`~editing.scores.accuracy_scores`; not ES/PS/NS) and, with ``--generation-tokens``, the generation entropy ("fluency"),
 as in the paper's Table 4, and PS over the paraphrases the unedited model
 answers (:func:`answered_paraphrases`). Records are read as-is in the
 CounterFact format: ``requested_rewrite`` (``prompt`` with ``{}``,
@@ -48,11 +49,12 @@ from .edit import EditRequest, applied, method_label
 from .hparams import METHODS, VARIANTS, HyperParams
 from .methods import compute, compute_batch
 from .sampling import generate
-from .scores import EditScores, continuation_logprobs, fluency, harmonic_mean, score_edit
+from .scores import (ACCURACY, EditScores, accuracy_scores, continuation_logprobs, fluency, harmonic_mean, score_edit,
+                     token_predictions)
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+METRICS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", *ACCURACY)  # ACCURACY: EasyEdit's token-level rel/gen/loc_acc
 ANSWERED = 0.05  # a paraphrase elicits the fact when the unedited model gives the old object at least this
 
 
@@ -204,17 +206,19 @@ def evaluate_cases(
         gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
         key = (json.dumps(case, sort_keys=True), generation_tokens)
         if before is not None and key in before:
-            pre, pre_text = before[key]
+            pre, pre_text, pre_tokens = before[key]
         else:
             pre = score_edit(lm, request, paraphrases, neighbours)
             pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
+            pre_tokens = token_predictions(lm, [pre])[0]
             if before is not None:
-                before[key] = (pre, pre_text)
+                before[key] = (pre, pre_text, pre_tokens)
         t0 = time.perf_counter()
         edit = compute(lm, request, method=method, layer=layer, hparams=hparams, stats_spec=stats_spec)
         edit_seconds.append(time.perf_counter() - t0)
         with applied(lm, [edit]):
             post = score_edit(lm, request, paraphrases, neighbours)
+            post_tokens = token_predictions(lm, [post])[0]
             post_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
         record = {
             "case_id": case.get("case_id", i),
@@ -227,8 +231,10 @@ def evaluate_cases(
             "steps": edit.info.get("steps"),
             "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
             "retried": bool(edit.info.get("retried")),
-            "pre": _nan_to_none({**pre.summary(), "fluency": fluency(pre_text) if pre_text else float("nan")}),
-            "post": _nan_to_none({**post.summary(), "fluency": fluency(post_text) if post_text else float("nan")}),
+            "pre": _nan_to_none({**pre.summary(), **accuracy_scores(pre, pre_tokens),
+                                 "fluency": fluency(pre_text) if pre_text else float("nan")}),
+            "post": _nan_to_none({**post.summary(), **accuracy_scores(post, post_tokens, pre_tokens),
+                                  "fluency": fluency(post_text) if post_text else float("nan")}),
             "prompts": [
                 {**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
                 for a, b in zip(pre.rows(), post.rows())
@@ -354,7 +360,10 @@ def evaluate_batches(
     prompts = [_prompts_of(c, subjects) for c in cases]
     gen_prompts = [list(c.get("generation_prompts") or [])[:2] if generation_tokens else [] for c in cases]
     pre_scores = score_many(lm, [(r, p, n) for r, (p, n, _) in zip(requests, prompts)])
-    pre = _summaries(pre_scores, _generations(lm, gen_prompts, generation_tokens))
+    pre_tokens = token_predictions(lm, pre_scores)
+    pre = [{**summary, **_nan_to_none(accuracy_scores(s, t))}
+           for summary, s, t in zip(_summaries(pre_scores, _generations(lm, gen_prompts, generation_tokens)),
+                                    pre_scores, pre_tokens)]
     groups = [list(range(i, min(i + batch, len(cases)))) for i in range(0, len(cases), batch)]
     post: list[dict | None] = [None] * len(cases)
     post_scores: list[EditScores | None] = [None] * len(cases)
@@ -365,8 +374,9 @@ def evaluate_batches(
     def score_now(indices: Sequence[int]) -> None:
         scored = score_many(lm, [(requests[i], prompts[i][0], prompts[i][1]) for i in indices])
         texts = _generations(lm, [gen_prompts[i] for i in indices], generation_tokens)
-        for i, s, summary in zip(indices, scored, _summaries(scored, texts)):
-            post[i], post_scores[i] = summary, s
+        tokens = token_predictions(lm, scored)
+        for i, s, t, summary in zip(indices, scored, tokens, _summaries(scored, texts)):
+            post[i], post_scores[i] = {**summary, **_nan_to_none(accuracy_scores(s, t, pre_tokens[i]))}, s
 
     def record(edit, group, elapsed) -> None:
         for i in group:

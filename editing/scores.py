@@ -12,6 +12,10 @@ multi-token objects count fully). Then
 * S: the harmonic mean of ES, PS and NS;
 * fluency: the n-gram entropy of generated text (a drop means repetition).
 
+Beside them, :func:`accuracy_scores` gives EasyEdit's token-level scores (``rel_acc``, ``gen_acc``,
+``loc_acc``: the share of the object's tokens the argmax predicts, teacher-forced; locality as agreement
+with the unedited model), which are not ES/PS/NS and can differ widely from them.
+
 Call :func:`score_edit` outside and inside ``applied(...)`` for before/after.
 
 Example::
@@ -154,6 +158,42 @@ def continuation_stats(
     Rows are right-padded (causal attention makes that exact) and only the
     positions that predict continuation tokens are unembedded.
     """
+    mean_logp = np.empty(len(pairs), dtype=np.float64)
+    greedy = np.empty(len(pairs), dtype=bool)
+    for i, spans, owner, logits, tokens in _continuation_logits(lm, pairs, batch_rows):
+        logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].double().cpu()
+        hits = (logits.argmax(-1) == tokens).cpu()
+        sums = torch.zeros(len(spans), dtype=torch.float64).index_add(0, owner, logp)
+        misses = torch.zeros(len(spans), dtype=torch.long).index_add(0, owner, (~hits).long())
+        for r in range(len(spans)):
+            mean_logp[i + r] = float(sums[r]) / spans[r][1]
+            greedy[i + r] = int(misses[r]) == 0
+    return mean_logp, greedy
+
+
+def continuation_predictions(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int = 32
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per (prompt, continuation): the argmax token at each position that predicts a continuation token, teacher-forced
+    on prompt + continuation, and the continuation's tokens: ``(predicted, target)``, two (tokens,) int64 arrays.
+
+    Example::
+
+        predicted, target = continuation_predictions(lm, [("The Eiffel Tower is located in the city of", "Paris")])[0]
+        token_accuracy(predicted, target)     # EasyEdit's accuracy: the share of target tokens predicted
+    """
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for _, spans, owner, logits, tokens in _continuation_logits(lm, pairs, batch_rows):
+        predicted, target, owner = logits.argmax(-1).cpu().numpy(), tokens.cpu().numpy(), owner.numpy()
+        out += [(predicted[owner == r], target[owner == r]) for r in range(len(spans))]
+    return out
+
+
+def _continuation_logits(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int):
+    """Teacher-forced passes over prompt + continuation in chunks of ``batch_rows``: yields, per chunk, its first
+    pair's index, the chunk's (prompt tokens, continuation tokens) counts, and for every position that predicts a
+    continuation token the row it belongs to (CPU), the logits (picked, vocab) and the token it should predict.
+    """
     rows, spans = [], []
     for prompt, continuation in pairs:
         head = lm.tokenizer(prompt)["input_ids"]
@@ -162,8 +202,6 @@ def continuation_stats(
                       "Shorten the prompt or the object.")
         rows.append(head + tail)
         spans.append((len(head), len(tail)))
-    mean_logp = np.empty(len(rows), dtype=np.float64)
-    greedy = np.empty(len(rows), dtype=bool)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     captured: list[torch.Tensor] = []
 
@@ -191,15 +229,53 @@ def continuation_stats(
             index_pos = torch.tensor(sel_pos, device=normed.device)
             tokens = torch.tensor(sel_tok, device=normed.device)
             logits = lm.unembed(normed[index_rows, index_pos]).float()  # (picked, vocab)
-            logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].double().cpu()
-            hits = (logits.argmax(-1) == tokens).cpu()
-            owner = torch.tensor(sel_rows)
-            sums = torch.zeros(len(chunk), dtype=torch.float64).index_add(0, owner, logp)
-            misses = torch.zeros(len(chunk), dtype=torch.long).index_add(0, owner, (~hits).long())
-            for r in range(len(chunk)):
-                mean_logp[i + r] = float(sums[r]) / spans[i + r][1]
-                greedy[i + r] = int(misses[r]) == 0
-    return mean_logp, greedy
+            yield i, spans[i : i + len(chunk)], torch.tensor(sel_rows), logits, tokens
+
+
+def token_accuracy(predicted: np.ndarray, target: np.ndarray) -> float:
+    """The share of positions where ``predicted`` equals ``target`` (EasyEdit's token-level accuracy)."""
+    return float(np.mean(np.asarray(predicted) == np.asarray(target))) if len(target) else float("nan")
+
+
+ACCURACY = ("rel_acc", "gen_acc", "loc_acc")
+
+
+def token_predictions(lm: LoadedModel, scores: Sequence[EditScores]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """For each scored case, :func:`continuation_predictions` of its prompts (same order as ``scores.prompts``),
+    teacher-forced with the new object after rewrite and paraphrase prompts and the old (true) object after
+    neighbours, in shared forward passes."""
+    pairs = [(p, s.target_true if k == "neighbour" else s.target) for s in scores for p, k in zip(s.prompts, s.kinds)]
+    flat = continuation_predictions(lm, pairs) if pairs else []
+    out, start = [], 0
+    for s in scores:
+        out.append(flat[start : start + len(s.prompts)])
+        start += len(s.prompts)
+    return out
+
+
+def accuracy_scores(
+    scores: EditScores,
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    unedited: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, float]:
+    """EasyEdit's token-level scores of one case (each the mean over its prompts of a share of tokens):
+
+    * ``rel_acc`` (Reliability): the rewrite prompt's new-object tokens predicted (argmax, teacher-forced);
+    * ``gen_acc`` (Generalization): the same on the paraphrases;
+    * ``loc_acc`` (Locality): on the neighbours, teacher-forced with the true object, the share of positions
+      where the argmax equals the unedited model's (``unedited``: that model's ``predictions``); left out without it.
+
+    Not the probability comparisons ES/PS/NS: a multi-token object can be half predicted here.
+    """
+    out = {}
+    for name, kind in (("rel_acc", "rewrite"), ("gen_acc", "paraphrase")):
+        values = [token_accuracy(*pred) for pred, k in zip(predictions, scores.kinds) if k == kind]
+        out[name] = float(np.mean(values)) if values else float("nan")
+    if unedited is not None:
+        values = [token_accuracy(now[0], then[0])
+                  for now, then, k in zip(predictions, unedited, scores.kinds) if k == "neighbour"]
+        out["loc_acc"] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def _fill(prompt: str, subject: str) -> str:

@@ -41,7 +41,8 @@ from editing import (
 from editing.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
 from editing.hparams import hparams_files
 from editing.methods.common import SuffixRunner, build_rows
-from editing.scores import continuation_logprobs, harmonic_mean, ngram_entropy
+from editing.scores import (accuracy_scores, continuation_logprobs, continuation_predictions, harmonic_mean,
+                            ngram_entropy, token_accuracy, token_predictions)
 from editing.stats import StatsSpec, ensure_stats, key_stats, stats_dir, stats_path
 from editing.templates import context_templates
 from tracing.hooks import active_hook_count
@@ -544,6 +545,50 @@ def test_continuation_logprobs_match_a_manual_computation(edits_of):
         assert value == pytest.approx(manual, abs=1e-4)
 
 
+def _argmax_by_hand(lm, prompt, cont):
+    """The argmax at each position predicting a token of ``cont``, teacher-forced, and those tokens."""
+    head = lm.tokenizer(prompt)["input_ids"]
+    text = cont if cont.startswith(" ") else " " + cont
+    tail = lm.tokenizer(prompt + text)["input_ids"][len(head):]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([head + tail], device=lm.device)).logits[0]
+    return [int(logits[len(head) - 1 + i].argmax()) for i in range(len(tail))], tail
+
+
+def test_token_accuracy_matches_a_hand_computation(edits_of):
+    lm, edit, _ = edits_of("gpt2")
+    prompt = "The Eiffel Tower is located in the city of"
+    greedy = generate(lm, [prompt], max_new_tokens=4)[0]  # the model's own answer: some tokens predicted
+    pairs = [(prompt, "Paris"), ("Hi", " New York City"), (prompt, greedy)]
+    got = continuation_predictions(lm, pairs, batch_rows=2)  # two passes, right-padded
+    shares = []
+    for (p, cont), (predicted, target) in zip(pairs, got):
+        hand, tail = _argmax_by_hand(lm, p, cont)
+        assert predicted.tolist() == hand and target.tolist() == tail
+        share = sum(a == b for a, b in zip(hand, tail)) / len(tail)
+        assert token_accuracy(predicted, target) == pytest.approx(share)
+        shares.append(share)
+    assert shares[2] > 0
+    # the per-case scores: mean over the prompts of each kind; locality = agreement with the unedited argmax
+    scores = score_edit(lm, REQ1, paraphrases=["{} stands in the city of", "{} is in"], neighbours=["The Louvre is in"])
+    before = token_predictions(lm, [scores])[0]
+    values = accuracy_scores(scores, before, before)
+    hand = [_argmax_by_hand(lm, p, REQ1.target_true if k == "neighbour" else REQ1.target)
+            for p, k in zip(scores.prompts, scores.kinds)]
+    share = [sum(a == b for a, b in zip(*h)) / len(h[1]) for h in hand]
+    assert values["rel_acc"] == pytest.approx(share[0])
+    assert values["gen_acc"] == pytest.approx((share[1] + share[2]) / 2)
+    assert values["loc_acc"] == 1.0  # the "edited" model is the unedited one
+    assert "loc_acc" not in accuracy_scores(scores, before)
+    with applied(lm, [edit]):
+        after = score_edit(lm, REQ1, paraphrases=["{} stands in the city of", "{} is in"],
+                           neighbours=["The Louvre is in"])
+        edited = token_predictions(lm, [after])[0]
+        hand_after = _argmax_by_hand(lm, "The Louvre is in", REQ1.target_true)[0]
+    loc = accuracy_scores(after, edited, before)["loc_acc"]
+    assert loc == pytest.approx(np.mean(np.array(hand_after) == np.array(hand[3][0])))
+
+
 def test_edit_scores_arithmetic():
     scores = EditScores(
         prompts=("r", "p1", "p2", "n1", "n2"), kinds=("rewrite", "paraphrase", "paraphrase", "neighbour", "neighbour"),
@@ -591,7 +636,9 @@ def test_evaluate_cases_reports_pre_and_post(edits_of, tmp_path):
         "generation_prompts": ["The Eiffel Tower is"],
     }]
     result = evaluate_cases(lm, cases, hparams=TINY_HPARAMS, stats_spec=TINY_STATS, generation_tokens=5)
-    assert set(result["pre"]) >= {"ES", "PS", "NS", "S", "fluency"} and result["cases"] == 1
+    assert set(result["pre"]) >= {"ES", "PS", "NS", "S", "fluency", "rel_acc", "gen_acc"} and result["cases"] == 1
+    assert result["pre"]["loc_acc"] is None and 0 <= result["post"]["loc_acc"] <= 1
+    assert all(0 <= result["post"][m] <= 1 for m in ("rel_acc", "gen_acc")) and "rel_acc" in format_table(result)
     assert result["per_case"][0]["case_id"] == 7 and result["seconds_per_edit"] > 0
     assert len(result["per_case"][0]["prompts"]) == 3
     assert result["answered_paraphrases"]["of"] == 1
