@@ -49,7 +49,7 @@ from .edit import EditRequest, applied, method_label
 from .hparams import METHODS, VARIANTS, HyperParams
 from .methods import compute, compute_batch
 from .sampling import generate
-from .scores import (ACCURACY, EditScores, accuracy_scores, continuation_logprobs, fluency, harmonic_mean, score_edit,
+from .scores import (ACCURACY, EditScores, accuracy_scores, continuation_scores, fluency, harmonic_mean, score_edit,
                      token_predictions)
 
 log = logging.getLogger(__name__)
@@ -284,14 +284,9 @@ def score_many(lm: LoadedModel, items: Sequence[tuple[EditRequest, Sequence[str]
         kinds = ["rewrite"] + ["paraphrase"] * len(paraphrases) + ["neighbour"] * len(neighbours)
         plans.append((request, prompts, kinds, len(pairs)))
         pairs += [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
-    logp = continuation_logprobs(lm, pairs) if pairs else np.zeros(0)
-    out = []
-    for request, prompts, kinds, start in plans:
-        n = len(prompts)
-        out.append(EditScores(prompts=tuple(prompts), kinds=tuple(kinds), logp_new=logp[start : start + n],
-                              logp_old=logp[start + n : start + 2 * n], target=request.target,
-                              target_true=request.target_true))
-    return out
+    logp, predictions = continuation_scores(lm, pairs) if pairs else (np.zeros(0), [])
+    return [EditScores.from_pass(prompts, kinds, logp[start:], predictions[start:], request.target,
+                                 request.target_true) for request, prompts, kinds, start in plans]
 
 
 def _generations(lm: LoadedModel, prompt_lists: Sequence[Sequence[str]], tokens: int) -> list[list[str]]:

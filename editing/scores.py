@@ -60,6 +60,19 @@ class EditScores:
     logp_old: np.ndarray  # (prompts,)
     target: str
     target_true: str
+    # per prompt, from the same teacher-forced pass: (argmax tokens, object tokens) for the new object after rewrite
+    # and paraphrase prompts, the true object after neighbours (EasyEdit's token scores); None if not kept
+    tokens: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
+
+    @classmethod
+    def from_pass(cls, prompts: Sequence[str], kinds: Sequence[str], logp: np.ndarray,
+                  predictions: Sequence[tuple[np.ndarray, np.ndarray]], target: str, target_true: str) -> EditScores:
+        """The scores of one pass over (prompt, target) for every prompt, then (prompt, target_true) for every prompt:
+        ``logp`` and ``predictions`` as :func:`continuation_scores` returns them for those pairs."""
+        n = len(prompts)
+        tokens = tuple(predictions[n + j] if k == "neighbour" else predictions[j] for j, k in enumerate(kinds))
+        return cls(prompts=tuple(prompts), kinds=tuple(kinds), logp_new=logp[:n], logp_old=logp[n : 2 * n],
+                   target=target, target_true=target_true, tokens=tokens)
 
     @property
     def prob_new(self) -> np.ndarray:
@@ -158,17 +171,8 @@ def continuation_stats(
     Rows are right-padded (causal attention makes that exact) and only the
     positions that predict continuation tokens are unembedded.
     """
-    mean_logp = np.empty(len(pairs), dtype=np.float64)
-    greedy = np.empty(len(pairs), dtype=bool)
-    for i, spans, owner, logits, tokens in _continuation_logits(lm, pairs, batch_rows):
-        logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].double().cpu()
-        hits = (logits.argmax(-1) == tokens).cpu()
-        sums = torch.zeros(len(spans), dtype=torch.float64).index_add(0, owner, logp)
-        misses = torch.zeros(len(spans), dtype=torch.long).index_add(0, owner, (~hits).long())
-        for r in range(len(spans)):
-            mean_logp[i + r] = float(sums[r]) / spans[r][1]
-            greedy[i + r] = int(misses[r]) == 0
-    return mean_logp, greedy
+    mean_logp, predictions = continuation_scores(lm, pairs, batch_rows)
+    return mean_logp, np.array([np.array_equal(predicted, target) for predicted, target in predictions], dtype=bool)
 
 
 def continuation_predictions(
@@ -182,11 +186,23 @@ def continuation_predictions(
         predicted, target = continuation_predictions(lm, [("The Eiffel Tower is located in the city of", "Paris")])[0]
         token_accuracy(predicted, target)     # EasyEdit's accuracy: the share of target tokens predicted
     """
+    return continuation_scores(lm, pairs, batch_rows)[1]
+
+
+def continuation_scores(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int = 32
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`continuation_logprobs` and :func:`continuation_predictions` of the same pairs from one pass."""
+    mean_logp = np.empty(len(pairs), dtype=np.float64)
     out: list[tuple[np.ndarray, np.ndarray]] = []
-    for _, spans, owner, logits, tokens in _continuation_logits(lm, pairs, batch_rows):
-        predicted, target, owner = logits.argmax(-1).cpu().numpy(), tokens.cpu().numpy(), owner.numpy()
-        out += [(predicted[owner == r], target[owner == r]) for r in range(len(spans))]
-    return out
+    for i, spans, owner, logits, tokens in _continuation_logits(lm, pairs, batch_rows):
+        logp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].double().cpu()
+        sums = torch.zeros(len(spans), dtype=torch.float64).index_add(0, owner, logp)
+        predicted, target, rows = logits.argmax(-1).cpu().numpy(), tokens.cpu().numpy(), owner.numpy()
+        for r in range(len(spans)):
+            mean_logp[i + r] = float(sums[r]) / spans[r][1]
+            out.append((predicted[rows == r], target[rows == r]))
+    return mean_logp, out
 
 
 def _continuation_logits(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batch_rows: int):
@@ -243,14 +259,11 @@ ACCURACY = ("rel_acc", "gen_acc", "loc_acc")
 def token_predictions(lm: LoadedModel, scores: Sequence[EditScores]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """For each scored case, :func:`continuation_predictions` of its prompts (same order as ``scores.prompts``),
     teacher-forced with the new object after rewrite and paraphrase prompts and the old (true) object after
-    neighbours, in shared forward passes."""
-    pairs = [(p, s.target_true if k == "neighbour" else s.target) for s in scores for p, k in zip(s.prompts, s.kinds)]
-    flat = continuation_predictions(lm, pairs) if pairs else []
-    out, start = [], 0
-    for s in scores:
-        out.append(flat[start : start + len(s.prompts)])
-        start += len(s.prompts)
-    return out
+    neighbours: kept from the scoring pass (``EditScores.tokens``), else computed in shared forward passes."""
+    missing = [s for s in scores if s.tokens is None]
+    pairs = [(p, s.target_true if k == "neighbour" else s.target) for s in missing for p, k in zip(s.prompts, s.kinds)]
+    flat = iter(continuation_predictions(lm, pairs) if pairs else [])
+    return [list(s.tokens) if s.tokens is not None else [next(flat) for _ in s.prompts] for s in scores]
 
 
 def accuracy_scores(
@@ -318,10 +331,8 @@ def score_edit(
     if not prompts:
         raise ValueError("Nothing to score: give the rewrite prompt, paraphrases or neighbours.")
     pairs = [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
-    logp = continuation_logprobs(lm, pairs)
-    n = len(prompts)
-    return EditScores(prompts=tuple(prompts), kinds=tuple(kinds), logp_new=logp[:n], logp_old=logp[n:],
-                      target=request.target, target_true=request.target_true)
+    logp, predictions = continuation_scores(lm, pairs)
+    return EditScores.from_pass(prompts, kinds, logp, predictions, request.target, request.target_true)
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
