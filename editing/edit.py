@@ -438,6 +438,24 @@ _ORIGINALS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, tuple[torch.Te
     weakref.WeakKeyDictionary())
 
 
+# The edits on each model now, in the order they were applied (by `applied` and `EditStack`), so that `applied`
+# does not apply again edits that an outer context (the page's engine) has applied already.
+_ON_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, list[Edit]]" = weakref.WeakKeyDictionary()
+
+
+def edits_on(lm: LoadedModel) -> tuple[Edit, ...]:
+    """The edits applied to ``lm`` now (by :func:`applied` or an :class:`EditStack`), in order."""
+    return tuple(_ON_MODEL.get(lm.model, ()))
+
+
+def _new_edits(lm: LoadedModel, edits: list[Edit]) -> list[Edit]:
+    """``edits`` without the ones that the model carries already as the start of the list (same objects, order)."""
+    on = _ON_MODEL.get(lm.model, [])
+    if on and len(edits) >= len(on) and all(a is b for a, b in zip(edits, on)):
+        return edits[len(on):]
+    return edits
+
+
 def _register(lm: LoadedModel, saved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     """Record saved originals that no outer context has recorded yet; returns the ids this call owns."""
     registry = _ORIGINALS.setdefault(lm.model, {})
@@ -614,23 +632,31 @@ def applied(lm: LoadedModel, edits: Iterable[Edit] | Edit) -> Iterator[LoadedMod
     Every edit is checked against the model before any weight changes, so a
     bad edit leaves the model untouched. The originals of the touched weights
     are copied (a few MB each) and copied back, never recovered by subtraction.
+    When the list starts with exactly the edits the model carries now (an
+    outer ``applied``, e.g. the page's engine applying a visitor's edits), only
+    the rest are applied: ``applied(lm, [*previous, edit])`` inside
+    ``applied(lm, previous)`` adds ``edit`` alone.
     """
-    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    edits = _new_edits(lm, [edits] if isinstance(edits, Edit) else list(edits))
     _ = lm.fingerprint  # fix the model's identity (cache keys) on the unedited weights
     plan = [(edit, _targets(lm, edit)) for edit in edits]
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     owned: list[int] = []
+    on = _ON_MODEL.setdefault(lm.model, [])
+    depth = len(on)
     try:
         for _, targets in plan:
             _save(saved, targets)
         owned = _register(lm, saved)
         for edit, targets in plan:
             _add(lm, edit, targets)
+            on.append(edit)
         yield lm
     finally:
         with torch.no_grad():
             for weight, original in saved.values():
                 weight.copy_(original)
+        del on[depth:]
         _unregister(lm, owned)
 
 
@@ -679,6 +705,7 @@ class EditStack:
             self._rebuild(self._edits)
             raise
         self._edits.append(edit)
+        _ON_MODEL.setdefault(self.lm.model, []).append(edit)
 
     def undo(self) -> Edit:
         """Remove the last edit and return it."""
@@ -687,6 +714,7 @@ class EditStack:
         last = self._edits[-1]
         self._rebuild(self._edits[:-1])
         self._edits.pop()
+        self._forget([last])
         if not self._edits:  # back to the originals: the model is no longer edited (is_edited, shipped results)
             self._release()
         return last
@@ -694,8 +722,18 @@ class EditStack:
     def reset(self) -> None:
         """Remove every edit: all weights bitwise the originals."""
         self._rebuild([])
+        self._forget(self._edits)
         self._edits.clear()
         self._release()
+
+    def _forget(self, edits: Sequence[Edit]) -> None:
+        """Take ``edits`` off the model's list of applied edits (see :func:`edits_on`)."""
+        on = _ON_MODEL.get(self.lm.model, [])
+        for edit in edits:
+            for i in range(len(on) - 1, -1, -1):
+                if on[i] is edit:
+                    del on[i]
+                    break
 
     def _release(self) -> None:
         """Forget the saved originals (the weights are the originals again)."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 import app as app_module
 from editing import Edit, EditRequest, compute_edit, load_edits, save_edits
 from webapp import Visitor, build_demo, create_engine
-from webapp import handlers as handlers_module
+from tracing import workflow as workflow_module
 from webapp.handlers import App
 from webapp.limits import Limits, Refused
 from webapp.render import highlight, history_rows, model_card
@@ -46,14 +44,14 @@ def is_progress(value) -> bool:
     return value == SKIP or (isinstance(value, str) and (value == "" or 'class="le-progress"' in value))
 
 
-def run(gen, seen_progress: list | None = None) -> list:
-    """The updates a streaming handler yields, without the progress ticks (which only show progress)."""
+def run(gen, seen_progress: list | None = None) -> list[dict]:
+    """The updates (outputs by name) a streaming handler yields, without the progress ticks."""
     updates = []
     for update in gen:
-        values = update if isinstance(update, tuple) else (update,)
+        assert isinstance(update, dict), update
         if seen_progress is not None:
-            seen_progress.extend(v for v in values if isinstance(v, str) and "le-progress" in v)
-        if not all(is_progress(value) for value in values):
+            seen_progress.extend(v for v in update.values() if isinstance(v, str) and "le-progress" in v)
+        if not all(is_progress(value) for value in update.values()):
             updates.append(update)
     return updates
 
@@ -85,7 +83,7 @@ def edit(app, edits=None, visitor=None, **changes):
 
 
 def compare(app, prompt, edits=None):
-    return run(app.compare(prompt, 4, False, 0, visitor_with(edits), progress=no_progress))[-1]
+    return run(app.compare(prompt, 4, False, 0, visitor_with(edits), progress=no_progress))[-1]["comparison"]
 
 
 @pytest.fixture(scope="module")
@@ -98,24 +96,30 @@ def one_edit(engine):
 
 
 def titles(update) -> list[str]:
-    return [f.layout.title.text if isinstance(f, go.Figure) else "" for f in update[1:4]]
+    return [f.layout.title.text if isinstance(f, go.Figure) else "" for f in figures(update)]
+
+
+def figures(update) -> list:
+    return [update.get(kind) for kind in ("hidden", "mlp", "attn")]
 
 
 def test_trace_shows_estimates_then_exact_rows_then_exports(app):
     updates = trace(app, seed=99)  # a trace no other test remembered
     final = updates[-1]
-    prediction, hidden, mlp, attn, json_btn, csv_btn, layer_html, state, progress = final
-    assert progress == ""  # the progress card is cleared at the end
+    assert set(final) == {"prediction", "hidden", "mlp", "attn", "json", "csv", "layer", "state", "progress"}
+    prediction, json_btn, csv_btn, layer_html, state = (final[k] for k in ("prediction", "json", "csv", "layer", "state"))
+    hidden, mlp, attn = figures(final)
+    assert final["progress"] == ""  # the progress card is cleared at the end
     assert all(isinstance(f, go.Figure) for f in (hidden, mlp, attn))
     assert all(t.startswith("Impact of restoring") for t in titles(final))
     # First the prediction, then first-order estimates of the maps, then the exact rows as they arrive.
     estimated = [i for i, u in enumerate(updates) if any(t.startswith("Estimate") for t in titles(u))]
     partial = [i for i, u in enumerate(updates)
                if any(isinstance(f, go.Figure) and "still being computed" in f.layout.title.subtitle.text
-                      for f in u[1:4])]
+                      for f in figures(u))]
     assert estimated and estimated[0] < len(updates) - 1
     assert partial and min(partial) > estimated[0]
-    assert "first-order estimates" in updates[estimated[0]][0]
+    assert "first-order estimates" in updates[estimated[0]]["prediction"]
     assert "Model's next token" in prediction and "corrupted" in prediction
     again = trace(app, seed=99)  # the next visitor: remembered, no queue, no estimate
     assert len(again) == 1 and titles(again[0]) == titles(final)
@@ -150,8 +154,8 @@ def test_progress_cards_name_the_stage_and_its_fraction(app):
 
 def test_expected_answer_is_traced(app):
     final = trace(app, answer="Paris")[-1]
-    assert "Paris" in final[0]
-    assert final[7]["answer"] == " Paris"
+    assert "Paris" in final["prediction"]
+    assert final["state"]["answer"] == " Paris"
 
 
 def test_trace_sees_only_the_visitors_edits(app, one_edit):
@@ -159,8 +163,8 @@ def test_trace_sees_only_the_visitors_edits(app, one_edit):
     edited = trace(app, edits=[one_edit])[-1]
     again = trace(app)[-1]
     z = lambda fig: np.asarray(fig.data[0].z, dtype=float)  # noqa: E731
-    assert not np.allclose(z(plain[2]), z(edited[2]), equal_nan=True)  # the edit changes the trace ...
-    np.testing.assert_array_equal(z(plain[2]), z(again[2]))  # ... only while it is applied
+    assert not np.allclose(z(plain["mlp"]), z(edited["mlp"]), equal_nan=True)  # the edit changes the trace ...
+    np.testing.assert_array_equal(z(plain["mlp"]), z(again["mlp"]))  # ... only while it is applied
 
 
 @pytest.mark.parametrize(
@@ -181,21 +185,21 @@ def test_trace_bad_input_is_a_message(app, changes, message):
 
 
 def test_failure_mid_trace_restores_everything(app, one_edit, monkeypatch):
-    real = handlers_module.iter_trace
+    real = workflow_module.iter_trace
 
     def failing(*args, **kwargs):
         with closing(real(*args, **kwargs)) as iterator:
             yield next(iterator)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(handlers_module, "iter_trace", failing)
+    monkeypatch.setattr(workflow_module, "iter_trace", failing)
     with pytest.raises(gr.Error, match="simulated crash.*restored"):
         trace(app, edits=[one_edit])
     # the `app` fixture checks weights, hooks and lock
 
 
 def test_to_edit_carries_the_traced_fact(app):
-    state = trace(app)[-1][7]
+    state = trace(app)[-1]["state"]
     subject, relation, old, layer, tabs = app.to_edit(state, 0)
     assert (subject, relation, layer) == (SUBJECT, "{} is located in the city of", state["layer"])
     assert old == state["answer"].strip()
@@ -210,8 +214,11 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
     visitor = Visitor()
     updates = edit(app, visitor=visitor)
     before, final = updates[0], updates[-1]
-    assert "editing…" in before[0]  # the before column appears first
-    comparison, scores, details, state, history, export_btn, status, stats_note, progress = final
+    assert "editing…" in before["comparison"]  # the before column appears first
+    comparison, scores, details, state, history, export_btn, status, stats_note, progress = (
+        final[k] for k in ("comparison", "scores", "details", "visitor", "history", "export", "status", "stats_note",
+                           "progress"))
+    assert progress == ""
     edits = state.edits
     assert state is visitor and len(edits) == 1 and edits[0].request.target == "Rome" and edits[0].layer == 1
     kinds = [row["kind"] for row in details["rows"]]
@@ -233,7 +240,7 @@ def test_edit_compares_before_and_after_and_keeps_history(app):
 
 
 def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, one_edit, monkeypatch):
-    first = edit(app)[-1][3].edits[0]  # the first visitor's preset edit, maybe already remembered
+    first = edit(app)[-1]["visitor"].edits[0]  # the first visitor's preset edit, maybe already remembered
     trace(app)
     calls = []
 
@@ -246,10 +253,10 @@ def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, on
 
     import editing.compare as compare_module
 
-    monkeypatch.setattr(handlers_module, "iter_trace", counted(handlers_module.iter_trace))
+    monkeypatch.setattr(workflow_module, "iter_trace", counted(workflow_module.iter_trace))
     for name in ("compute", "generate", "score_edit"):
         monkeypatch.setattr(compare_module, name, counted(getattr(compare_module, name)))
-    again = edit(app)[-1][3].edits[0]  # the next visitors: nothing to compute on the unedited model
+    again = edit(app)[-1]["visitor"].edits[0]  # the next visitors: nothing to compute on the unedited model
     trace(app)
     assert calls == [] and np.array_equal(again.u, first.u)
     edit(app, edits=[one_edit])  # on top of a visitor's edit everything is computed
@@ -260,21 +267,21 @@ def test_the_unedited_models_results_are_computed_once_for_every_visitor(app, on
 def test_second_edit_builds_on_the_first_then_undo_and_reset(app, one_edit):
     final = edit(app, edits=[one_edit], subject="Michael Jordan", relation="{} plays the sport of",
                  target="baseball", old="basketball", paraphrases="", neighbours="")[-1]
-    visitor = final[3]
+    visitor = final["visitor"]
     assert [e.request.target for e in visitor.edits] == ["Rome", "baseball"]
-    assert final[2]["rows"][0]["kind"] == "rewrite" and len(final[2]["rows"]) == 1
-    visitor, history, export_btn, status, _ = app.undo(visitor)
-    assert [e.request.target for e in visitor.edits] == ["Rome"] and len(history) == 1
-    visitor, history, export_btn, status, _ = app.reset(visitor)
-    assert visitor.edits == [] and history == [] and export_btn.interactive is False
-    assert "original model" in status
+    assert final["details"]["rows"][0]["kind"] == "rewrite" and len(final["details"]["rows"]) == 1
+    undone = app.undo(visitor)
+    assert [e.request.target for e in undone["visitor"].edits] == ["Rome"] and len(undone["history"]) == 1
+    reset = app.reset(visitor)
+    assert reset["visitor"].edits == [] and reset["history"] == [] and reset["export"].interactive is False
+    assert "original model" in reset["status"]
     with pytest.raises(gr.Error, match="no edit to undo"):
         app.undo(Visitor())
 
 
 def test_missing_old_object_is_the_models_answer(app):
     final = edit(app, old="", paraphrases="", neighbours="")[-1]
-    request = final[3].edits[0].request
+    request = final["visitor"].edits[0].request
     assert request.target_true and request.target_true != "Rome"
 
 
@@ -300,9 +307,9 @@ def test_edit_bad_input_is_a_message(app, changes, message):
 
 def test_import_round_trip(app, one_edit, tmp_path):
     path = save_edits([one_edit], tmp_path / "mine.safetensors")
-    visitor, history, export_btn, status, _ = app.import_edits(str(path), Visitor())
+    visitor = app.import_edits(str(path), Visitor())["visitor"]
     assert len(visitor.edits) == 1 and visitor.edits[0].request == one_edit.request
-    visitor, *_ = app.import_edits(str(path), visitor)
+    visitor = app.import_edits(str(path), visitor)["visitor"]
     assert len(visitor.edits) == 2
 
 
@@ -415,8 +422,8 @@ def test_a_space_installs_the_embedded_models_package_without_its_dependencies(m
 
 def test_edit_with_another_method_and_the_layer_it_offers(app):
     final = edit(app, method="ft-l", target="Berlin", paraphrases="", neighbours="")[-1]
-    visitor = final[3]
-    assert visitor.edits[0].method == "ft-l" and "FT+L" in final[1] and final[4][0][1] == "FT+L"
+    visitor = final["visitor"]
+    assert visitor.edits[0].method == "ft-l" and "FT+L" in final["scores"] and final["history"][0][1] == "FT+L"
     slider = app.method_layer("kn")
     assert slider.interactive is False and "searches every layer" in slider.label
     assert app.method_layer("rome").value == app.engine.default_layer
@@ -429,7 +436,7 @@ def test_compare_editors_writes_the_fact_with_each_method_and_keeps_none(app, on
     seen: list[str] = []
     updates = run(app.compare_editors(SUBJECT, "{} is located in the city of", "Lisbon", "Paris",
                                       EDIT["paraphrases"], EDIT["neighbours"], 4, visitor, progress=no_progress), seen)
-    table = updates[-1][0]
+    table = updates[-1]["table"]
     for method in ("rome", "ft", "ft-l", "kn"):
         assert f'th class="le-method" data-method="{method}"' in table
         assert table.count(f'<td class="after" data-method="{method}">') == 3  # rewrite, a paraphrase, a neighbour
@@ -465,17 +472,18 @@ def test_many_facts_are_one_edit_scored_per_fact_and_undone_in_one_step(fast_mem
     assert box == ""
     seen: list[str] = []
     updates = run(app.write_batch(table, extras, False, visitor_with([one_edit]), progress=no_progress), seen)
-    html_, visitor, history, export_btn, status, _, card = updates[-1]
+    html_, visitor, history, status, card = (updates[-1][k] for k in ("result", "visitor", "history", "status",
+                                                                       "progress"))
     batch = visitor.edits[-1]
     assert visitor.edits[0] is one_edit and batch.method == "memit" and len(batch.requests) == 2
     assert html_.count("<tr data-index=") == 2 and 'id="batch-health"' in html_ and 'data-score="PS"' in html_
     assert history[1][1] == "MEMIT" and history[1][2].startswith("2 facts: ") and "2 edits active" in status
     assert any("target vector" in c for c in seen) and card == ""
     path = save_edits(visitor.edits, tmp_path / "batch.safetensors")
-    imported, *_ = app.import_edits(str(path), Visitor())
+    imported = app.import_edits(str(path), Visitor())["visitor"]
     assert [len(e.requests) for e in imported.edits] == [1, 2]
-    visitor, history, *_ = app.undo(visitor)
-    assert visitor.edits == [one_edit] and len(history) == 1
+    undone = app.undo(visitor)
+    assert undone["visitor"].edits == [one_edit] and len(undone["history"]) == 1
 
 
 @pytest.mark.parametrize("table, message", [
@@ -512,11 +520,11 @@ def test_batch_files_and_pastes_are_bounded(app, tmp_path):
 
 def test_which_layer_edits_each_layer_and_draws_it_beside_the_trace(app):
     final = trace(app, seed=7)[-1]
-    state = final[7]
+    state = final["state"]
     seen: list[str] = []
     updates = run(app.which_layer(state, "Rome", 2, EDIT["paraphrases"], EDIT["neighbours"], Visitor(),
                                   progress=no_progress), seen)
-    figure, summary, progress = updates[-1]
+    figure, summary, progress = (updates[-1][k] for k in ("figure", "summary", "progress"))
     assert progress == "" and isinstance(figure, go.Figure)
     assert any("ROME at layer 2 (2 of 2)" in card for card in seen)
     names = [t.name for t in figure.data]

@@ -88,7 +88,7 @@ def test_two_visitors_one_edits_the_other_sees_the_original(served, engine):
 
 def test_a_cancelled_request_restores_the_model(served, engine, monkeypatch):
     """Stop pressed mid-trace: the work stops at its next progress report and the weights come back."""
-    from webapp import handlers as app_module
+    from tracing import workflow as workflow_module
 
     demo, url = served
     client = Client(url, verbose=False)
@@ -105,7 +105,7 @@ def test_a_cancelled_request_restores_the_model(served, engine, monkeypatch):
             time.sleep(0.05)  # only paces the endless work (10,000 steps: minutes); the test never waits on it
         yield from ()
 
-    monkeypatch.setattr(app_module, "iter_trace", endless_trace)
+    monkeypatch.setattr(workflow_module, "iter_trace", endless_trace)
     job = client.submit("The Eiffel Tower is located in the city of", "The Eiffel Tower", "", *QUICK.values(),
                         api_name="/trace")
     assert reporting.wait(60)
@@ -130,7 +130,7 @@ def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine
     import httpx
 
     import webapp.engine as engine_module
-    from webapp import handlers as app_module
+    from tracing import workflow as workflow_module
 
     demo, url = served
     monkeypatch.setattr(engine_module, "ABANDONED_S", 2.0)
@@ -146,8 +146,8 @@ def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine
             stopped.set()
         yield from ()
 
-    monkeypatch.setattr(app_module, "iter_trace", endless_trace)
-    monkeypatch.setattr(app_module, "estimate", lambda *args, **kwargs: [])  # straight to the exact trace
+    monkeypatch.setattr(workflow_module, "iter_trace", endless_trace)
+    monkeypatch.setattr(workflow_module, "estimate", lambda *args, **kwargs: [])  # straight to the exact trace
     fn_index = next(i for i, fn in demo.fns.items() if fn.api_name == "trace")
     session = "leaving-visitor"
     settings = {**QUICK, "seed": 4242}  # a trace no earlier test ran (those are remembered)

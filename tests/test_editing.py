@@ -39,6 +39,7 @@ from editing import (
     score_edit,
 )
 from editing.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
+from editing.edit import edits_on
 from editing.hparams import hparams_files
 from editing.methods.common import SuffixRunner, build_rows
 from editing.scores import (accuracy_scores, continuation_logprobs, continuation_predictions, harmonic_mean,
@@ -195,6 +196,27 @@ def test_applied_restores_every_weight_bitwise(edits_of, family):
             pass
         assert changed(lm.model, saved) != []
     assert changed(lm.model, saved) == []
+
+
+def test_applied_does_not_apply_again_what_an_outer_context_applied(edits_of):
+    lm, first, second = edits_of("llama")
+    saved = snapshot(lm.model)
+    with applied(lm, [first, second]):
+        both = snapshot(lm.model)
+    with applied(lm, [first]):  # e.g. the page's engine applying a visitor's edits
+        assert edits_on(lm) == (first,)
+        with applied(lm, [first, second]):  # a library call "on top of previous": only `second` is added
+            assert edits_on(lm) == (first, second) and changed(lm.model, both) == []
+        assert edits_on(lm) == (first,)
+        with applied(lm, [second, first]):  # not the model's edits as a prefix: everything is applied
+            assert edits_on(lm) == (first, second, first)
+    assert edits_on(lm) == () and changed(lm.model, saved) == []
+    stack = EditStack(lm)
+    stack.push(first)
+    with applied(lm, [first, second]):
+        assert changed(lm.model, both) == []
+    stack.reset()
+    assert edits_on(lm) == () and changed(lm.model, saved) == []
 
 
 def test_applied_checks_every_edit_before_touching_weights(edits_of):

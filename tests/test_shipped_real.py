@@ -57,12 +57,12 @@ def test_a_first_click_of_a_preset_never_waits_for_the_model(real_lm, presets, t
     updates = list(app.trace(prompt, subject, answer, 10, 3.0, 10, "gaussian", "prob", "", 1, "auto", False,
                              Visitor(), progress=lambda *a, **k: None))
     assert len(updates) == 1 and not engine.records  # answered without the queue
-    prediction, hidden, mlp, attn = updates[0][:4]
+    prediction, hidden, mlp, attn = (updates[0][k] for k in ("prediction", "hidden", "mlp", "attn"))
     assert "Computed in advance" in prediction and p.attribute.strip() in prediction
     assert all(fig is not None for fig in (hidden, mlp, attn))
     updates = list(app.edit(e_subject, relation, target, old, engine.default_layer, "rome", paraphrases, neighbours,
                             PAGE_EDIT["max_new_tokens"], PAGE_EDIT["sample"], PAGE_EDIT["seed"], Visitor(),
                             progress=lambda *a, **k: None))
     assert not engine.records
-    visitor = updates[-1][3]
+    visitor = updates[-1]["visitor"]
     assert len(visitor.edits) == 1 and visitor.edits[0].request.target == p.counterfactual

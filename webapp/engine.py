@@ -52,6 +52,7 @@ from tracing.models import DEFAULT_MODEL, parse_dtype
 from tracing.loading import warm_up
 from tracing.plots import heatmap
 from tracing.preview import estimate
+from tracing.workflow import NoMemo, Step, split_precision, trace_key
 
 from .limits import Limits, Refused
 
@@ -118,14 +119,41 @@ class _Ticket:
         return self.stop.is_set() or time.monotonic() - self.seen > ABANDONED_S
 
 
-class Job:
-    """What a request's work uses to report: progress, results, and the checks of Stop and the deadline."""
+class SharedMemo:
+    """The engine's memo of the unedited model in one precision, as a request's work sees it (a
+    :class:`tracing.workflow.Memo`, also callable as ``memo(key, compute)``)."""
 
-    def __init__(self, ticket: _Ticket, deadline: float, events: queue.Queue, memo):
+    def __init__(self, engine: "Engine", precision: str):
+        self._engine, self._precision = engine, precision
+
+    def recall(self, key: Hashable):
+        return self._engine.recall(key, self._precision)
+
+    def remember(self, key: Hashable, value):
+        return self._engine.remember(key, value, self._precision)
+
+    def __call__(self, key: Hashable, compute: Callable[[], object]):
+        value = self.recall(key)
+        return self.remember(key, compute()) if value is None else value
+
+
+class Job:
+    """What a request's work uses: the edits applied for it, the memo, progress and results, and the checks of
+    Stop and the deadline.
+
+    ``edits`` are the visitor's edits that the engine applied before the work
+    started (the same for every kind of request); work that computes a new
+    edit passes them on as ``previous=`` (already applied, they are not applied
+    again). ``memo`` shares results of the unedited model between requests
+    (:class:`SharedMemo`); with edits applied it remembers nothing (:class:`NoMemo`).
+    """
+
+    def __init__(self, ticket: _Ticket, deadline: float, events: queue.Queue, memo, edits: Sequence = ()):
         self._ticket = ticket
         self.deadline = deadline
         self._events = events
-        self.memo = memo  # memo(key, compute): shared results of the unedited model (see Engine.memo)
+        self.memo = memo
+        self.edits = tuple(edits)
 
     def stop(self) -> None:
         """Ask the work to end at its next check (what closing the request's stream does)."""
@@ -138,9 +166,14 @@ class Job:
         if time.monotonic() > self.deadline:
             raise DeadlineExceeded("deadline")
 
-    def progress(self, stage: str, fraction: float) -> None:
+    def step(self, step: Step) -> None:
+        """Report progress (a typed :class:`~tracing.workflow.Step`)."""
         self.check()
-        self._events.put(("progress", stage, float(fraction)))
+        self._events.put(("progress", step))
+
+    def progress(self, stage: str, fraction: float) -> None:
+        """Report progress the way :mod:`editing` reports it: ``progress(stage, fraction)``."""
+        self.step(Step(stage, float(fraction)))
 
     def emit(self, item) -> None:
         self.check()
@@ -310,7 +343,7 @@ class Engine:
         for p in self.presets:
             traces = shipped_trace(self.lm, p.prompt, p.subject, p.attribute, TraceConfig())
             if traces is not None:
-                self._shipped[("auto", ("trace", p.prompt, p.subject, p.attribute, TraceConfig()))] = traces
+                self._shipped[("auto", trace_key(p.prompt, p.subject, p.attribute, TraceConfig()))] = traces
                 found += 1
             request = EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute)
             layer = self.default_layer
@@ -331,7 +364,8 @@ class Engine:
         if precision not in self.precisions:
             raise Refused(f"Precision {precision!r} is not offered on this server; choose one of "
                           f"{', '.join(self.precisions)}.")
-        if precision == "tf32":
+        weights, _ = split_precision(precision)
+        if weights == "tf32":
             return self.lm  # float32 weights; the trace asks for TF32 matrix products (tracing.backends)
         if precision not in self._copies:
             log.info("Making a %s copy of %s (once)", precision, self.lm.name)
@@ -381,15 +415,19 @@ class Engine:
         work: Callable[[LoadedModel, Job], None],
         *,
         visitor: Visitor | None = None,
-        edits: Sequence[editing.Edit] = (),
+        edits: Sequence[editing.Edit] | None = None,
         precision: str = "auto",
         label: str = "request",
     ) -> Iterator[tuple]:
-        """Run ``work(lm, job)`` with ``edits`` applied, holding the model; yield its events.
+        """Run ``work(lm, job)`` with the visitor's edits applied, holding the model; yield its events.
 
-        Yields ("queue", requests_ahead) while waiting, then ("progress",
-        stage, fraction) and ("item", value) as the work reports through its
-        :class:`Job`. Closing the generator (the visitor pressed Stop or left)
+        ``edits``: the edits to apply, when the caller took the visitor's
+        list itself (None: ``visitor.edits`` as they are now); ``job.edits``
+        hands them to the work. ``precision``: what the visitor asked for
+        (:func:`tracing.workflow.split_precision` says which copy of the weights
+        that is). Yields ("queue", requests_ahead) while waiting, then
+        ("progress", step) with a :class:`~tracing.workflow.Step` and ("item",
+        value) as the work reports through its :class:`Job`. Closing the generator (the visitor pressed Stop or left)
         stops the work at its next block or report; the work's exception
         (ValueError for bad input, :class:`DeadlineExceeded`, ...) is raised
         here. The weights are restored and the lock released in every case,
@@ -397,7 +435,7 @@ class Engine:
         Each request leaves a :class:`Record` in :attr:`records`.
         """
         ticket = self._admit(visitor)
-        edits = list(edits)
+        edits = list(edits if edits is not None else visitor.edits if visitor is not None else ())
         events: queue.Queue = queue.Queue()
         admitted = time.monotonic()
 
@@ -417,8 +455,8 @@ class Engine:
                         return  # stopped or abandoned while waiting: the model is never touched
                     ticket.started, began = True, time.monotonic()
                     lm = self.model(precision)
-                    job = Job(ticket, time.monotonic() + self.limits.deadline_s, events,
-                              self._memo_for(precision, edits))
+                    memo = SharedMemo(self, precision) if not edits else NoMemo()  # edited results are never shared
+                    job = Job(ticket, time.monotonic() + self.limits.deadline_s, events, memo, edits)
                     assert not is_edited(lm), "a previous request left edits applied"
                     with (applied(lm, edits), hooks(lm.model, *self._guard(lm, job)),
                           kernel_policy(lm.device, dtype=lm.dtype)):  # on CUDA: kernels without per-shape plans
@@ -445,7 +483,7 @@ class Engine:
                     if not ticket.started:
                         yield ("queue", self._ahead(ticket))
                     else:
-                        yield ("progress", None, None)  # a heartbeat: lets the server notice Stop or a disconnect
+                        yield ("progress", None)  # a heartbeat: lets the server notice Stop or a disconnect
                     continue
                 if tag == "done":
                     return
@@ -462,17 +500,12 @@ class Engine:
         finally:
             ticket.stop.set()
 
-    def _memo_for(self, precision: str, edits: Sequence) -> Callable:
-        if edits:
-            return lambda key, compute: compute()  # results on top of a visitor's edits are never shared
-        return lambda key, compute: self.memo((precision, key), compute)
-
     def remember(self, key: Hashable, value, precision: str = "auto"):
         """Keep a result of the unedited model (see :meth:`recall`)."""
         return self._remember((precision, key), value)
 
     def call(self, fn: Callable[[LoadedModel], object], *, visitor: Visitor | None = None,
-             edits: Sequence[editing.Edit] = (), label: str = "call"):
+             edits: Sequence[editing.Edit] | None = None, label: str = "call"):
         """``fn(lm)`` through :meth:`stream` (queue, lock, edits, deadline); its return value."""
         out = []
         for event in self.stream(lambda lm, job: job.emit(fn(lm)), visitor=visitor, edits=edits, label=label):

@@ -20,7 +20,6 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,8 +28,9 @@ import gradio as gr
 from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
 from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing.edit import method_label
-from tracing import KINDS, TraceResult, iter_trace, predict
-from tracing.preview import estimate, preview_verdict
+from tracing import KINDS
+from tracing.workflow import (Estimate, Finished, Prediction, Rows, Step, prediction_key, split_precision,
+                              trace_events, trace_key)
 from tracing.plots import heatmap, layer_sweep_figure, results_json, scores_csv
 from tracing.result import suggest_edit_layer
 
@@ -99,35 +99,41 @@ class App:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _drive(self, stream, progress, describe: Callable[[str, float], tuple[float, str]],
+    def _drive(self, stream, progress, describe: Callable[[Step], tuple[float, str]],
                element: str) -> Iterator[tuple]:
-        """Engine events as ("tick", progress HTML or SKIP) or ("item", x).
+        """Engine events as ("tick", progress HTML or None) or ("item", x).
 
         Progress goes two ways: to ``gr.Progress`` (API clients, and the page
         before the first output) and as a progress card in the page itself
         (``element`` is its id), since a streaming handler's own outputs hide
         Gradio's overlay. Ticks come at least every few tenths of a second, so
-        the caller yields often and Stop or a disconnect acts promptly.
+        the caller yields often and Stop or a disconnect acts promptly; a tick
+        whose card did not change carries None.
         """
         progress(0.0, desc="Waiting for the model")
         shown = None
         for event in stream:
-            card = SKIP
+            card = None
             if event[0] == "queue":
                 text = f"Waiting for the model: {event[1]} request{'s' if event[1] != 1 else ''} ahead of yours"
                 progress(0.0, desc=text)
                 card = render.progress_card(element, None, text + ". Stop leaves the queue.")
             elif event[0] == "progress" and event[1] is not None:
-                fraction, text = describe(event[1], event[2])
+                fraction, text = describe(event[1])
                 progress(fraction, desc=text)
                 card = render.progress_card(element, fraction, text)
             elif event[0] == "item":
                 yield "item", event[1]
                 continue
-            if card is not SKIP and card == shown:
-                card = SKIP
-            shown = card if card is not SKIP else shown
+            if card is not None and card == shown:
+                card = None
+            shown = card if card is not None else shown
             yield "tick", card
+
+    @staticmethod
+    def _tick(card: str | None) -> dict:
+        """The outputs of a progress tick: the progress card when it changed, nothing else."""
+        return {} if card is None else {"progress": card}
 
     def _export_button(self, edits):
         if not edits:
@@ -146,12 +152,13 @@ class App:
             gr.Warning(f"Your edits changed while this {what} ran (undo, reset or import), so it was not added. "
                        f"Run it again to add it to your current edits.")
 
-    def _history(self, visitor: Visitor, message: str | None = None) -> tuple:
+    def _history(self, visitor: Visitor, message: str | None = None) -> dict:
+        """The edit history's outputs (see :data:`HISTORY`) for the visitor's edits now."""
         if message:
             gr.Info(message)
         edits = visitor.edits
-        return (visitor, render.history_rows(edits), self._export_button(edits), render.history_status(edits),
-                self.stats_note())
+        return {"visitor": visitor, "history": render.history_rows(edits), "export": self._export_button(edits),
+                "status": render.history_status(edits), "stats_note": self.stats_note()}
 
     def stats_note(self) -> str:
         return render.stats_note(self.engine.stats_layers(), self.engine.lm.n_layers, self.limits.stats_on_demand)
@@ -202,80 +209,61 @@ class App:
 
     @user_errors
     def trace(self, prompt, subject, answer, samples, noise, window, corruption, metric, contrast, seed, precision,
-              fast, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
-        """Trace a fact: yields (prediction, hidden, mlp, attn figures, json, csv, layer card, trace state, progress).
+              fast, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[dict]:
+        """Trace a fact (:func:`tracing.workflow.trace_events`); yields outputs by name: prediction, hidden, mlp,
+        attn (figures), json, csv (downloads), layer (the suggested edit layer), state, progress.
 
-        Figures appear kind by kind. ``fast`` traces only the subject's and the
-        last token's rows (the others stay blank).
+        Figures appear kind by kind, the preview's first. ``fast`` traces only
+        the subject's and the last token's rows (the others stay blank).
         """
         visitor = visitor if visitor is not None else Visitor()
         ask = check_trace(self.limits, self.engine.count_tokens, self.engine.lm.n_layers, prompt=prompt,
                           subject=subject, answer=answer, samples=samples, noise=noise, window=window,
                           corruption=corruption, metric=metric, contrast=contrast, seed=seed, precision=precision,
                           fast=fast, precisions=self.engine.precisions)
-
-        # Precision copies are the engine's (made once); only TF32 is a setting of the trace itself.
-        config = replace(ask.config, precision="tf32" if ask.precision == "tf32" else "auto")
-        key = ("trace", ask.prompt, ask.subject, ask.answer, config)
+        config = replace(ask.config, precision=split_precision(ask.precision)[1])
         if not visitor.edits:  # the unedited model's traces are shared (and the presets' ship): no queue at all
-            done = self.engine.recall(key, ask.precision)
+            done = self.engine.recall(trace_key(ask.prompt, ask.subject, ask.answer, config), ask.precision)
             if done is not None:
-                yield self._trace_outputs(self.engine.recall(("top", ask.prompt), ask.precision), done, ask, visitor)
+                yield self._trace_outputs(self.engine.recall(prediction_key(ask.prompt), ask.precision), done, ask,
+                                          visitor)
                 return
 
         def work(lm, job) -> None:
-            # A first-order estimate of every map within about a second, for the kinds where it was measured good;
-            # its clean row also gives the top-5 prediction.
-            verdict = preview_verdict(lm, config)
-            previews = (estimate(lm, ask.prompt, ask.subject, answer=ask.answer, config=config, top_k=5)
-                        if verdict is None or any(verdict.values()) else [])
-            found = [tuple(pair) for pair in previews[0].settings["top"]] if previews else None
-            job.emit(("top", job.memo(("top", ask.prompt), lambda: found or predict(lm, ask.prompt, k=5))))
-            job.emit(("preview", [r for r in previews if verdict is None or verdict.get(r.kind)], verdict))
+            for event in trace_events(lm, ask.prompt, ask.subject, answer=ask.answer, config=config, memo=job.memo,
+                                      progress=job.step):
+                job.emit(event)
 
-            def compute() -> list[TraceResult]:
-                complete = {}
-                rows = iter_trace(lm, ask.prompt, ask.subject, answer=ask.answer, config=config, progressive=True,
-                                  progress=lambda done, total: job.progress("rows", done / total))
-                with closing(rows):  # a stop between two snapshots closes the trace (and its hooks) at once
-                    for result in rows:
-                        job.emit(("result", result))
-                        if result.settings.get("complete", True):
-                            complete[result.kind] = result
-                return [complete[kind] for kind in KINDS]
+        def describe(step: Step) -> tuple[float, str]:
+            return step.fraction, "Tracing: restoring the subject's last token and the last token first, then the rest"
 
-            job.emit(("done", job.memo(key, compute)))
-
-        def describe(stage: str, fraction: float) -> tuple[float, str]:
-            return fraction, "Tracing: restoring the subject's last token and the last token first, then the rest"
-
-        top: list[tuple[str, float]] | None = None
+        top = None
         figures: dict[str, object] = {kind: None for kind in KINDS}
         note = ""
         no_file = gr.DownloadButton(value=None, interactive=False)
-        stream = self.engine.stream(work, visitor=visitor, edits=list(visitor.edits), precision=ask.precision,
-                                    label="trace")
-        for tag, item in self._drive(stream, progress, describe, "trace-progress"):
+        stream = self.engine.stream(work, visitor=visitor, precision=ask.precision, label="trace")
+        for tag, event in self._drive(stream, progress, describe, "trace-progress"):
             if tag == "tick":
-                yield (SKIP,) * 8 + (item,)  # also hands control back to the server, so that Stop acts promptly
+                yield self._tick(event)  # also hands control back to the server, so that Stop acts promptly
                 continue
-            if item[0] == "top":
-                top = item[1]
-            elif item[0] == "preview":
-                for result in item[1]:
+            if isinstance(event, Finished):
+                yield self._trace_outputs(top, event.results, ask, visitor)
+                return
+            if isinstance(event, Prediction):
+                top = event.top
+            elif isinstance(event, Estimate):
+                for result in event.results:
                     if figures[result.kind] is None:
                         figures[result.kind] = heatmap(result)
-                note = render.preview_note(item[2])
-            elif item[0] == "result":
-                figures[item[1].kind] = heatmap(item[1])
-            else:
-                yield self._trace_outputs(top, item[1], ask, visitor)
-                return
-            yield (render.prediction_card(top, None, ask.answer, note), figures["hidden"], figures["mlp"],
-                   figures["attn"], no_file, no_file, SKIP, SKIP, SKIP)
+                note = render.preview_note(event.verdict)
+            elif isinstance(event, Rows):
+                figures[event.result.kind] = heatmap(event.result)
+            yield {"prediction": render.prediction_card(top, None, ask.answer, note), **figures, "json": no_file,
+                   "csv": no_file}
 
-    def _trace_outputs(self, top, results: list[TraceResult], ask, visitor: Visitor) -> tuple:
+    def _trace_outputs(self, top, results, ask, visitor: Visitor) -> dict:
         """The finished trace: prediction, the three exact maps, downloads, the suggested layer, the state."""
+        results = list(results)
         mlp = next(r for r in results if r.kind == "mlp")
         suggestion = suggest_edit_layer(mlp)
         layer = suggestion.layer if suggestion.layer is not None else self.engine.default_layer
@@ -289,11 +277,11 @@ class App:
         state = {"prompt": ask.prompt, "subject": ask.subject, "answer": results[0].answer, "layer": layer,
                  "effect": [None if v != v else round(float(v) - mlp.low_score, 6) for v in mlp.scores[last]],
                  "token": mlp.tokens[last]}
-        figures = {r.kind: heatmap(r) for r in results}
-        return (render.prediction_card(top, results[0], ask.answer), figures["hidden"], figures["mlp"],
-                figures["attn"], gr.DownloadButton(value=str(json_path), interactive=True),
-                gr.DownloadButton(value=str(csv_path), interactive=True),
-                render.layer_card(suggestion, self.engine.default_layer), state, "")
+        return {"prediction": render.prediction_card(top, results[0], ask.answer),
+                **{r.kind: heatmap(r) for r in results},
+                "json": gr.DownloadButton(value=str(json_path), interactive=True),
+                "csv": gr.DownloadButton(value=str(csv_path), interactive=True),
+                "layer": render.layer_card(suggestion, self.engine.default_layer), "state": state, "progress": ""}
 
     @user_errors
     def to_edit(self, state: dict | None, edit_layer) -> tuple:
@@ -317,9 +305,9 @@ class App:
 
     @user_errors
     def which_layer(self, traced: dict | None, target, every, paraphrases, neighbours, visitor: Visitor | None,
-                    progress=gr.Progress()) -> Iterator[tuple]:
+                    progress=gr.Progress()) -> Iterator[dict]:
         """ROME at every k-th layer of the traced fact, each alone on top of the visitor's edits and undone;
-        yields (figure, summary, progress) as layers finish."""
+        yields outputs by name (figure, summary, progress) as layers finish."""
         from editing.sweep import layer_sweep
 
         visitor = visitor if visitor is not None else Visitor()
@@ -328,31 +316,30 @@ class App:
                           every=every, paraphrases=paraphrases, neighbours=neighbours, hparams=engine.hparams)
         for layer in ask.layers:
             engine.check_stats(layer)
-        previous = list(visitor.edits)
+        edited = bool(visitor.edits)
         effect = [float("nan") if v is None else v for v in traced.get("effect") or []]
         token = str(traced.get("token", ""))
 
         def work(lm, job) -> None:
             def report(done: int, total: int, layer: int) -> None:
-                job.progress(f"{done}|{total}|{layer}", done / max(total, 1))
+                job.step(Step("sweep", done, max(total, 1), "" if layer < 0 else str(layer)))
 
             job.emit(layer_sweep(lm, ask.request, layers=ask.layers, paraphrases=ask.paraphrases,
                                  neighbours=ask.neighbours, hparams=engine.hparams, stats_spec=engine.stats_spec,
-                                 previous=previous, progress=report))
+                                 previous=job.edits, progress=report))
 
-        def describe(stage: str, fraction: float) -> tuple[float, str]:
-            done, total, layer = (int(v) for v in stage.split("|"))
-            if layer < 0:
-                return 1.0, f"Scored {total} edits"
-            return fraction, f"ROME at layer {layer} ({done + 1} of {total}), then its scores"
+        def describe(step: Step) -> tuple[float, str]:
+            if not step.detail:
+                return 1.0, f"Scored {step.total:g} edits"
+            return step.fraction, f"ROME at layer {step.detail} ({step.done + 1:g} of {step.total:g}), then its scores"
 
         stream = engine.stream(work, visitor=visitor, label="which_layer")
         for tag, item in self._drive(stream, progress, describe, "sweep-progress"):
             if tag == "tick":
-                yield SKIP, SKIP, item
+                yield self._tick(item)
                 continue
             figure = layer_sweep_figure(item, effect or None, token=token, model=engine.lm.name)
-            yield figure, render.sweep_card(item, effect, token, bool(previous)), ""
+            yield {"figure": figure, "summary": render.sweep_card(item, effect, token, edited), "progress": ""}
 
     # -- editing -----------------------------------------------------------------------------
 
@@ -368,54 +355,49 @@ class App:
 
     @user_errors
     def edit(self, subject, relation, target, old, layer, method, paraphrases, neighbours, max_new_tokens, sample,
-             seed, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
-        """Compute an edit (ROME, FT, FT+L or KN) on top of the visitor's edits; yields (comparison, scores,
-        details, visitor, history, export file, status, statistics note, progress)."""
+             seed, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[dict]:
+        """Compute an edit (ROME, FT, FT+L or KN) on top of the visitor's edits; yields outputs by name:
+        comparison, scores, details, the history's (:meth:`_history`) once the edit is added, progress."""
         visitor = visitor if visitor is not None else Visitor()
         method, hp, ask = self._check_edit(
             visitor, method, None if method == "kn" else layer, subject=subject, relation=relation, target=target,
             old=old, paraphrases=paraphrases, neighbours=neighbours, max_new_tokens=max_new_tokens, sample=sample,
             seed=seed)
-        previous, version = list(visitor.edits), visitor.version
+        with self._visitors:
+            previous, version = list(visitor.edits), visitor.version
         key = comparison_key(method, ask.request, ask.layer, hp, ask.paraphrases, ask.neighbours, ask.max_new_tokens,
                              ask.sample, ask.seed)
         done = None if previous else self.engine.recall(key)  # shared (or shipped) for the unedited model: no queue
 
         def work(lm, job) -> None:
-            result = edit_and_compare(
+            job.emit(job.memo(key, lambda: edit_and_compare(
                 lm, ask.request, layer=ask.layer, hparams=hp, method=method, paraphrases=ask.paraphrases,
                 neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample, seed=ask.seed,
-                previous=previous, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
-                memo=job.memo)
-            if not previous:
-                self.engine.remember(key, result)
-            job.emit(result)
+                previous=job.edits, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
+                memo=job.memo)))
 
-        def describe(stage: str, fraction: float) -> tuple[float, str]:
-            return render.edit_progress(stage, fraction, method)
+        def describe(step: Step) -> tuple[float, str]:
+            return render.edit_progress(step.stage, step.fraction, method)
 
-        # edit_and_compare applies the visitor's earlier edits itself (and computes on top of them)
         stream = ([("item", done)] if done is not None else
-                  self.engine.stream(work, visitor=visitor, label="edit"))
+                  self.engine.stream(work, visitor=visitor, edits=previous, label="edit"))
         for tag, result in self._drive(stream, progress, describe, "edit-progress"):
             if tag == "tick":
-                yield (SKIP,) * 8 + (result,)
+                yield self._tick(result)
                 continue
-            details = result.to_dict()
-            if result.edit is None:
-                yield (render.comparison_table(result), render.scores_card(result), details) + (SKIP,) * 6
+            shown = {"comparison": render.comparison_table(result), "scores": render.scores_card(result),
+                     "details": result.to_dict()}
+            if result.edit is None:  # the before column, while the edit is computed
+                yield shown
                 continue
             self._add_edit(visitor, previous, version, result.edit, "edit")
-            edits = visitor.edits
-            yield (render.comparison_table(result), render.scores_card(result), details, visitor,
-                   render.history_rows(edits), self._export_button(edits), render.history_status(edits),
-                   self.stats_note(), "")
+            yield {**shown, **self._history(visitor), "progress": ""}
 
     @user_errors
     def compare_editors(self, subject, relation, target, old, paraphrases, neighbours, max_new_tokens,
-                        visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
+                        visitor: Visitor | None, progress=gr.Progress()) -> Iterator[dict]:
         """The same fact written by every editor in turn, each at its default layer, on top of the visitor's
-        edits and undone after each (none is added): yields (editors table HTML, progress)."""
+        edits and undone after each (none is added): yields outputs by name (table, progress)."""
         visitor = visitor if visitor is not None else Visitor()
         methods = self.engine.methods
         checked = [self._check_edit(visitor, m, self.engine.default_layer_for(m), subject=subject, relation=relation,
@@ -423,38 +405,37 @@ class App:
                                     max_new_tokens=max_new_tokens, sample=False, seed=0) for m in methods]
         ask = checked[0][2]
         shown = [ask.request.prompt] + [p for p in (ask.paraphrases[:1] + ask.neighbours[:1])]
-        previous = list(visitor.edits)
 
         def work(lm, job) -> None:
             for i, (method, hp, ask_m) in enumerate(checked):
                 def report(stage, fraction, i=i, method=method):
-                    job.progress(f"{i}|{method}|{stage}", fraction)
+                    job.step(Step(stage, fraction, detail=method, index=i, count=len(checked)))
 
                 job.emit(("running", method))
                 job.emit(("done", method, edit_and_compare(
                     lm, ask_m.request, layer=ask_m.layer, hparams=hp, method=method, paraphrases=ask_m.paraphrases,
                     neighbours=ask_m.neighbours, generate_prompts=shown, max_new_tokens=ask_m.max_new_tokens,
-                    previous=previous, stats_spec=self.engine.stats_spec, progress=report, memo=job.memo)))
+                    previous=job.edits, stats_spec=self.engine.stats_spec, progress=report, memo=job.memo)))
 
-        def describe(stage: str, fraction: float) -> tuple[float, str]:
-            index, method, name = stage.split("|", 2)
-            within, text = render.edit_progress(name, fraction, method)
-            return (int(index) + within) / len(methods), f"{method_label(method)} ({int(index) + 1}/{len(methods)}): {text}"
+        def describe(step: Step) -> tuple[float, str]:
+            within, text = render.edit_progress(step.stage, step.done, step.detail)
+            return ((step.index + within) / step.count,
+                    f"{method_label(step.detail)} ({step.index + 1}/{step.count}): {text}")
 
         results: dict = {}
         running = None
         stream = self.engine.stream(work, visitor=visitor, label="compare_editors")
         for tag, item in self._drive(stream, progress, describe, "editors-progress"):
             if tag == "tick":
-                yield SKIP, item
+                yield self._tick(item)
                 continue
             if item[0] == "running":
                 running = item[1]
             else:
                 results[item[1]] = item[2]
                 running = None
-            yield render.editors_table(results, methods, running), SKIP
-        yield render.editors_table(results, methods), ""
+            yield {"table": render.editors_table(results, methods, running)}
+        yield {"table": render.editors_table(results, methods), "progress": ""}
 
     # -- many facts at once ------------------------------------------------------------------
 
@@ -513,9 +494,9 @@ class App:
         return self._append_facts(table, extras, items)
 
     @user_errors
-    def write_batch(self, table, extras, project, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[tuple]:
-        """Write the table's facts as one MEMIT edit on top of the visitor's edits; yields (result HTML, visitor,
-        history, export file, status, statistics note, progress)."""
+    def write_batch(self, table, extras, project, visitor: Visitor | None, progress=gr.Progress()) -> Iterator[dict]:
+        """Write the table's facts as one MEMIT edit on top of the visitor's edits; yields outputs by name:
+        result, the history's (:meth:`_history`), progress."""
         visitor = visitor if visitor is not None else Visitor()
         hp = self.engine.hparams_for("memit")
         n_layers = self.engine.lm.n_layers
@@ -524,25 +505,27 @@ class App:
                           edits_mb=visitor.megabytes)
         for layer in hp.edit_layers(n_layers):
             self.engine.check_stats(layer)
-        previous, version = list(visitor.edits), visitor.version
+        with self._visitors:
+            previous, version = list(visitor.edits), visitor.version
 
         def work(lm, job) -> None:
-            job.emit(write_batch(lm, ask.items, hparams=hp, previous=previous, project=ask.project,
+            job.emit(write_batch(lm, ask.items, hparams=hp, previous=job.edits, project=ask.project,
                                  stats_spec=self.engine.stats_spec, progress=job.progress))
 
-        stream = self.engine.stream(work, visitor=visitor, label="batch")
-        for tag, result in self._drive(stream, progress, render.batch_progress, "batch-progress"):
+        def describe(step: Step) -> tuple[float, str]:
+            return render.batch_progress(step.stage, step.fraction)
+
+        stream = self.engine.stream(work, visitor=visitor, edits=previous, label="batch")
+        for tag, result in self._drive(stream, progress, describe, "batch-progress"):
             if tag == "tick":
-                yield (SKIP,) * 6 + (result,)
+                yield self._tick(result)
                 continue
             self._add_edit(visitor, previous, version, result.edit, "batch")
-            edits = visitor.edits
-            yield (render.batch_result(result), visitor, render.history_rows(edits), self._export_button(edits),
-                   render.history_status(edits), self.stats_note(), "")
+            yield {"result": render.batch_result(result), **self._history(visitor), "progress": ""}
 
     @user_errors
-    def undo(self, visitor: Visitor | None) -> tuple:
-        """Drop the visitor's last edit; returns (visitor, history rows, export file, status, statistics note)."""
+    def undo(self, visitor: Visitor | None) -> dict:
+        """Drop the visitor's last edit; returns the history's outputs by name (:meth:`_history`)."""
         visitor = visitor if visitor is not None else Visitor()
         with self._visitors:
             if not visitor.edits:
@@ -554,7 +537,7 @@ class App:
         return self._history(visitor, f"Undid: {what}")
 
     @user_errors
-    def reset(self, visitor: Visitor | None) -> tuple:
+    def reset(self, visitor: Visitor | None) -> dict:
         """Drop all of the visitor's edits."""
         visitor = visitor if visitor is not None else Visitor()
         with self._visitors:
@@ -563,7 +546,7 @@ class App:
         return self._history(visitor, "All edits removed: back to the original model." if had else None)
 
     @user_errors
-    def import_edits(self, path, visitor: Visitor | None) -> tuple:
+    def import_edits(self, path, visitor: Visitor | None) -> dict:
         """Add the edits of an uploaded .safetensors file after checking that they fit this very model.
 
         Nothing here touches the model: the file's size is checked before it
@@ -600,32 +583,32 @@ class App:
 
     @user_errors
     def compare(self, prompt, max_new_tokens, sample, seed, visitor: Visitor | None,
-                progress=gr.Progress()) -> Iterator[str]:
-        """Continue one free prompt with the original model and with the visitor's edits; HTML side by side."""
+                progress=gr.Progress()) -> Iterator[dict]:
+        """Continue one free prompt with the original model and with the visitor's edits; yields outputs by name
+        (comparison: HTML side by side, or the progress card while it runs)."""
         visitor = visitor if visitor is not None else Visitor()
         prompt, max_new_tokens, sample, seed = check_generation(
             self.limits, self.engine.count_tokens, prompt=prompt, max_new_tokens=max_new_tokens, sample=sample,
             seed=seed)
-        edits = list(visitor.edits)
 
         def work(lm, job) -> None:
             def complete(which: str) -> str:
                 return generate(lm, [prompt], max_new_tokens=max_new_tokens, sample=sample, seed=seed,
-                                progress=lambda step, total: job.progress(which, step / total))[0]
+                                progress=lambda step, total: job.step(Step(which, step, total)))[0]
 
             with original_weights(lm):
                 original = complete("original")
-            job.emit((original, complete("edited") if edits else None))
+            job.emit((original, complete("edited") if job.edits else None, job.edits))
 
-        def describe(which: str, fraction: float) -> tuple[float, str]:
-            return fraction, f"Generating with the {which} model"
+        def describe(step: Step) -> tuple[float, str]:
+            return step.fraction, f"Generating with the {step.stage} model"
 
-        stream = self.engine.stream(work, visitor=visitor, edits=edits, label="compare")
+        stream = self.engine.stream(work, visitor=visitor, label="compare")
         for tag, item in self._drive(stream, progress, describe, "free-progress"):
             if tag == "tick":
-                yield item  # the progress card stands where the comparison will be
+                yield {} if item is None else {"comparison": item}  # the card stands where the comparison will be
                 continue
-            yield render.free_comparison(prompt, item[0], item[1], edits)
+            yield {"comparison": render.free_comparison(prompt, *item)}
 
     @user_errors
     def retrace_values(self, subject, relation, target) -> tuple:

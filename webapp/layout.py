@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from tracing.result import CORRUPTIONS, METRICS
 
 from . import render
 from .engine import Engine, Visitor
-from .handlers import App
+from .handlers import SKIP, App
 
 PAPER = "https://arxiv.org/abs/2202.05262"
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
@@ -42,6 +44,39 @@ def on_gpu(fn: Callable) -> Callable:
     except ImportError:
         return fn
     return spaces.GPU(fn)
+
+
+def by_name(fn: Callable, outputs: dict[str, object]) -> tuple[Callable, list]:
+    """``fn``, whose results are dicts of outputs by name, as Gradio wants it: values in ``outputs``' order.
+
+    Returns the wrapped handler and the output components. A name missing
+    from a result leaves its component as it is (``gr.skip()``); a name that
+    ``outputs`` does not know is a bug and raises.
+    """
+    names = list(outputs)
+
+    def order(value):
+        if not isinstance(value, dict):
+            return value  # None: a stopped request
+        unknown = set(value) - set(names)
+        if unknown:
+            raise KeyError(f"{fn.__name__} returned outputs the page does not show: {', '.join(sorted(unknown))}")
+        values = tuple(value.get(name, SKIP) for name in names)
+        return values[0] if len(values) == 1 else values
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            for value in fn(*args, **kwargs):
+                yield order(value)
+
+        return generator, list(outputs.values())
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        return order(fn(*args, **kwargs))
+
+    return function, list(outputs.values())
 
 
 def run_and_stop(label: str, name: str) -> tuple[gr.Button, gr.Button]:
@@ -294,32 +329,40 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
     limits = app.engine.limits
     # Handlers start at once and wait in the engine's queue, where they show their place and can be stopped.
     model_events = dict(concurrency_id="model", concurrency_limit=limits.queue_size + 1)
-    trace_fn, edit_fn, compare_fn = on_gpu(app.trace), on_gpu(app.edit), on_gpu(app.compare)
     trace_inputs = [loc.prompt, loc.subject, loc.answer, loc.samples, loc.noise, loc.window, loc.corruption,
                     loc.metric, loc.contrast, loc.seed, loc.precision, loc.fast, visitor]
-    trace_outputs = [loc.prediction, loc.plot_hidden, loc.plot_mlp, loc.plot_attn, loc.json_btn, loc.csv_btn,
-                     loc.layer_html, trace_state, loc.progress]
+    trace_fn, trace_outputs = by_name(app.trace, {
+        "prediction": loc.prediction, "hidden": loc.plot_hidden, "mlp": loc.plot_mlp, "attn": loc.plot_attn,
+        "json": loc.json_btn, "csv": loc.csv_btn, "layer": loc.layer_html, "state": trace_state,
+        "progress": loc.progress})
+    trace_fn = on_gpu(trace_fn)
     trace_event = loc.trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
     loc.prompt.input(app.suggest_subject, [loc.prompt, loc.subject], loc.subject, queue=False,
                      api_visibility="private")
     loc.to_edit_btn.click(app.to_edit, [trace_state, ed.layer], [ed.subject, ed.relation, ed.old, ed.layer, tabs],
                           queue=False, api_visibility="private")
 
-    history_outputs = [visitor, ed.history, ed.export_btn, ed.status, ed.stats_note]
+    history = {"visitor": visitor, "history": ed.history, "export": ed.export_btn, "status": ed.status,
+               "stats_note": ed.stats_note}
     edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.method, ed.paraphrases, ed.neighbours,
                    ed.max_new, ed.sample, ed.seed, visitor]
-    edit_outputs = [ed.comparison, ed.scores, ed.details, *history_outputs, ed.progress]
-    edit_event = ed.edit_btn.click(edit_fn, edit_inputs, edit_outputs, api_name="edit", **model_events)
+    edit_fn, edit_outputs = by_name(app.edit, {"comparison": ed.comparison, "scores": ed.scores,
+                                               "details": ed.details, **history, "progress": ed.progress})
+    edit_event = ed.edit_btn.click(on_gpu(edit_fn), edit_inputs, edit_outputs, api_name="edit", **model_events)
     ed.stop_btn.click(None, None, None, cancels=[edit_event])
     ed.method.change(app.method_layer, ed.method, ed.layer, queue=False, api_visibility="private")
+    editors_fn, editors_outputs = by_name(app.compare_editors, {"table": ed.editors_out,
+                                                                "progress": ed.editors_progress})
     editors_event = ed.editors_btn.click(
-        on_gpu(app.compare_editors), [ed.subject, ed.relation, ed.target, ed.old, ed.paraphrases, ed.neighbours,
-                                      ed.max_new, visitor],
-        [ed.editors_out, ed.editors_progress], api_name="compare_editors", **model_events)
+        on_gpu(editors_fn), [ed.subject, ed.relation, ed.target, ed.old, ed.paraphrases, ed.neighbours,
+                             ed.max_new, visitor],
+        editors_outputs, api_name="compare_editors", **model_events)
     ed.editors_stop.click(None, None, None, cancels=[editors_event])
+    batch_fn, batch_outputs = by_name(app.write_batch, {"result": ed.batch_out, **history,
+                                                        "progress": ed.batch_progress})
     batch_event = ed.batch_btn.click(
-        on_gpu(app.write_batch), [ed.batch_table, ed.batch_extras, ed.batch_project, visitor],
-        [ed.batch_out, *history_outputs, ed.batch_progress], api_name="write_batch", **model_events)
+        on_gpu(batch_fn), [ed.batch_table, ed.batch_extras, ed.batch_project, visitor],
+        batch_outputs, api_name="write_batch", **model_events)
     ed.batch_stop.click(None, None, None, cancels=[batch_event])
     table_io = [ed.batch_table, ed.batch_extras]
     ed.batch_presets_btn.click(app.batch_presets, table_io, table_io, api_name="batch_presets")
@@ -328,21 +371,25 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
     ed.batch_upload.upload(app.batch_upload, [ed.batch_upload, *table_io], table_io, api_name="batch_upload")
     ed.batch_clear.click(lambda: ([["", "", "", ""]], {}), None, table_io, api_visibility="private")
     # Undo, reset and import only change the visitor's own list of edits: instant, never waiting for the model.
-    ed.undo_btn.click(app.undo, visitor, history_outputs, api_name="undo")
-    ed.reset_btn.click(app.reset, visitor, history_outputs, api_name="reset")
-    ed.import_btn.upload(app.import_edits, [ed.import_btn, visitor], history_outputs, api_name="import_edits")
-    free_event = ed.free_btn.click(compare_fn, [ed.free_prompt, ed.max_new, ed.sample, ed.seed, visitor],
-                                   ed.free_out, api_name="compare", **model_events)
+    undo_fn, history_outputs = by_name(app.undo, history)
+    ed.undo_btn.click(undo_fn, visitor, history_outputs, api_name="undo")
+    ed.reset_btn.click(by_name(app.reset, history)[0], visitor, history_outputs, api_name="reset")
+    ed.import_btn.upload(by_name(app.import_edits, history)[0], [ed.import_btn, visitor], history_outputs,
+                         api_name="import_edits")
+    compare_fn, compare_outputs = by_name(app.compare, {"comparison": ed.free_out})
+    free_event = ed.free_btn.click(on_gpu(compare_fn), [ed.free_prompt, ed.max_new, ed.sample, ed.seed, visitor],
+                                   compare_outputs, api_name="compare", **model_events)
     ed.free_stop.click(None, None, None, cancels=[free_event])
     retrace_event = ed.retrace_btn.click(
         app.retrace_values, [ed.subject, ed.relation, ed.target], [loc.prompt, loc.subject, loc.answer, tabs],
         api_name="retrace_values",
     ).success(trace_fn, trace_inputs, trace_outputs, api_visibility="private", **model_events)
     loc.stop_btn.click(None, None, None, cancels=[trace_event, retrace_event])
+    sweep_fn, sweep_outputs = by_name(app.which_layer, {"figure": loc.sweep_plot, "summary": loc.sweep_out,
+                                                        "progress": loc.sweep_progress})
     sweep_event = loc.sweep_btn.click(
-        on_gpu(app.which_layer), [trace_state, loc.sweep_target, loc.sweep_every, ed.paraphrases, ed.neighbours,
-                                  visitor],
-        [loc.sweep_plot, loc.sweep_out, loc.sweep_progress], api_name="which_layer", **model_events)
+        on_gpu(sweep_fn), [trace_state, loc.sweep_target, loc.sweep_every, ed.paraphrases, ed.neighbours, visitor],
+        sweep_outputs, api_name="which_layer", **model_events)
     loc.sweep_stop.click(None, None, None, cancels=[sweep_event])
     info = gr.JSON(visible=False)
     gr.Button(visible=False).click(app.model_info, None, info, api_name="model_info")
