@@ -78,3 +78,12 @@ def test_precision_is_split_in_one_place():
     assert split_precision("tf32") == ("tf32", "tf32")
     assert split_precision("bf16") == ("bf16", "auto") and split_precision("auto") == ("auto", "auto")
     assert Step("x", 1, 4).fraction == 0.25 and Step("x", 5, 4).fraction == 1.0 and Step("x", 0, 0).fraction == 0.0
+
+
+def test_a_trace_draws_itself_in_a_notebook_as_the_page_does(llama):
+    traces = trace(llama, PROMPT, SUBJECT, config=CONFIG)
+    assert isinstance(traces, list) and [r.kind for r in traces] == list(KINDS)
+    page = traces._repr_html_()
+    assert page.count('class="plotly-graph-div"') == 3
+    assert page.count("plotly.js v") == 1  # plotly.js embedded once: works offline
+    assert all(r.answer in page or "Impact of restoring" in page for r in traces)

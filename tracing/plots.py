@@ -102,6 +102,30 @@ def _hover_text(result: TraceResult, labels: list[str]) -> list[list[str]]:
     return rows
 
 
+def results_html(results: Sequence[TraceResult], *, plotlyjs: bool | str = True) -> str:
+    """An HTML fragment with one :func:`heatmap` per result (what ``--html`` writes and a notebook shows).
+
+    ``plotlyjs``: embed plotly.js once, before the first figure (True: works
+    offline), load it from a CDN ("cdn"), or leave it out (False).
+    """
+    return "\n".join(heatmap(r).to_html(full_html=False, include_plotlyjs=plotlyjs if i == 0 else False)
+                     for i, r in enumerate(results))
+
+
+class Traces(list):
+    """The results of one trace (a list of :class:`TraceResult`, one per kind) that draw themselves in Jupyter.
+
+    Example::
+
+        traces = trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+        traces                   # in a notebook: the three heatmaps, as the page draws them
+        hidden, mlp, attn = traces
+    """
+
+    def _repr_html_(self) -> str:
+        return results_html(self)
+
+
 def heatmap(
     result: TraceResult,
     *,

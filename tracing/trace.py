@@ -40,6 +40,7 @@ from .backends import kernel_policy, one_cpu_thread
 from .fast import run_trace
 from .models import LoadedModel
 from .passes import Target
+from .plots import Traces
 from .profiling import PROFILE_STAGES, Profile
 from .reference import trace_reference
 from .result import KINDS, TraceConfig, TraceResult
@@ -95,8 +96,9 @@ def trace(
     occurrence: int = 0,
     progress: Progress | None = None,
     target: Target | None = None,
-) -> list[TraceResult]:
-    """Causal traces of ``subject`` in ``prompt``, one :class:`TraceResult` per kind.
+) -> Traces:
+    """Causal traces of ``subject`` in ``prompt``, one :class:`TraceResult` per kind (a list; in a notebook it
+    draws the heatmaps).
 
     Example::
 
@@ -112,7 +114,7 @@ def trace(
     model's), e.g. ``Target.gpu(lm)`` to run on a CPU the passes a 24 GiB
     GPU would run; the scores are the same whatever the plan.
     """
-    return list(
+    return Traces(
         iter_trace(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
                    progress=progress, target=target)
     )

@@ -1,9 +1,12 @@
-"""The page's event handlers: check the request, call one library function through the engine, render.
+"""The page's event handlers: check the request, hand it to the engine, map the library's events to outputs.
 
 Every handler is an ordinary method (generators stream their progress), so
 tests call them without a browser; ``visitor`` is the visitor's
-:class:`~webapp.engine.Visitor` held in ``gr.State``. Only here do library
-errors become ``gr.Error`` messages; nothing reaches the page as a traceback.
+:class:`~webapp.engine.Visitor` held in ``gr.State``. A handler returns (or
+yields) a dict of outputs by name -- ``{"prediction": html, "mlp": figure, ...}``
+-- and :func:`webapp.layout.by_name` hands them to the components; a name left
+out leaves its component as it is. Only here do library errors become
+``gr.Error`` messages; nothing reaches the page as a traceback.
 
 Example::
 
@@ -11,6 +14,7 @@ Example::
     visitor = Visitor()
     *_, last = app.trace("The Eiffel Tower is located in the city of", "The Eiffel Tower", "", 10, 3.0, 10,
                          "gaussian", "prob", "", 1, "auto", False, visitor)
+    last["mlp"], last["state"]["layer"]
 """
 
 from __future__ import annotations
