@@ -146,26 +146,14 @@ def heatmap(
     (first token on top); NaN cells (not computed) stay blank. The colour scale
     runs from ``result.low_score`` to ``zmax`` (default: the largest score).
     """
-    if result.kind not in KIND_STYLE:
-        raise ValueError(f"Unknown trace kind {result.kind!r}; expected one of {', '.join(KINDS)}.")
-    scores = np.asarray(result.scores, dtype=np.float64)  # (tokens, layers)
-    if scores.ndim != 2 or scores.shape[0] != len(result.tokens):
-        raise ValueError(
-            f"scores must have shape (tokens, layers) = ({len(result.tokens)}, layers); got {scores.shape}."
-        )
+    scores = _checked_scores(result)
     n_tokens, n_layers = scores.shape
     colours, _, x_title = KIND_STYLE[result.kind]
     window = int(result.settings.get("window", 1))
     model = model_label or result.model or "the model"
     labels = token_labels(result)
 
-    zmin = float(result.low_score)
-    finite = scores[np.isfinite(scores)]
-    top = float(finite.max()) if finite.size else float(result.high_score)
-    zmax = float(zmax) if zmax is not None else top
-    if not zmax > zmin:
-        zmax = zmin + max(abs(zmin) * 1e-3, 1e-6)  # a flat map still needs a range
-
+    zmin, zmax = _colour_range(result, scores, zmax)
     fig = go.Figure(
         go.Heatmap(
             z=scores,
@@ -182,40 +170,55 @@ def heatmap(
             ygap=1,
         )
     )
-    answer = html.escape(result.answer)
-    subtitle = (
-        f"answer <b>{answer!s}</b> · clean {result.high_score:.3g} · corrupted {result.low_score:.3g}"
-    )
-    default_title = f"Impact of restoring {KIND_TITLE[result.kind]} after corrupted input"
-    if result.settings.get("estimate"):
-        default_title = f"Estimate: {default_title[0].lower()}{default_title[1:]}"
-        subtitle += " · <i>first-order (gradient) estimate; the exact map follows</i>"
-    elif result.settings.get("complete") is False:
-        subtitle += " · <i>rows still being computed</i>"
     fig.update_layout(
-        title=dict(text=title or default_title, subtitle=dict(text=subtitle), x=0.0, xanchor="left"),
+        title=_title(result, title),
         margin=dict(l=10, r=10, t=70, b=50),
         plot_bgcolor="white",
         height=height or max(300, 90 + 24 * n_tokens),
         width=width,
         font=dict(size=12),
     )
-    fig.update_xaxes(
-        title=dict(text=x_title.format(window=window, model=html.escape(model))),
-        tickmode="linear",
-        dtick=max(1, n_layers // 10),
-        showgrid=False,
-        zeroline=False,
-    )
-    fig.update_yaxes(
-        tickmode="array",
-        tickvals=list(range(n_tokens)),
-        ticktext=[html.escape(label) for label in labels],  # numeric y: repeated tokens stay separate rows
-        autorange="reversed",
-        showgrid=False,
-        zeroline=False,
-    )
+    fig.update_xaxes(title=dict(text=x_title.format(window=window, model=html.escape(model))), tickmode="linear",
+                     dtick=max(1, n_layers // 10), showgrid=False, zeroline=False)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(n_tokens)),
+                     ticktext=[html.escape(label) for label in labels],  # numeric y: repeated tokens stay separate
+                     autorange="reversed", showgrid=False, zeroline=False)
     return fig
+
+
+def _checked_scores(result: TraceResult) -> np.ndarray:
+    """``result.scores`` as float64 (tokens, layers), after checking the kind and the shape."""
+    if result.kind not in KIND_STYLE:
+        raise ValueError(f"Unknown trace kind {result.kind!r}; expected one of {', '.join(KINDS)}.")
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] != len(result.tokens):
+        raise ValueError(f"scores must have shape (tokens, layers) = ({len(result.tokens)}, layers); got {scores.shape}.")
+    return scores
+
+
+def _colour_range(result: TraceResult, scores: np.ndarray, zmax: float | None) -> tuple[float, float]:
+    """The colour scale: from the corrupted score to ``zmax`` (default: the largest score drawn)."""
+    zmin = float(result.low_score)
+    finite = scores[np.isfinite(scores)]
+    top = float(finite.max()) if finite.size else float(result.high_score)
+    zmax = float(zmax) if zmax is not None else top
+    if not zmax > zmin:
+        zmax = zmin + max(abs(zmin) * 1e-3, 1e-6)  # a flat map still needs a range
+    return zmin, zmax
+
+
+def _title(result: TraceResult, title: str | None) -> dict:
+    """The figure's title (``title`` or what it shows) and its subtitle: the answer, the scores, and whether the map
+    is an estimate or still being computed."""
+    subtitle = (f"answer <b>{html.escape(result.answer)!s}</b> · clean {result.high_score:.3g} · "
+                f"corrupted {result.low_score:.3g}")
+    default_title = f"Impact of restoring {KIND_TITLE[result.kind]} after corrupted input"
+    if result.settings.get("estimate"):
+        default_title = f"Estimate: {default_title[0].lower()}{default_title[1:]}"
+        subtitle += " · <i>first-order (gradient) estimate; the exact map follows</i>"
+    elif result.settings.get("complete") is False:
+        subtitle += " · <i>rows still being computed</i>"
+    return dict(text=title or default_title, subtitle=dict(text=subtitle), x=0.0, xanchor="left")
 
 
 def scores_rows(results: Sequence[TraceResult]) -> list[dict]:

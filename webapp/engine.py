@@ -437,68 +437,75 @@ class Engine:
         ticket = self._admit(visitor)
         edits = list(edits if edits is not None else visitor.edits if visitor is not None else ())
         events: queue.Queue = queue.Queue()
-        admitted = time.monotonic()
-
-        def run() -> None:
-            outcome, began = "left", None
-            try:
-                with self._turns:
-                    while self._queue[0] is not ticket:
-                        if ticket.ended():
-                            return
-                        if time.monotonic() - admitted > self.limits.queue_wait_s:
-                            raise self.limits.refuse("queue_wait_s", "The time this request waited for the model",
-                                                     f"{time.monotonic() - admitted:.0f} s", "Please try again later.")
-                        self._turns.wait(POLL_S)
-                with self.lock:
-                    if ticket.ended():
-                        return  # stopped or abandoned while waiting: the model is never touched
-                    ticket.started, began = True, time.monotonic()
-                    lm = self.model(precision)
-                    memo = SharedMemo(self, precision) if not edits else NoMemo()  # edited results are never shared
-                    job = Job(ticket, time.monotonic() + self.limits.deadline_s, events, memo, edits)
-                    assert not is_edited(lm), "a previous request left edits applied"
-                    with (applied(lm, edits), hooks(lm.model, *self._guard(lm, job)),
-                          kernel_policy(lm.device, dtype=lm.dtype)):  # on CUDA: kernels without per-shape plans
-                        work(lm, job)
-                    outcome = "done"
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
-                outcome = ("stopped" if isinstance(exc, Stopped) else "deadline" if isinstance(exc, DeadlineExceeded)
-                           else "turned away" if isinstance(exc, Refused) else "error")
-                events.put(("error", exc))
-            finally:
-                self._leave(ticket)
-                now = time.monotonic()
-                self.records.append(Record(label, (began or now) - admitted, now - began if began else 0.0, outcome))
-                events.put(("done", None))
-
-        worker = threading.Thread(target=run, name="locate-edit-model", daemon=True)
+        worker = threading.Thread(target=self._run, args=(ticket, work, edits, precision, label, events),
+                                  name="locate-edit-model", daemon=True)
         worker.start()
         try:
-            while True:
-                ticket.seen = time.monotonic()  # the consumer is here: the request is not abandoned
-                try:
-                    tag, *value = events.get(timeout=POLL_S)
-                except queue.Empty:
-                    if not ticket.started:
-                        yield ("queue", self._ahead(ticket))
-                    else:
-                        yield ("progress", None)  # a heartbeat: lets the server notice Stop or a disconnect
-                    continue
-                if tag == "done":
-                    return
-                if tag == "error":
-                    exc = value[0]
-                    if isinstance(exc, DeadlineExceeded):
-                        raise DeadlineExceeded(
-                            f"This request was stopped after its {self.limits.deadline_s:g} s deadline (limit "
-                            f"deadline_s); the model is back to its original weights. Ask for less (fewer samples, "
-                            f"a shorter prompt, the quick trace) or try again when the server is quieter. An operator "
-                            f"can raise it with --limit deadline_s=N.") from None
-                    raise exc
-                yield (tag, *value)
+            yield from self._relay(ticket, events)
         finally:
             ticket.stop.set()
+
+    def _wait_turn(self, ticket: _Ticket, admitted: float) -> bool:
+        """Wait until ``ticket`` is first in the queue (True), or it ended while waiting (False)."""
+        with self._turns:
+            while self._queue[0] is not ticket:
+                if ticket.ended():
+                    return False
+                if time.monotonic() - admitted > self.limits.queue_wait_s:
+                    raise self.limits.refuse("queue_wait_s", "The time this request waited for the model",
+                                             f"{time.monotonic() - admitted:.0f} s", "Please try again later.")
+                self._turns.wait(POLL_S)
+        return True
+
+    def _run(self, ticket: _Ticket, work, edits: list, precision: str, label: str, events: queue.Queue) -> None:
+        """The request's own thread: wait for its turn, then run ``work`` holding the lock with ``edits`` applied."""
+        admitted = time.monotonic()
+        outcome, began = "left", None
+        try:
+            if not self._wait_turn(ticket, admitted):
+                return
+            with self.lock:
+                if ticket.ended():
+                    return  # stopped or abandoned while waiting: the model is never touched
+                ticket.started, began = True, time.monotonic()
+                lm = self.model(precision)
+                memo = SharedMemo(self, precision) if not edits else NoMemo()  # edited results are never shared
+                job = Job(ticket, time.monotonic() + self.limits.deadline_s, events, memo, edits)
+                assert not is_edited(lm), "a previous request left edits applied"
+                with (applied(lm, edits), hooks(lm.model, *self._guard(lm, job)),
+                      kernel_policy(lm.device, dtype=lm.dtype)):  # on CUDA: kernels without per-shape plans
+                    work(lm, job)
+                outcome = "done"
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer (_relay)
+            outcome = ("stopped" if isinstance(exc, Stopped) else "deadline" if isinstance(exc, DeadlineExceeded)
+                       else "turned away" if isinstance(exc, Refused) else "error")
+            events.put(("error", exc))
+        finally:
+            self._leave(ticket)
+            now = time.monotonic()
+            self.records.append(Record(label, (began or now) - admitted, now - began if began else 0.0, outcome))
+            events.put(("done", None))
+
+    def _relay(self, ticket: _Ticket, events: queue.Queue) -> Iterator[tuple]:
+        """The work's events for the consumer, with the queue's place or a heartbeat whenever none came."""
+        while True:
+            ticket.seen = time.monotonic()  # the consumer is here: the request is not abandoned
+            try:
+                tag, *value = events.get(timeout=POLL_S)
+            except queue.Empty:
+                yield ("queue", self._ahead(ticket)) if not ticket.started else ("progress", None)  # a heartbeat
+                continue
+            if tag == "done":
+                return
+            if tag == "error":
+                if isinstance(value[0], DeadlineExceeded):
+                    raise DeadlineExceeded(
+                        f"This request was stopped after its {self.limits.deadline_s:g} s deadline (limit "
+                        f"deadline_s); the model is back to its original weights. Ask for less (fewer samples, "
+                        f"a shorter prompt, the quick trace) or try again when the server is quieter. An operator "
+                        f"can raise it with --limit deadline_s=N.") from None
+                raise value[0]
+            yield (tag, *value)
 
     def remember(self, key: Hashable, value, precision: str = "auto"):
         """Keep a result of the unedited model (see :meth:`recall`)."""

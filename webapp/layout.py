@@ -221,45 +221,11 @@ def average_tab(engine: Engine) -> SimpleNamespace:
 
 def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
     """② Rewrite the fact: the request, test prompts, before/after, scores, history, files, free prompts."""
-    n_layers, chars, limits = engine.lm.n_layers, engine.limits.text_chars, engine.limits
-    lines_chars = chars * (limits.test_lines + 1)
     ui = SimpleNamespace()
     with gr.Tab("② Rewrite the fact", id="edit", elem_id="tab-edit"):
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Row():
-                    ui.subject = gr.Textbox("The Eiffel Tower", label="Subject", elem_id="edit-subject",
-                                            max_length=chars)
-                    ui.relation = gr.Textbox("{} is located in the city of", label="Relation prompt",
-                                             info="Use {} where the subject goes.", elem_id="edit-relation",
-                                             max_length=chars)
-                with gr.Row():
-                    ui.target = gr.Textbox("Rome", label="New object", elem_id="edit-target", max_length=chars)
-                    ui.old = gr.Textbox("Paris", label="Old object (optional)", max_length=chars,
-                                        info="Empty: the model's current answer.", elem_id="edit-old")
-                    ui.layer = gr.Slider(0, n_layers - 1, value=engine.default_layer, step=1,
-                                         label=f"Edit layer (default {engine.default_layer})", elem_id="edit-layer")
-                    ui.method = gr.Dropdown([(method_label(m), m) for m in engine.methods], value="rome",
-                                            label="Method", elem_id="edit-method",
-                                            info="ROME, fine-tuning (FT), constrained fine-tuning (FT+L), "
-                                                 "Knowledge Neurons (KN).")
-                ui.stats_note = gr.HTML(app.stats_note())
-                with gr.Row():
-                    ui.paraphrases = gr.Textbox(
-                        "The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in", lines=2,
-                        label=f"Paraphrases (one per line, up to {limits.test_lines})", elem_id="edit-paraphrases",
-                        max_length=lines_chars)
-                    ui.neighbours = gr.Textbox(
-                        "The Louvre is located in the city of\nNotre-Dame de Paris is located in the city of", lines=2,
-                        label=f"Neighbour prompts (one per line, up to {limits.test_lines})",
-                        elem_id="edit-neighbours", max_length=lines_chars)
-                with gr.Accordion("Generation settings", open=False):
-                    with gr.Row():
-                        ui.max_new = gr.Slider(4, limits.new_tokens, value=min(16, limits.new_tokens), step=1,
-                                               label="New tokens")
-                        ui.sample = gr.Checkbox(False, label="Sample (seeded) instead of greedy")
-                        ui.seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0)
-                ui.edit_btn, ui.stop_btn = run_and_stop("Apply edit", "edit")
+                edit_request(engine, app, ui)
             help_column("help-edit.md")
         ui.progress = gr.HTML(elem_id="edit-status-progress")
         ui.comparison = gr.HTML(elem_id="comparison")
@@ -267,17 +233,7 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
         with gr.Accordion("Raw results (JSON)", open=False):
             ui.details = gr.JSON(label="Edit results")
         batch_section(engine, ui)
-        gr.Markdown("### Your edits")
-        ui.status = gr.HTML(render.history_status([]))
-        ui.history = gr.Dataframe(headers=render.HISTORY_HEADERS, value=[], interactive=False, elem_id="history",
-                                  label="Edit history (applied in order)")
-        with gr.Row():
-            ui.undo_btn = gr.Button("Undo last", size="sm", elem_id="undo-button")
-            ui.reset_btn = gr.Button("Reset all", size="sm", variant="stop", elem_id="reset-button")
-            ui.export_btn = gr.DownloadButton("Export edits", interactive=False, size="sm", elem_id="export-edits")
-            ui.import_btn = gr.UploadButton("Import edits", file_types=[".safetensors"], size="sm",
-                                            elem_id="import-edits")
-            ui.retrace_btn = gr.Button("Trace the edited model →", size="sm", elem_id="retrace-button")
+        history_section(ui)
         with gr.Accordion("Compare editors: the same fact with ROME, FT, FT+L and KN", open=False,
                           elem_id="editors-accordion"):
             gr.Markdown(render.static_text("help-editors.md"))
@@ -286,11 +242,61 @@ def edit_tab(engine: Engine, app: App) -> SimpleNamespace:
             ui.editors_out = gr.HTML(elem_id="editors")
         with gr.Accordion("Try your own prompt", open=False):
             with gr.Row():
-                ui.free_prompt = gr.Textbox("The Eiffel Tower is in", label="Prompt", scale=4, max_length=chars)
+                ui.free_prompt = gr.Textbox("The Eiffel Tower is in", label="Prompt", scale=4,
+                                            max_length=engine.limits.text_chars)
                 ui.free_btn = gr.Button("Generate", scale=1, elem_id="free-button")
                 ui.free_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="free-stop")
             ui.free_out = gr.HTML()
     return ui
+
+
+def edit_request(engine: Engine, app: App, ui: SimpleNamespace) -> None:
+    """The edit's fields: subject, relation, objects, layer, method, test prompts, generation settings, buttons."""
+    n_layers, chars, limits = engine.lm.n_layers, engine.limits.text_chars, engine.limits
+    lines_chars = chars * (limits.test_lines + 1)
+    with gr.Row():
+        ui.subject = gr.Textbox("The Eiffel Tower", label="Subject", elem_id="edit-subject", max_length=chars)
+        ui.relation = gr.Textbox("{} is located in the city of", label="Relation prompt",
+                                 info="Use {} where the subject goes.", elem_id="edit-relation", max_length=chars)
+    with gr.Row():
+        ui.target = gr.Textbox("Rome", label="New object", elem_id="edit-target", max_length=chars)
+        ui.old = gr.Textbox("Paris", label="Old object (optional)", max_length=chars,
+                            info="Empty: the model's current answer.", elem_id="edit-old")
+        ui.layer = gr.Slider(0, n_layers - 1, value=engine.default_layer, step=1,
+                             label=f"Edit layer (default {engine.default_layer})", elem_id="edit-layer")
+        ui.method = gr.Dropdown([(method_label(m), m) for m in engine.methods], value="rome", label="Method",
+                                elem_id="edit-method", info="ROME, fine-tuning (FT), constrained fine-tuning (FT+L), "
+                                                            "Knowledge Neurons (KN).")
+    ui.stats_note = gr.HTML(app.stats_note())
+    with gr.Row():
+        ui.paraphrases = gr.Textbox(
+            "The Eiffel Tower, located in the city of\nThe Eiffel Tower can be found in", lines=2,
+            label=f"Paraphrases (one per line, up to {limits.test_lines})", elem_id="edit-paraphrases",
+            max_length=lines_chars)
+        ui.neighbours = gr.Textbox(
+            "The Louvre is located in the city of\nNotre-Dame de Paris is located in the city of", lines=2,
+            label=f"Neighbour prompts (one per line, up to {limits.test_lines})", elem_id="edit-neighbours",
+            max_length=lines_chars)
+    with gr.Accordion("Generation settings", open=False):
+        with gr.Row():
+            ui.max_new = gr.Slider(4, limits.new_tokens, value=min(16, limits.new_tokens), step=1, label="New tokens")
+            ui.sample = gr.Checkbox(False, label="Sample (seeded) instead of greedy")
+            ui.seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0)
+    ui.edit_btn, ui.stop_btn = run_and_stop("Apply edit", "edit")
+
+
+def history_section(ui: SimpleNamespace) -> None:
+    """The visitor's edits: status, history table, undo, reset, export, import, and a retrace of the edited model."""
+    gr.Markdown("### Your edits")
+    ui.status = gr.HTML(render.history_status([]))
+    ui.history = gr.Dataframe(headers=render.HISTORY_HEADERS, value=[], interactive=False, elem_id="history",
+                              label="Edit history (applied in order)")
+    with gr.Row():
+        ui.undo_btn = gr.Button("Undo last", size="sm", elem_id="undo-button")
+        ui.reset_btn = gr.Button("Reset all", size="sm", variant="stop", elem_id="reset-button")
+        ui.export_btn = gr.DownloadButton("Export edits", interactive=False, size="sm", elem_id="export-edits")
+        ui.import_btn = gr.UploadButton("Import edits", file_types=[".safetensors"], size="sm", elem_id="import-edits")
+        ui.retrace_btn = gr.Button("Trace the edited model →", size="sm", elem_id="retrace-button")
 
 
 def batch_section(engine: Engine, ui: SimpleNamespace) -> None:
@@ -324,24 +330,8 @@ def batch_section(engine: Engine, ui: SimpleNamespace) -> None:
         ui.batch_out = gr.HTML(elem_id="batch")
 
 
-def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, visitor, trace_state) -> None:
-    """Connect the events. Model events share the engine's queue (one at a time, each bounded by the limits)."""
-    limits = app.engine.limits
-    # Handlers start at once and wait in the engine's queue, where they show their place and can be stopped.
-    model_events = dict(concurrency_id="model", concurrency_limit=limits.queue_size + 1)
-    trace_inputs = [loc.prompt, loc.subject, loc.answer, loc.samples, loc.noise, loc.window, loc.corruption,
-                    loc.metric, loc.contrast, loc.seed, loc.precision, loc.fast, visitor]
-    trace_fn, trace_outputs = by_name(app.trace, {
-        "prediction": loc.prediction, "hidden": loc.plot_hidden, "mlp": loc.plot_mlp, "attn": loc.plot_attn,
-        "json": loc.json_btn, "csv": loc.csv_btn, "layer": loc.layer_html, "state": trace_state,
-        "progress": loc.progress})
-    trace_fn = on_gpu(trace_fn)
-    trace_event = loc.trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
-    loc.prompt.input(app.suggest_subject, [loc.prompt, loc.subject], loc.subject, queue=False,
-                     api_visibility="private")
-    loc.to_edit_btn.click(app.to_edit, [trace_state, ed.layer], [ed.subject, ed.relation, ed.old, ed.layer, tabs],
-                          queue=False, api_visibility="private")
-
+def wire_edits(app: App, ed: SimpleNamespace, visitor, model_events: dict) -> None:
+    """The edit tab's events: an edit, the editors compared, a batch, the history's buttons, free prompts."""
     history = {"visitor": visitor, "history": ed.history, "export": ed.export_btn, "status": ed.status,
                "stats_note": ed.stats_note}
     edit_inputs = [ed.subject, ed.relation, ed.target, ed.old, ed.layer, ed.method, ed.paraphrases, ed.neighbours,
@@ -380,6 +370,27 @@ def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, vis
     free_event = ed.free_btn.click(on_gpu(compare_fn), [ed.free_prompt, ed.max_new, ed.sample, ed.seed, visitor],
                                    compare_outputs, api_name="compare", **model_events)
     ed.free_stop.click(None, None, None, cancels=[free_event])
+
+
+def wire(app: App, presets, loc: SimpleNamespace, ed: SimpleNamespace, tabs, visitor, trace_state) -> None:
+    """Connect the events. Model events share the engine's queue (one at a time, each bounded by the limits)."""
+    limits = app.engine.limits
+    # Handlers start at once and wait in the engine's queue, where they show their place and can be stopped.
+    model_events = dict(concurrency_id="model", concurrency_limit=limits.queue_size + 1)
+    trace_inputs = [loc.prompt, loc.subject, loc.answer, loc.samples, loc.noise, loc.window, loc.corruption,
+                    loc.metric, loc.contrast, loc.seed, loc.precision, loc.fast, visitor]
+    trace_fn, trace_outputs = by_name(app.trace, {
+        "prediction": loc.prediction, "hidden": loc.plot_hidden, "mlp": loc.plot_mlp, "attn": loc.plot_attn,
+        "json": loc.json_btn, "csv": loc.csv_btn, "layer": loc.layer_html, "state": trace_state,
+        "progress": loc.progress})
+    trace_fn = on_gpu(trace_fn)
+    trace_event = loc.trace_btn.click(trace_fn, trace_inputs, trace_outputs, api_name="trace", **model_events)
+    loc.prompt.input(app.suggest_subject, [loc.prompt, loc.subject], loc.subject, queue=False,
+                     api_visibility="private")
+    loc.to_edit_btn.click(app.to_edit, [trace_state, ed.layer], [ed.subject, ed.relation, ed.old, ed.layer, tabs],
+                          queue=False, api_visibility="private")
+
+    wire_edits(app, ed, visitor, model_events)
     retrace_event = ed.retrace_btn.click(
         app.retrace_values, [ed.subject, ed.relation, ed.target], [loc.prompt, loc.subject, loc.answer, tabs],
         api_name="retrace_values",
