@@ -1,6 +1,6 @@
 """The cost formulas of docs/scaling.md against what the code does: FLOPs and block calls, predicted and counted.
 
-    .venv/bin/python benchmarks/scaling_check.py                 # every check below, about a minute on one core
+    .venv/bin/python benchmarks/scaling_check.py                 # every check below: 1.5 CPU minutes on one thread
     .venv/bin/python benchmarks/scaling_check.py --only trace    # traces only (or: rome, shape, plan)
     .venv/bin/python benchmarks/scaling_check.py --json out.json
 
@@ -297,8 +297,12 @@ def rewrite_check(lm, shape: Shape, pairs) -> float:
         sum(b for _, b in lengths))
 
 
-def check_rome(name: str, steps: int = 3) -> dict:
-    """One ROME edit of ``name`` counted, against :func:`rome_prediction` and :func:`rewrite_check`."""
+def check_rome(name: str, steps: int = 3, stats_tokens: int | None = 2048) -> dict:
+    """One ROME edit of ``name`` counted, against :func:`rome_prediction` and :func:`rewrite_check`.
+
+    ``stats_tokens``: the key statistics' corpus, sampled before counting; None: no statistics (the plain k*
+    direction), the same passes.
+    """
     from editing import EditRequest
     from editing.hparams import load_hparams
     from editing.methods.common import build_rows
@@ -307,12 +311,14 @@ def check_rome(name: str, steps: int = 3) -> dict:
     from editing.templates import context_templates
 
     lm = build(name)
-    hp = dataclasses.replace(load_hparams(lm), v_num_grad_steps=steps, early_stop_loss=0.0, stats_tokens=2048,
+    hp = dataclasses.replace(load_hparams(lm), v_num_grad_steps=steps, early_stop_loss=0.0,
+                             mom2_adjustment=stats_tokens is not None, stats_tokens=stats_tokens or 1,
                              stats_sample_length=64)
     layer = hp.edit_layer(lm.n_layers)
     request = EditRequest(SUBJECT, "{} is located in the city of", "Rome", "Paris")
     templates = context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
-    key_stats(lm, layer, StatsSpec.from_hparams(hp))  # computed before counting: a one-time cost per layer
+    if hp.mom2_adjustment:  # computed before counting: a one-time cost per layer (None: the plain k* direction)
+        key_stats(lm, layer, StatsSpec.from_hparams(hp))
     flops, calls, edit = count(lambda: compute_edit(lm, request, hparams=hp, retries=0))
     rows = build_rows(lm, request, templates, hp.kl_prompt)
     shape = Shape.of(lm)

@@ -1,7 +1,7 @@
 """docs/scaling.md's formulas against the code: counted FLOPs and block calls equal the predicted ones.
 
-The full check is ``benchmarks/scaling_check.py``; here the tiny shapes only (seconds), so that a change to the
-engine's plan or to ROME's passes that the formulas no longer describe fails here.
+The full check is ``benchmarks/scaling_check.py``; here the tiny shapes only, so that a change to the engine's
+plan or to ROME's passes that the formulas no longer describe fails here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))  # random models' noise scales, templates, statistics
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("name, gpu", [("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", True)])
 def test_trace_flops_and_calls_are_the_plans(name, gpu):
     row = check_trace(name, 2, gpu)
     assert row["flops"] == pytest.approx(row["flops_plan"], rel=1e-12)
@@ -29,7 +28,7 @@ def test_trace_flops_and_calls_are_the_plans(name, gpu):
 
 
 def test_rome_flops_and_calls_are_predicted():
-    row = check_rome("tiny-llama", steps=2)
+    row = check_rome("tiny-gpt2", steps=2, stats_tokens=None)  # no statistics: the same passes, no corpus to sample
     assert row["steps"] == 2
     assert row["flops"] == pytest.approx(row["flops_plan"], rel=1e-12)
     assert row["block_calls"] == row["block_calls_plan"]
