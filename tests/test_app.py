@@ -23,7 +23,8 @@ from webapp import Visitor, build_demo, create_engine
 from tracing import workflow as workflow_module
 from webapp.handlers import App
 from webapp.limits import Limits, Refused
-from webapp.render import highlight, history_rows, model_card
+from editing.display import highlight
+from webapp.render import history_rows, model_card
 from tracing import TraceResult
 from tracing.models import DEFAULT_MODEL, DEFAULT_REQUIREMENT
 from tracing.hooks import active_hook_count

@@ -16,7 +16,7 @@ from app_fixtures import EDIT, QUICK, engine, served  # noqa: F401 - fixtures
 from editing import generate
 from editing_fixtures import changed, snapshot
 from test_engine import wait_until
-from webapp.render import highlight
+from editing.display import highlight
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -162,3 +162,38 @@ def test_a_visitor_who_leaves_mid_request_does_not_hold_the_model(served, engine
     assert started.wait(30)
     assert stopped.wait(30), "the work of a visitor who left is still running"
     assert wait_until(lambda: not engine.lock.locked(), 30), "the work of a visitor who left still holds the model"
+
+
+def test_which_layer_compare_editors_and_a_batch_through_the_api(served, engine):
+    """The edit tab's longer requests, wired as the page wires them (a browser adds nothing to these checks; the
+    browser test keeps trace, edit and undo)."""
+    from test_batch import TINY_MEMIT
+
+    demo, url = served
+    client = Client(url, verbose=False)
+    prompt, subject, answer, e_subject, relation, target, old, para, neigh, sweep_target = client.predict(
+        0, api_name="/preset")
+    trace(client, prompt, subject, answer)  # the session's traced fact, which the sweep edits
+    figure, summary, progress = client.predict(sweep_target, 2, para, neigh, api_name="/which_layer")
+    assert figure["type"] == "plotly" and "Best layer by S" in summary and "of 2 layers" in summary
+    assert progress == ""
+
+    table, progress = client.predict(e_subject, relation, target, old, para, neigh, 4, api_name="/compare_editors")
+    for method in ("rome", "ft", "ft-l", "kn"):
+        assert f'<td class="after" data-method="{method}">' in table
+    assert table.count('th class="le-method"') == 4 and "Neighbourhood" in table and progress == ""
+
+    saved = dict(engine._method_hparams)
+    engine._method_hparams["memit"] = TINY_MEMIT
+    try:
+        rows = [["The Eiffel Tower", "{} is located in the city of", "Rome", "Paris"],
+                ["Michael Jordan", "{} plays the sport of", "golf", "basketball"]]
+        table = {"headers": ["Subject", "Relation prompt", "New object", "Old object"], "data": rows}
+        result, history, export, status, stats_note, progress = client.predict(table, False, api_name="/write_batch")
+    finally:
+        engine._method_hparams.clear()
+        engine._method_hparams.update(saved)
+    assert result.count("<tr data-index=") == 2 and 'id="batch-health"' in result and "Health check" in result
+    assert history["data"][0][1] == "MEMIT" and "1 edit active" in status and progress == ""
+    history, export, status, stats_note = client.predict(api_name="/undo")
+    assert history["data"] == [] and "original model" in status

@@ -3,14 +3,16 @@
 Starts ``python app.py`` as a visitor would, clicks a preset, runs its trace
 (watching its progress) and waits for the three heatmaps, applies the preset's
 edit, checks that the rewrite prompt's generation now contains the new object
-(and did not before), undoes it, compares the four editors on the same fact,
-writes two more presets as one MEMIT batch, sweeps the edit layer of the traced
-fact, opens the shipped averages ("Across many facts") and one of their facts,
-and saves screenshots. The trace is the quick one (the subject's
-and the last token's rows) to keep the test short. Set
-``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshot
-(``assets/screenshot.png``, then with a full trace; the edit and undo views go
-to ``assets/static/``); otherwise screenshots go to pytest's temporary directory.
+(and did not before), undoes it, pastes two more presets into the batch table,
+opens the shipped averages ("Across many facts") and one of their facts, and
+saves screenshots. The trace is the quick one (the subject's and the last
+token's rows) to keep the test short. The layer sweep, the four editors
+compared and the MEMIT batch are checked through the page's API on a tiny
+model (``test_app_api.py``), where a browser adds nothing. Set
+``LOCATE_EDIT_SCREENSHOTS=assets`` to refresh the README's screenshots: then
+the trace is the full one and the sweep, the editors and the batch run here
+too (``assets/screenshot.png``; the other views go to ``assets/static/``);
+otherwise screenshots go to pytest's temporary directory.
 
 In CI (``CI=true``) a missing Chromium fails the test; elsewhere it skips.
 """
@@ -84,6 +86,9 @@ def page_url():
             proc.kill()
 
 
+SCREENSHOTS = os.environ.get("LOCATE_EDIT_SCREENSHOTS")  # refreshing the README's screenshots: every section
+
+
 @pytest.fixture
 def shots(tmp_path) -> Path:
     folder = Path(os.environ.get("LOCATE_EDIT_SCREENSHOTS") or tmp_path)
@@ -114,7 +119,7 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
 
             # Trace and wait for the three heatmaps.
             page.get_by_text("Advanced settings").click()
-            if not os.environ.get("LOCATE_EDIT_SCREENSHOTS"):
+            if not SCREENSHOTS:
                 page.get_by_label("Quick trace", exact=False).check()
             page.locator("#trace-button").click()
             # Progress the visitor can see: the stage and its fraction, while the trace runs.
@@ -131,16 +136,17 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             page.wait_for_timeout(1000)
             page.screenshot(path=str(shots / "screenshot.png"), full_page=True)
 
-            # Which layer to edit? ROME at layers 0 and 15 of the traced fact, drawn beside its MLP row.
-            page.locator("#sweep-accordion").get_by_text("Which layer to edit?", exact=False).first.click()
-            expect(page.locator("#sweep-target textarea")).to_have_value(preset.counterfactual)
-            every = page.locator("#sweep-every input[type=number]")
-            every.fill("15")
-            every.press("Enter")
-            page.locator("#sweep-button").click()
-            expect(page.locator("#sweep-out")).to_contain_text("Best layer by S", timeout=900_000)
-            expect(page.locator("#sweep-out")).to_contain_text("of 2 layers")
-            expect(page.locator("#sweep-plot .js-plotly-plot")).to_be_visible()
+            if SCREENSHOTS:  # the README's figure; the sweep's checks run through the API (test_app_api)
+                # Which layer to edit? ROME at layers 0 and 15 of the traced fact, drawn beside its MLP row.
+                page.locator("#sweep-accordion").get_by_text("Which layer to edit?", exact=False).first.click()
+                expect(page.locator("#sweep-target textarea")).to_have_value(preset.counterfactual)
+                every = page.locator("#sweep-every input[type=number]")
+                every.fill("15")
+                every.press("Enter")
+                page.locator("#sweep-button").click()
+                expect(page.locator("#sweep-out")).to_contain_text("Best layer by S", timeout=900_000)
+                expect(page.locator("#sweep-out")).to_contain_text("of 2 layers")
+                expect(page.locator("#sweep-plot .js-plotly-plot")).to_be_visible()
 
             # Edit with the preset's counterfactual.
             page.get_by_role("tab", name="② Rewrite the fact").click()
@@ -161,17 +167,7 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
             expect(page.locator("#edit-status")).to_contain_text("original model", timeout=60_000)
             page.screenshot(path=str(shots / "static" / "screenshot-undo.png"), full_page=True)
 
-            # The same fact with every editor, side by side: one column per method.
-            page.locator("#editors-accordion").get_by_text("Compare editors", exact=False).first.click()
-            page.locator("#editors-button").click()
-            table = page.locator("#editors-comparison")
-            for method in ("rome", "ft", "ft-l", "kn"):
-                expect(table.locator(f'td.after[data-method="{method}"]').first).to_be_visible(timeout=900_000)
-            assert table.locator("th.le-method").count() == 4
-            expect(table).to_contain_text("Neighbourhood")
-            page.screenshot(path=str(shots / "static" / "screenshot-editors.png"), full_page=True)
-
-            # Two more presets as one MEMIT batch, pasted as CSV: one row per fact, the health check, one edit.
+            # Two more presets pasted as CSV into the batch table (typed as a visitor types them; no model needed).
             page.locator("#batch-accordion").get_by_text("Edit many facts", exact=False).first.click()
             others = load_presets().presets[1:3]
             for q in others:  # typed as a visitor would (a filled value is not always taken by the textbox)
@@ -184,13 +180,25 @@ def test_trace_edit_undo_in_a_browser(page_url, shots):
                     toasts = page.locator(".toast-body").all_inner_texts()
                     raise AssertionError(f"the pasted fact did not reach the table; messages: {toasts}") from None
                 expect(page.locator("#batch-csv textarea")).to_have_value("")
-            page.locator("#batch-button").click()
-            facts = page.locator("#batch-facts tr[data-index]")
-            expect(facts.nth(1)).to_be_visible(timeout=900_000)
-            assert facts.count() == 2
-            expect(page.locator("#batch-health")).to_contain_text("Health check")
-            expect(page.locator("#edit-status")).to_contain_text("1 edit active")
-            page.screenshot(path=str(shots / "static" / "screenshot-batch.png"), full_page=True)
+            if SCREENSHOTS:  # the README's figures; these checks run through the API (test_app_api)
+                # The same fact with every editor, side by side: one column per method; then the batch, written as
+                # one MEMIT edit: one row per fact, the health check, one edit.
+                page.locator("#editors-accordion").get_by_text("Compare editors", exact=False).first.click()
+                page.locator("#editors-button").click()
+                table = page.locator("#editors-comparison")
+                for method in ("rome", "ft", "ft-l", "kn"):
+                    expect(table.locator(f'td.after[data-method="{method}"]').first).to_be_visible(timeout=900_000)
+                assert table.locator("th.le-method").count() == 4
+                expect(table).to_contain_text("Neighbourhood")
+                page.screenshot(path=str(shots / "static" / "screenshot-editors.png"), full_page=True)
+
+                page.locator("#batch-button").click()
+                facts = page.locator("#batch-facts tr[data-index]")
+                expect(facts.nth(1)).to_be_visible(timeout=900_000)
+                assert facts.count() == 2
+                expect(page.locator("#batch-health")).to_contain_text("Health check")
+                expect(page.locator("#edit-status")).to_contain_text("1 edit active")
+                page.screenshot(path=str(shots / "static" / "screenshot-batch.png"), full_page=True)
 
             # Across many facts: the shipped averages, the severed paths, and a fact that opens in the Locate tab.
             page.get_by_role("tab", name="③ Across many facts").click()

@@ -31,6 +31,7 @@ import gradio as gr
 
 from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
 from editing.batch import BatchItem, parse_requests, read_requests, write_batch
+from editing import display
 from editing.edit import method_label
 from tracing import KINDS
 from tracing.workflow import (Estimate, Finished, Prediction, Rows, Step, prediction_key, split_precision,
@@ -389,7 +390,7 @@ class App:
             if tag == "tick":
                 yield self._tick(result)
                 continue
-            shown = {"comparison": render.comparison_table(result), "scores": render.scores_card(result),
+            shown = {"comparison": display.comparison_table(result), "scores": display.scores_card(result),
                      "details": result.to_dict()}
             if result.edit is None:  # the before column, while the edit is computed
                 yield shown
@@ -438,8 +439,8 @@ class App:
             else:
                 results[item[1]] = item[2]
                 running = None
-            yield {"table": render.editors_table(results, methods, running)}
-        yield {"table": render.editors_table(results, methods), "progress": ""}
+            yield {"table": display.editors_table(results, methods, running)}
+        yield {"table": display.editors_table(results, methods), "progress": ""}
 
     # -- many facts at once ------------------------------------------------------------------
 
@@ -525,7 +526,7 @@ class App:
                 yield self._tick(result)
                 continue
             self._add_edit(visitor, previous, version, result.edit, "batch")
-            yield {"result": render.batch_result(result), **self._history(visitor), "progress": ""}
+            yield {"result": display.batch_result(result), **self._history(visitor), "progress": ""}
 
     @user_errors
     def undo(self, visitor: Visitor | None) -> dict:
@@ -612,7 +613,7 @@ class App:
             if tag == "tick":
                 yield {} if item is None else {"comparison": item}  # the card stands where the comparison will be
                 continue
-            yield {"comparison": render.free_comparison(prompt, *item)}
+            yield {"comparison": display.free_comparison(prompt, *item)}
 
     @user_errors
     def retrace_values(self, subject, relation, target) -> tuple:
