@@ -19,9 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -40,58 +37,13 @@ from tracing.plots import heatmap, layer_sweep_figure, results_json, scores_csv
 from tracing.result import suggest_edit_layer
 
 from . import render
-from .engine import Engine, Stopped, Visitor, comparison_key
+from .engine import Engine, Visitor, comparison_key
+from .errors import user_errors
 from .limits import (Refused, check_batch, check_edit, check_generation, check_request, check_sweep, check_trace,
                      choice, extras_key, number, table_rows)
 
-log = logging.getLogger("locate-edit.app")
 
 SKIP = gr.skip()
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Show errors as a message in the page (gr.Error), never a traceback; a stopped request ends quietly.
-
-    ValueError/LookupError (bad input, a refused request, a deadline) carry
-    their fix in the message and are shown as they are; anything else is
-    logged with its traceback and summarised.
-    """
-
-    def convert(exc: BaseException) -> gr.Error:
-        if isinstance(exc, gr.Error):
-            return exc
-        if isinstance(exc, (ValueError, LookupError)):
-            return gr.Error(str(exc), print_exception=False)
-        log.exception("Unexpected error in %s", fn.__name__)
-        return gr.Error(
-            f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). "
-            "The model was restored to its original weights; please try again.",
-            print_exception=False,
-        )
-
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except Stopped:
-                return
-            except Exception as exc:  # noqa: BLE001 - converted for the page
-                raise convert(exc) from None
-
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Stopped:
-            return None
-        except Exception as exc:  # noqa: BLE001 - converted for the page
-            raise convert(exc) from None
-
-    return wrapper
 
 
 class App:
