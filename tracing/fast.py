@@ -261,9 +261,13 @@ class FastTracer:
             pieces.append(np.stack([self._rows_of([slot[i] for i in members]), toks - t0, toks,
                                     np.tile(copy, len(members))]))
         flat = torch.from_numpy(np.concatenate(pieces, axis=1)).to(self.lm.device)  # (4, indices): one upload
+        on = {flat.device: flat}  # and one copy per other device a sharded model's blocks write on
         restore, patches = {}, {}
         for (what, kind, j), (offset, size) in bounds.items():
-            index, position, token, sample = flat[:, offset : offset + size]
+            meets = (self.clean[kind][j] if what == "restore" else self.clean["hidden"][j - 1]).device
+            if meets not in on:
+                on[meets] = flat.to(meets)
+            index, position, token, sample = on[meets][:, offset : offset + size]
             if what == "restore":
                 restore[kind, j] = (index, position, self.clean[kind][j][token])
             else:
