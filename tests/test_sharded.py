@@ -29,11 +29,12 @@ from editing.methods import compute, compute_batch
 from editing.sampling import decode
 from tracing import trace
 from tracing.loading import describe_placement, load_model, parse_device_map, parse_max_memory, wrap_model
-from tracing.models import LoadedModel, editable_weight, get_module
-from tracing.preview import estimate
+from tracing.models import LoadedModel, editable_weight, get_module, stored_value
+from tracing.preview import block_dtype, estimate
 from tracing.reference import trace_reference
 from tracing.result import KINDS, TraceConfig
 from tracing.sever import sever
+from webapp.engine import create_engine
 
 FAMILIES = sorted(TINY_CONFIGS)
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
@@ -81,8 +82,6 @@ def assert_same_traces(a, b, tol: float = 1e-5) -> None:
 
 def values(lm: LoadedModel) -> dict[str, torch.Tensor]:
     """Every weight's values as the model computes with them (offloaded ones from their hook's map)."""
-    from tracing.models import stored_value
-
     return {name: stored_value(lm.model, name, t).detach().cpu().clone() for name, t in lm.model.state_dict().items()}
 
 
@@ -166,6 +165,9 @@ def test_preview_severed_paths_and_generation_of_a_dispatched_model_equal_the_pl
     severed = sever(plain, PROMPT, SUBJECT, config=CONFIG)
     ids = [plain.tokenizer.encode(PROMPT)] * 2
     tokens = decode(plain, ids, 6, generator=torch.Generator().manual_seed(1), top_k=5)
+    assert block_dtype(on_disk) == torch.float32  # offloaded weights: no bf16 copy to make
+    assert_same_traces(preview, estimate(on_disk, PROMPT, SUBJECT, config=CONFIG))
+    assert_same_traces(estimate(plain, PROMPT, SUBJECT, config=CONFIG), estimate(on_cpu, PROMPT, SUBJECT, config=CONFIG))
     for lm in (on_cpu, on_disk):
         assert_same_traces(preview, estimate(lm, PROMPT, SUBJECT, config=config))
         other = sever(lm, PROMPT, SUBJECT, config=CONFIG)
@@ -305,7 +307,18 @@ def test_offloaded_to_the_cpu_by_a_gpu_map_traces_and_refuses_edits(tokenizer, d
 
 
 # ---------------------------------------------------------------------------
-# The embedded model, loaded with a device map
+# The embedded model, loaded with a device map; the app's variables
+
+
+def test_the_app_passes_its_device_map_variable_to_load_model(monkeypatch):
+    monkeypatch.delenv("LOCATE_EDIT_MODEL", raising=False)
+    monkeypatch.setenv("LOCATE_EDIT_DEVICE_MAP", "everywhere")
+    with pytest.raises(ValueError, match="Device map 'everywhere' is neither"):
+        create_engine()
+    monkeypatch.setenv("LOCATE_EDIT_DEVICE_MAP", "auto")
+    monkeypatch.setenv("LOCATE_EDIT_MAX_MEMORY", "0=lots")
+    with pytest.raises(ValueError, match="'lots' is not a size"):
+        create_engine()
 
 
 @pytest.mark.real_model

@@ -230,10 +230,11 @@ def block_dtype(lm: LoadedModel, config: TraceConfig = TraceConfig()) -> torch.d
     estimates follow the float32 ones to a median r of 0.985-0.997 per kind
     over 50 known facts (``benchmarks/preview_quality.py``, which compares
     both). ``precision="fp32"`` (``--precision fp32`` on the command line)
-    keeps float32.
+    keeps float32, and so does a model with weights offloaded by accelerate
+    (on the meta device, loaded for each pass: there is nothing to copy).
     """
     if (config.precision == "auto" and lm.device.type == "cpu" and lm.dtype == torch.float32 and native_cpu_bf16()
-            and lm.n_params <= BF16_MAX_PARAMETERS):
+            and lm.n_params <= BF16_MAX_PARAMETERS and not any(p.is_meta for p in lm.model.parameters())):
         return torch.bfloat16
     return lm.dtype
 

@@ -46,6 +46,7 @@ from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
 from tracing.average import shipped_average
 from tracing import LoadedModel, load_model
+from tracing.loading import DEVICE_MAP_ENV, MAX_MEMORY_ENV
 from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
 from tracing.models import DEFAULT_MODEL, parse_dtype
@@ -517,6 +518,9 @@ def create_engine(
 ) -> Engine:
     """Load the model (``model``, else $LOCATE_EDIT_MODEL, else the embedded default) and its presets.
 
+    $LOCATE_EDIT_DEVICE_MAP and $LOCATE_EDIT_MAX_MEMORY, where set, spread its
+    blocks over devices (``device_map``/``max_memory`` of :func:`tracing.loading.load_model`).
+
     Example::
 
         engine = create_engine()                   # SmolLM2-135M, offline
@@ -528,8 +532,9 @@ def create_engine(
     """
     name = model or os.environ.get(MODEL_ENV) or None
     notice = ""
+    sharding = dict(device_map=os.environ.get(DEVICE_MAP_ENV), max_memory=os.environ.get(MAX_MEMORY_ENV))
     try:
-        lm = load_model(name, device=device, dtype=dtype)
+        lm = load_model(name, device=device, dtype=dtype, **sharding)  # $LOCATE_EDIT_DEVICE_MAP: blocks spread
     except (ValueError, LookupError, OSError) as exc:
         if not fallback or name in (None, "", "default", DEFAULT_MODEL):
             raise
