@@ -14,6 +14,7 @@ blocks run on cuda:0 and half on the CPU (skipped elsewhere).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_dispatched_model_has_its_hooks_and_says_where_blocks_sit(pair):
     assert on_disk.placement() == ["cpu", "cpu", "cpu (offloaded to disk)", "cpu (offloaded to disk)"]
     assert describe_placement(on_disk) == "blocks 0-1 on cpu, 2-3 on cpu (offloaded to disk)"
     assert on_disk.down_proj(3).weight.device.type == "meta"
+    assert on_disk.offloaded and not on_cpu.offloaded and not plain.offloaded
     assert on_disk.fingerprint == plain.fingerprint == on_cpu.fingerprint  # the values, wherever they are kept
 
 
@@ -157,6 +159,22 @@ def test_traces_of_a_dispatched_model_equal_the_plain_model(pair, family):
         assert_same_traces(oracle, trace_reference(lm, PROMPT, SUBJECT, kinds=KINDS, config=ORACLE))
 
 
+def test_another_precision_copies_a_dispatched_model_and_refuses_an_offloaded_one(pair):
+    plain, on_cpu, on_disk = pair("qwen2")
+    config = TraceConfig(samples=3, precision="bf16")
+    assert_same_traces(trace(plain, PROMPT, SUBJECT, config=config), trace(on_cpu, PROMPT, SUBJECT, config=config))
+    with pytest.raises(ValueError, match="offloaded by accelerate .* load the model in that dtype"):
+        trace(on_disk, PROMPT, SUBJECT, config=config)
+
+
+def test_passes_in_parallel_threads_on_a_dispatched_model(pair, monkeypatch):
+    plain, on_cpu, on_disk = pair("llama")
+    expected = trace(plain, PROMPT, SUBJECT, kinds=KINDS, config=CONFIG)
+    monkeypatch.setenv("LOCATE_EDIT_TRACE_WORKERS", "2")  # hooks shared by two passes at once (offloaded: one)
+    for lm in (on_cpu, on_disk):
+        assert_same_traces(expected, trace(lm, PROMPT, SUBJECT, kinds=KINDS, config=CONFIG))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_preview_severed_paths_and_generation_of_a_dispatched_model_equal_the_plain_model(pair, family):
     plain, on_cpu, on_disk = pair(family)
@@ -183,7 +201,7 @@ def test_preview_severed_paths_and_generation_of_a_dispatched_model_equal_the_pl
 
 def edit_with(lm: LoadedModel, method: str, layer: int | None = None):
     if method == "memit":
-        hp = TINY_MEMIT if layer is None else MEMITHyperParams(**{**TINY_MEMIT.__dict__, "layers": (layer,)})
+        hp = TINY_MEMIT if layer is None else dataclasses.replace(TINY_MEMIT, layers=(layer,))
         return compute_batch(lm, [REQ], method="memit", hparams=hp, stats_spec=TINY_STATS)
     hp = EDITORS[method] if method != "kn" else KN
     return compute(lm, REQ, method=method, layer=layer, hparams=hp, stats_spec=TINY_STATS)
@@ -322,9 +340,21 @@ def test_the_app_passes_its_device_map_variable_to_load_model(monkeypatch):
 
 
 @pytest.mark.real_model
-def test_embedded_model_with_device_map_auto_gives_the_plain_maps(real_lm, device):
-    sharded = load_model(device_map="auto")
-    assert sharded.n_layers == real_lm.n_layers and "blocks" in describe_placement(sharded)
+def test_embedded_model_with_a_device_map_gives_the_plain_maps(real_lm, device):
     config = TraceConfig(samples=2, tokens="subject_last")
-    assert_same_traces(trace(real_lm, PROMPT, SUBJECT, config=config), trace(sharded, PROMPT, SUBJECT, config=config),
-                       tol=1e-4 if device.type != "cpu" else 1e-5)
+    expected = trace(real_lm, PROMPT, SUBJECT, kinds=("hidden",), config=config)
+    tol = 1e-4 if device.type != "cpu" else 1e-5
+    auto = load_model(device_map="auto")
+    assert auto.n_layers == real_lm.n_layers and describe_placement(auto).startswith(("all 30 blocks", "blocks"))
+    assert_same_traces(expected, trace(auto, PROMPT, SUBJECT, kinds=("hidden",), config=config), tol=tol)
+    del auto
+    main = "cpu" if device.type == "cpu" else 0
+    spread = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main,
+              **{f"model.layers.{j}": "disk" if j >= 28 else main for j in range(30)}}
+    offloaded = load_model(device_map=spread)  # the last two blocks load from disk for each pass
+    assert offloaded.fingerprint == real_lm.fingerprint and offloaded.offloaded
+    assert describe_placement(offloaded).endswith("28-29 on cpu (offloaded to disk)" if main == "cpu"
+                                                  else "28-29 on cuda:0 (offloaded to disk)")
+    assert_same_traces(expected, trace(offloaded, PROMPT, SUBJECT, kinds=("hidden",), config=config), tol=tol)
+    with pytest.raises(ValueError, match="model.layers.29.mlp.down_proj is offloaded to disk"):
+        editable_weight(offloaded, 29)

@@ -384,7 +384,8 @@ def run_trace(
     started = time.perf_counter()
     lm = with_precision(lm, config.precision)
     policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
-    n_workers = 1 if profile else workers(lm.device, target)
+    # Offloaded weights are loaded into their module for a pass and dropped after it: one pass at a time.
+    n_workers = 1 if profile or lm.offloaded else workers(lm.device, target)
     with kernel_policy(lm.device, **policy):
         plan = PromptPlan.make(lm, prompt, subject, answer, config, occurrence)
         tracer = FastTracer(plan, profile, n_workers, target)

@@ -161,6 +161,11 @@ class LoadedModel:
         """Where block ``layer`` runs (its outputs and its MLP's and attention's live there)."""
         return module_device(self.model, self.module_name("hidden", layer))
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate offloads any weight: on the meta device, loaded for each forward pass (and dropped after)."""
+        return any(p.is_meta for p in self.model.parameters())
+
     def placement(self) -> list[str]:
         """Where each block sits, one label per layer: "cuda:0", "cpu", or "cpu (offloaded to disk)" and the like.
 
