@@ -162,7 +162,10 @@ def test_traces_of_a_dispatched_model_equal_the_plain_model(pair, family):
 def test_another_precision_copies_a_dispatched_model_and_refuses_an_offloaded_one(pair):
     plain, on_cpu, on_disk = pair("qwen2")
     config = TraceConfig(samples=3, precision="bf16")
+    before = values(on_cpu)
     assert_same_traces(trace(plain, PROMPT, SUBJECT, config=config), trace(on_cpu, PROMPT, SUBJECT, config=config))
+    after = values(on_cpu)  # the bf16 copy is a copy: the model keeps its float32 weights
+    assert all(bitwise_equal(before[name], after[name]) for name in before)
     with pytest.raises(ValueError, match="offloaded by accelerate .* load the model in that dtype"):
         trace(on_disk, PROMPT, SUBJECT, config=config)
 

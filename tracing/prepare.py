@@ -100,7 +100,9 @@ def with_precision(lm: LoadedModel, precision: str) -> LoadedModel:
     if lm.offloaded:
         raise ValueError(f"{lm.name} has weights offloaded by accelerate (device_map), which cannot be copied in "
                          f"{precision}; load the model in that dtype (dtype={precision!r}) or use precision 'auto'.")
-    model = copy.deepcopy(lm.model).to(parse_dtype(precision))
+    # nn.Module.to, not the copy's own: accelerate's dispatch wraps a model's .to in a closure that, copied
+    # along, would convert the original model
+    model = torch.nn.Module.to(copy.deepcopy(lm.model), parse_dtype(precision))
     return LoadedModel(model=model, tokenizer=lm.tokenizer, spec=lm.spec, name=lm.name)
 
 

@@ -53,6 +53,7 @@ from tracing.models import DEFAULT_MODEL, parse_dtype
 from tracing.loading import warm_up
 from tracing.plots import heatmap
 from tracing.preview import estimate
+from tracing.prepare import with_precision
 
 from .limits import Limits, Refused
 
@@ -239,7 +240,9 @@ class Engine:
                       f"`python -m editing.stats --layers {layer}` or allow it with --limit stats_on_demand=true.")
 
     def _default_precisions(self) -> tuple[str, ...]:
-        """"auto", TF32 on a CUDA fp32 model (no copy), and copies no larger than the model."""
+        """"auto", TF32 on a CUDA fp32 model (no copy), and copies no larger than the model (none when offloaded)."""
+        if self.lm.offloaded:  # weights loaded for each pass by accelerate: there is nothing to copy
+            return ("auto",)
         size = self.lm.dtype.itemsize
         tf32 = ("tf32",) if self.lm.device.type == "cuda" and self.lm.dtype == parse_dtype("fp32") else ()
         return ("auto", *tf32, *(name for name in ("fp32", "bf16", "fp16")
@@ -336,9 +339,8 @@ class Engine:
             return self.lm  # float32 weights; the trace asks for TF32 matrix products (tracing.backends)
         if precision not in self._copies:
             log.info("Making a %s copy of %s (once)", precision, self.lm.name)
-            model = copy.deepcopy(self.lm.model).to(parse_dtype(precision))
-            self._copies[precision] = LoadedModel(model=model, tokenizer=self.lm.tokenizer, spec=self.lm.spec,
-                                                  name=self.lm.name)
+            # tracing's copy: a model dispatched by accelerate (device map) must not be converted in place
+            self._copies[precision] = with_precision(self.lm, precision)
             if self.lm.device.type != "cpu":
                 warm_up(self._copies[precision])  # the copy's first trace should not pay one-time GPU costs
         return self._copies[precision]
