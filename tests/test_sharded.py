@@ -288,7 +288,7 @@ def cuda_pair(tokenizer, device):
 def test_half_on_cuda_half_on_the_cpu_traces_like_one_device(cuda_pair):
     plain, split = cuda_pair
     assert split.placement() == ["cuda:0", "cuda:0", "cpu", "cpu"]
-    assert describe_placement(split) == "blocks 0-1 on cuda:0, 2-3 on cpu"
+    assert describe_placement(split) == "embeddings on cpu, blocks 0-1 on cuda:0, 2-3 on cpu"
     fast = trace(plain, PROMPT, SUBJECT, kinds=KINDS, config=CONFIG)
     assert_same_traces(fast, trace(split, PROMPT, SUBJECT, kinds=KINDS, config=CONFIG))
     assert_same_traces(trace_reference(plain, PROMPT, SUBJECT, kinds=KINDS, config=ORACLE),
