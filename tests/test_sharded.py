@@ -305,7 +305,7 @@ def test_half_on_cuda_half_on_the_cpu_edits_each_side_and_undoes_bit_for_bit(cud
     _, split = cuda_pair
     before = values(split)
     for layer in (1, 2):  # cuda:0, then the CPU
-        for method in ("rome", "ft", "memit"):
+        for method in sorted(EDITORS):
             edit = edit_with(split, method, layer=layer)
             weight = split.down_proj(layer).weight
             assert weight.device == split.layer_device(layer)
