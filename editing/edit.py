@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, editable_weight
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +524,7 @@ def _targets(lm: LoadedModel, edit: Edit) -> list[tuple[torch.nn.Parameter, Weig
     if edit.module and edit.module != name:
         raise ValueError(f"This edit changes {edit.module!r}, but this model's layer {edit.layer} is {name!r}; "
                          "it was made for another architecture.")
-    weight = lm.down_proj(edit.layer).weight
+    weight = editable_weight(lm, edit.layer)  # refuses a layer offloaded by accelerate
     expected = (len(edit.u), len(edit.v)) if lm.spec.conv1d else (len(edit.v), len(edit.u))
     if tuple(weight.shape) != expected:
         raise ValueError(
@@ -545,7 +545,7 @@ def _delta_weight(lm: LoadedModel, change: WeightDelta | dict) -> torch.nn.Param
     if module != name:
         raise ValueError(f"This edit changes {module!r}, but this model's editable weight at layer {layer} is {name!r}; "
                          "it was made for another architecture.")
-    weight = lm.down_proj(layer).weight
+    weight = editable_weight(lm, layer)  # refuses a layer offloaded by accelerate
     d_in, d_out = weight.shape if lm.spec.conv1d else tuple(reversed(weight.shape))
     if header.get("basis") is not None:
         expected = (header["shape"][0], d_out)

@@ -243,8 +243,8 @@ def _continuation_logits(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batc
                     sel_tok.append(row[n_head + t])
             index_rows = torch.tensor(sel_rows, device=normed.device)
             index_pos = torch.tensor(sel_pos, device=normed.device)
-            tokens = torch.tensor(sel_tok, device=normed.device)
             logits = lm.unembed(normed[index_rows, index_pos]).float()  # (picked, vocab)
+            tokens = torch.tensor(sel_tok, device=logits.device)  # beside the logits (a sharded model's last device)
             yield i, spans[i : i + len(chunk)], torch.tensor(sel_rows), logits, tokens
 
 

@@ -10,7 +10,7 @@ Example::
 
 from .hooks import Hook, hooks
 from .models import ARCHITECTURES, ArchSpec, LoadedModel
-from .loading import load_model, wrap_model
+from .loading import describe_placement, load_model, wrap_model
 from .result import KINDS, TraceConfig, TraceResult
 from .tokens import EncodedPrompt, continuation_ids, encode_prompt
 from .reference import trace_reference
@@ -19,6 +19,6 @@ from .preview import estimate, preview_verdict
 
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "EncodedPrompt", "Hook", "KINDS", "LoadedModel", "TraceConfig", "TraceResult",
-    "continuation_ids", "encode_prompt", "estimate", "hooks", "iter_trace", "load_model", "predict",
+    "continuation_ids", "describe_placement", "encode_prompt", "estimate", "hooks", "iter_trace", "load_model", "predict",
     "preview_verdict", "trace", "trace_reference", "wrap_model",
 ]

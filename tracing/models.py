@@ -149,7 +149,40 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the input embeddings run: the device input ids go to (also for a model dispatched by accelerate)."""
+        return module_device(self.model, self.spec.embed)
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the unembedding runs: the device of logits computed from the blocks' states."""
+        return module_device(self.model, self.spec.unembed)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where block ``layer`` runs (its outputs and its MLP's and attention's live there)."""
+        return module_device(self.model, self.module_name("hidden", layer))
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate offloads any weight: on the meta device, loaded for each forward pass (and dropped after)."""
+        return any(p.is_meta for p in self.model.parameters())
+
+    def placement(self) -> list[str]:
+        """Where each block sits, one label per layer: "cuda:0", "cpu", or "cpu (offloaded to disk)" and the like.
+
+        Example::
+
+            lm.placement()      # ['cuda:0', 'cuda:0', 'cpu', 'cpu'] for a model split by a device map
+
+        The label is the device the block runs on; where accelerate keeps the
+        block's weights elsewhere (offloaded to the CPU or to disk, loaded for
+        each forward pass), that place follows in parentheses.
+        """
+        labels = []
+        for layer in range(self.n_layers):
+            runs = str(self.layer_device(layer))
+            home = offloaded_to(self.model, self.module_name("down_proj", layer))
+            labels.append(runs if home is None else f"{runs} (offloaded to {home})")
+        return labels
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,11 +253,106 @@ class LoadedModel:
             config.pop(key, None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in self.model.state_dict().items():
-            flat = param.detach().reshape(-1)
             digest.update(name.encode() + str(tuple(param.shape)).encode())
+            try:
+                flat = stored_value(self.model, name, param).detach().reshape(-1)
+            except LookupError:  # no values anywhere (a tied copy accelerate keeps under its other name)
+                continue
             digest.update(flat[:256].float().cpu().numpy().tobytes())
             digest.update(flat[-256:].float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate runs ``module`` on (its AlignDevicesHook), or None when no hook says."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
+def module_device(root: nn.Module, dotted: str) -> torch.device:
+    """The device the module at ``dotted`` computes on.
+
+    A model dispatched by accelerate (``device_map``) says it with hooks: the
+    deepest module on the path with an execution device decides. Otherwise
+    the module's first parameter or buffer that is not on the meta device,
+    else the model's first parameter.
+    """
+    module, found = root, execution_device(root)
+    for part in dotted.split("."):
+        module = getattr(module, part)
+        found = execution_device(module) or found
+    if found is not None:
+        return found
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return next(root.parameters()).device
+
+
+def offloaded_to(root: nn.Module, dotted: str) -> str | None:
+    """Where accelerate keeps the weight of the module at ``dotted`` when it is not on a device: "cpu", "disk" or "meta".
+
+    None for a weight in place on its device. accelerate's offloading leaves
+    the parameter on the meta device and loads it for each forward pass from
+    a map of weights: kept in CPU memory ("cpu") or read from files ("disk").
+    "meta" means never loaded at all.
+    """
+    module = get_module(root, dotted)
+    if module.weight.device.type != "meta":
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):
+        weights = getattr(one, "weights_map", None) if getattr(one, "offload", False) else None
+        if weights is None:
+            continue
+        key = f"{getattr(weights, 'prefix', '')}weight"
+        in_memory = getattr(getattr(weights, "dataset", weights), "state_dict", None) or {}
+        return "cpu" if key in in_memory else "disk"
+    return "meta"
+
+
+def stored_value(root: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The values of state-dict entry ``name``: the tensor itself, or for one offloaded by accelerate
+    (on the meta device) the copy its hook loads for each forward pass."""
+    if tensor.device.type != "meta":
+        return tensor
+    owner, _, leaf = name.rpartition(".")
+    hook = getattr(get_module(root, owner) if owner else root, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):
+        weights = getattr(one, "weights_map", None)
+        if weights is not None and getattr(one, "offload", False):
+            try:
+                return weights[leaf]
+            except KeyError:
+                break
+    raise LookupError(f"{name} has no values (it is on the meta device and no accelerate hook loads it); "
+                      "load the model with its weights.")
+
+
+def editable_weight(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """The down-projection weight of ``layer`` that the model computes with, to edit in place; else a ValueError.
+
+    Weights that accelerate offloads (to the CPU or to disk: the parameter is
+    on the meta device and a copy is loaded for each forward pass), or that
+    were never loaded, cannot be edited in place: writing the copy would
+    change nothing the model uses.
+    """
+    name = lm.module_name("down_proj", layer)
+    home = offloaded_to(lm.model, name)
+    if home in ("cpu", "disk"):
+        where = "the CPU" if home == "cpu" else "disk"
+        raise ValueError(
+            f"{name} is offloaded to {where} by accelerate (device_map): its weight is loaded for each forward pass, "
+            "so an edit cannot be written in place. Give it a device with --max-memory or a device map that keeps "
+            "it in memory, or edit another layer.")
+    if home == "meta":
+        raise ValueError(f"{name} has no weights loaded (it is on the meta device); load the model with its weights "
+                         "(a device map that gives the layer a device) to edit it.")
+    return lm.down_proj(layer).weight
 
 
 @functools.cache

@@ -97,7 +97,12 @@ def with_precision(lm: LoadedModel, precision: str) -> LoadedModel:
     """The model in the requested precision (a converted copy if it differs)."""
     if precision == "auto" or parse_dtype(precision) == lm.dtype:
         return lm
-    model = copy.deepcopy(lm.model).to(parse_dtype(precision))
+    if lm.offloaded:
+        raise ValueError(f"{lm.name} has weights offloaded by accelerate (device_map), which cannot be copied in "
+                         f"{precision}; load the model in that dtype (dtype={precision!r}) or use precision 'auto'.")
+    # nn.Module.to, not the copy's own: accelerate's dispatch wraps a model's .to in a closure that, copied
+    # along, would convert the original model
+    model = torch.nn.Module.to(copy.deepcopy(lm.model), parse_dtype(precision))
     return LoadedModel(model=model, tokenizer=lm.tokenizer, spec=lm.spec, name=lm.name)
 
 

@@ -202,10 +202,10 @@ def _first_order_terms(lm: LoadedModel, plan: PromptPlan, top_k: int = 0,
         for j in range(lm.n_layers):
             grad, state = grads[k * lm.n_layers + j], states[kind][j].detach()
             if grad is None:  # the metric does not depend on this state
-                layers.append(torch.zeros((copies, state.shape[1]), device=state.device))
+                layers.append(torch.zeros((copies, state.shape[1]), device=lm.device))
                 continue
             delta = state[:1].float() - state[1:].float()  # (copies, tokens, d_model): clean - corrupted
-            layers.append((delta * grad[1:].float()).sum(-1))  # (copies, tokens)
+            layers.append((delta * grad[1:].float()).sum(-1).to(lm.device))  # (copies, tokens); one device to stack
         terms[kind] = torch.stack(layers, 1).double().cpu().numpy()  # (copies, layers, tokens)
     top = [list(pair) for pair in top_tokens(lm, clean[0], top_k)] if top_k else []  # after the prompt
     return setup, high, top, terms, metric.detach().double().cpu().numpy()
@@ -230,10 +230,11 @@ def block_dtype(lm: LoadedModel, config: TraceConfig = TraceConfig()) -> torch.d
     estimates follow the float32 ones to a median r of 0.985-0.997 per kind
     over 50 known facts (``benchmarks/preview_quality.py``, which compares
     both). ``precision="fp32"`` (``--precision fp32`` on the command line)
-    keeps float32.
+    keeps float32, and so does a model with weights offloaded by accelerate
+    (on the meta device, loaded for each pass: there is nothing to copy).
     """
     if (config.precision == "auto" and lm.device.type == "cpu" and lm.dtype == torch.float32 and native_cpu_bf16()
-            and lm.n_params <= BF16_MAX_PARAMETERS):
+            and lm.n_params <= BF16_MAX_PARAMETERS and not lm.offloaded):
         return torch.bfloat16
     return lm.dtype
 

@@ -46,12 +46,14 @@ from editing.presets import PRESETS_PATH, Preset, load_presets
 from editing.stats import StatsSpec, cached_layers
 from tracing.average import shipped_average
 from tracing import LoadedModel, load_model
+from tracing.loading import DEVICE_MAP_ENV, MAX_MEMORY_ENV
 from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
 from tracing.models import DEFAULT_MODEL, parse_dtype
 from tracing.loading import warm_up
 from tracing.plots import heatmap
 from tracing.preview import estimate
+from tracing.prepare import with_precision
 from tracing.workflow import NoMemo, Step, split_precision, trace_key
 
 from .limits import Limits, Refused
@@ -271,7 +273,9 @@ class Engine:
                       f"`python -m editing.stats --layers {layer}` or allow it with --limit stats_on_demand=true.")
 
     def _default_precisions(self) -> tuple[str, ...]:
-        """"auto", TF32 on a CUDA fp32 model (no copy), and copies no larger than the model."""
+        """"auto", TF32 on a CUDA fp32 model (no copy), and copies no larger than the model (none when offloaded)."""
+        if self.lm.offloaded:  # weights loaded for each pass by accelerate: there is nothing to copy
+            return ("auto",)
         size = self.lm.dtype.itemsize
         tf32 = ("tf32",) if self.lm.device.type == "cuda" and self.lm.dtype == parse_dtype("fp32") else ()
         return ("auto", *tf32, *(name for name in ("fp32", "bf16", "fp16")
@@ -369,9 +373,8 @@ class Engine:
             return self.lm  # float32 weights; the trace asks for TF32 matrix products (tracing.backends)
         if precision not in self._copies:
             log.info("Making a %s copy of %s (once)", precision, self.lm.name)
-            model = copy.deepcopy(self.lm.model).to(parse_dtype(precision))
-            self._copies[precision] = LoadedModel(model=model, tokenizer=self.lm.tokenizer, spec=self.lm.spec,
-                                                  name=self.lm.name)
+            # tracing's copy: a model dispatched by accelerate (device map) must not be converted in place
+            self._copies[precision] = with_precision(self.lm, precision)
             if self.lm.device.type != "cpu":
                 warm_up(self._copies[precision])  # the copy's first trace should not pay one-time GPU costs
         return self._copies[precision]
@@ -557,6 +560,9 @@ def create_engine(
 ) -> Engine:
     """Load the model (``model``, else $LOCATE_EDIT_MODEL, else the embedded default) and its presets.
 
+    $LOCATE_EDIT_DEVICE_MAP and $LOCATE_EDIT_MAX_MEMORY, where set, spread its
+    blocks over devices (``device_map``/``max_memory`` of :func:`tracing.loading.load_model`).
+
     Example::
 
         engine = create_engine()                   # SmolLM2-135M, offline
@@ -568,8 +574,9 @@ def create_engine(
     """
     name = model or os.environ.get(MODEL_ENV) or None
     notice = ""
+    sharding = dict(device_map=os.environ.get(DEVICE_MAP_ENV), max_memory=os.environ.get(MAX_MEMORY_ENV))
     try:
-        lm = load_model(name, device=device, dtype=dtype)
+        lm = load_model(name, device=device, dtype=dtype, **sharding)  # $LOCATE_EDIT_DEVICE_MAP: blocks spread
     except (ValueError, LookupError, OSError) as exc:
         if not fallback or name in (None, "", "default", DEFAULT_MODEL):
             raise

@@ -241,7 +241,8 @@ class SuffixRunner:
         del cache
         self.prefix = prefix
         # Block `layer`'s input at each row's suffix positions (clamped into the padded row beyond its end).
-        gather = torch.tensor(lookups, device=device)[:, None] + torch.arange(width, device=device)
+        at = block_in[0].device  # the block's input: on the device before it, when the model is sharded
+        gather = torch.tensor(lookups, device=at)[:, None] + torch.arange(width, device=at)
         gather = gather.clamp(max=ids.shape[1] - 1)
         self.hidden_in = block_in[0].gather(1, gather[:, :, None].expand(-1, -1, block_in[0].shape[-1])).detach()
 
@@ -296,7 +297,7 @@ class SuffixRunner:
         return found["keys"], found["values"]
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (picked, vocab) at suffix ``positions`` of ``rows`` only."""
-        picked = hidden[rows, positions]  # (picked, d_model)
+        """Float32 logits (picked, vocab) at suffix ``positions`` of ``rows`` only, on the unembedding's device."""
+        picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]  # (picked, d_model)
         return self.lm.unembed(self.lm.final_norm(picked)).float()
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tracing.hooks import Hook, hooks, main_tensor, replace_main
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import check_context, continuation_ids
 
 from ..edit import Edit, EditRequest, WeightDelta
@@ -93,6 +93,7 @@ def compute_ft(
         raise ValueError("FT+L ('ft-l') needs a norm_constraint and FT ('ft') has none; "
                          f"these hyperparameters have norm_constraint={hp.norm_constraint}.")
     layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
+    weight = editable_weight(lm, layer)  # on its own device; a layer offloaded by accelerate is refused
     _rows(lm, request)  # tokenisation and length, before any work
 
     clock = Stopwatch()
@@ -104,7 +105,6 @@ def compute_ft(
         head, tail = _rows(lm, request)
         ids = torch.tensor([head + tail[:-1]], device=lm.device)  # (1, tokens)
         targets = torch.tensor(tail, device=lm.device)  # (target tokens,)
-        weight = lm.down_proj(layer).weight
         delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
         optimiser = torch.optim.Adam([delta], lr=hp.lr)
         hook = delta_hook(lm, layer, delta)

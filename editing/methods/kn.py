@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from tracing.hooks import Hook, hooks
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, editable_weight, stored_value
 from tracing.tokens import check_context, continuation_ids
 
 from ..edit import Edit, EditRequest, WeightDelta
@@ -82,7 +82,7 @@ def attribution_scores(lm: LoadedModel, runner: SuffixRunner, layer: int, activa
     n_old = len(old_ids)
     rows = torch.arange(hp.batch_size, device=device).repeat_interleave(n_old)  # (rows * old tokens,)
     positions = torch.arange(n_old, device=device).repeat(hp.batch_size)  # suffix index t predicts old token t
-    tokens = torch.tensor(old_ids, device=device).repeat(hp.batch_size)
+    tokens = torch.tensor(old_ids, device=lm.output_device).repeat(hp.batch_size)  # where the logits are
     alphas = torch.linspace(0.0, 1.0, hp.steps, device=device)
     total = torch.zeros_like(activation)
     for chunk in alphas.split(hp.batch_size):
@@ -157,8 +157,8 @@ def compute_kn(
             if progress:
                 progress("attributing", done / chunks)
 
-        scores = torch.stack([attribution_scores(lm, runner, j, activations[j], old_ids, hp, tick)
-                              for j in layers])  # (layers searched, d_ff)
+        scores = torch.stack([attribution_scores(lm, runner, j, activations[j], old_ids, hp, tick).to(lm.device)
+                              for j in layers])  # (layers searched, d_ff); each layer's on its own device
         del runner
         clock.lap("attribute")
         if progress:
@@ -168,12 +168,14 @@ def compute_kn(
         chosen = (scores > threshold).nonzero().tolist()  # [[layer index, neuron], ...]
         if not chosen:  # no positive attribution at all: keep the top neuron
             chosen = [list(np.unravel_index(int(scores.argmax()), tuple(scores.shape)))]
-        embed = lm.embed.weight.detach().float()
+        embed = stored_value(lm.model, f"{lm.spec.embed}.weight", lm.embed.weight).detach().float()
         change = hp.write_scale * embed[new_ids].sum(0) - hp.erase_scale * embed[predicted]  # (d_model,)
         change = change.cpu().numpy().astype(np.float32)
         by_layer: dict[int, list[int]] = {}
         for i, neuron in chosen:
             by_layer.setdefault(layers[i], []).append(int(neuron))
+        for j in by_layer:
+            editable_weight(lm, j)  # the chosen neurons' layers must be in memory to be written
         deltas = tuple(
             WeightDelta(lm.module_name("down_proj", j), j, np.tile(change, (len(ns), 1)), np.array(sorted(ns), np.int64))
             for j, ns in sorted(by_layer.items()))

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, until_stopped
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import continuation_ids
 
 from ..edit import Edit, EditRequest, WeightDelta
@@ -180,15 +180,16 @@ def read_at_subject(lm: LoadedModel, rows: Sequence[Sequence[int]], lookups: Seq
 
         def key_grabber(layer):
             def grab(module, args, kwargs):
-                x = args[0] if args else kwargs["input"]  # (rows, tokens, d_in)
-                keys[layer].append(x[index, at].detach().double())
+                x = args[0] if args else kwargs["input"]  # (rows, tokens, d_in), on the layer's device
+                keys[layer].append(x[index.to(x.device), at.to(x.device)].detach().double())
                 if layer == last and out_layer is None:
                     raise StopForward
 
             return grab
 
         def out_grabber(module, args, output):
-            outs.append(main_tensor(output)[index, at].detach().double())
+            state = main_tensor(output)
+            outs.append(state[index.to(state.device), at.to(state.device)].detach().double())
             raise StopForward
 
         specs = [Hook(lm.module_name("down_proj", layer), key_grabber(layer), pre=True) for layer in key_layers]
@@ -283,7 +284,7 @@ class _Pass:
     """The facts still being optimised, as one :class:`SuffixRunner` and the indices its loss gathers."""
 
     def __init__(self, lm: LoadedModel, built, facts: Sequence[int], layer: int):
-        device = lm.device
+        device = lm.output_device  # where the logits are
         self.facts = list(facts)
         ids, lookups, owner, rewrite = [], [], [], []
         pick_rows, pick_pos, pick_tok, pick_scale, kl_rows, kl_pos = [], [], [], [], [], []
@@ -318,7 +319,7 @@ class _Pass:
         """Per fact of this pass: (NLL, KL row log-probs, mean p(target)); ``delta`` (facts, d_model) requires grad."""
         def add_delta(module, args, output):
             out = main_tensor(output)  # (rows, S, d_model)
-            first = out[:, :1] + delta[self.owner][:, None].to(out.dtype)
+            first = out[:, :1] + delta[self.owner][:, None].to(device=out.device, dtype=out.dtype)
             return replace_main(output, torch.cat([first, out[:, 1:]], dim=1))
 
         n = len(self.facts)
@@ -343,7 +344,7 @@ def _optimise_batch(lm: LoadedModel, built, layer: int, hp: MEMITHyperParams, h:
     facts that are done can leave the pass: once half of a pass is done it is
     rebuilt with the others.
     """
-    device = lm.device
+    device = lm.output_device  # δ and Adam's moments sit beside the logits; the hook moves δ to the layer
     n = len(built)
     d_model = h.shape[-1]
     delta = torch.zeros(n, d_model, device=device, dtype=torch.float32)
@@ -501,6 +502,8 @@ def compute_memit(
     layers = hp.edit_layers(lm.n_layers) if layers is None else tuple(check_layer(lm, x) for x in layers)
     if not layers or list(layers) != sorted(set(layers)):
         raise ValueError(f"MEMIT's layers must be ascending without repeats, not {list(layers)}.")
+    for layer in layers:
+        editable_weight(lm, layer)  # a layer offloaded by accelerate cannot take the edit: refused before any work
     keep = tuple(keep)
     if targets is not None and (targets.layer != layers[-1] or len(targets.requests) != len(requests)
                                 or targets.fingerprint != lm.fingerprint):
@@ -544,7 +547,7 @@ def compute_memit(
             found, out = read_at_subject(lm, ids, lookups, [layer], out_layer=layers[-1], updates=updates)
             keys = _group_mean(found[layer], len(requests), groups)  # (n, d_in)
             missing = targets.z.to(out.device) - out[bare.to(out.device)]  # (n, d_model)
-            resid = missing / (len(layers) - i)
+            resid = (missing / (len(layers) - i)).to(keys.device)  # on the edited layer's device
             mom2 = torch.from_numpy(stats[layer].mom2).to(device=keys.device, dtype=torch.float64)
             basis, ridge = None, 0.0
             if project:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from tracing.hooks import Hook, main_tensor, replace_main
-from tracing.models import LoadedModel
+from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import continuation_ids
 
 from ..edit import Edit, EditRequest, applied
@@ -95,7 +95,7 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: Rows, hp: ROMEHyperPa
     "exact" variant); ``target_init`` (d_out,) is the bare prompt's original
     value, which sets the decay's and the clamp's scale.
     """
-    device = lm.device
+    device = lm.output_device  # where the logits are; δ joins the edited layer's output on that layer's device
     n_rw = rows.n_rewrite
     # Gather indices: every (row, target position) of the rewrite rows, then the KL row's last position.
     pick_rows, pick_pos, pick_tok = [], [], []
@@ -117,11 +117,12 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: Rows, hp: ROMEHyperPa
     delta = torch.zeros(d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     scales = scales.to(device=device, dtype=torch.float32)[:, None, None]  # (rows, 1, 1)
-    target_init = target_init.float()
+    home = target_init.device  # the edited layer's: δ goes back there
+    target_init = target_init.float().to(device)
 
     def add_delta(module, args, output):
         out = main_tensor(output)  # (rows, S, d_model)
-        first = out[:, :1] + (scales * delta).to(out.dtype)
+        first = out[:, :1] + (scales * delta).to(device=out.device, dtype=out.dtype)
         return replace_main(output, torch.cat([first, out[:, 1:]], dim=1))
 
     hook = Hook(lm.module_name("down_proj", runner.layer), add_delta)
@@ -160,7 +161,7 @@ def _optimise(lm: LoadedModel, runner: SuffixRunner, rows: Rows, hp: ROMEHyperPa
             max_norm = hp.clamp_norm_factor * target_init.norm()
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return _Optimised(delta=delta.detach().clone(), steps=step + 1,
+    return _Optimised(delta=delta.detach().clone().to(home), steps=step + 1,
                       loss=loss_value, nll=nll_value, kl=kl_value, prob_before=prob_before, prob_after=prob_after)
 
 
@@ -210,6 +211,7 @@ def compute_edit(
     if not isinstance(hp, ROMEHyperParams):
         raise ValueError(f"ROME takes ROMEHyperParams, not {type(hp).__name__}; other methods: editing.methods.compute.")
     layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
+    editable_weight(lm, layer)  # a layer offloaded by accelerate cannot take the edit: refused before any work
     spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hp)
     # Validate tokenisation (subject, target, length) before any expensive work.
     continuation_ids(lm.tokenizer, request.text, request.target)
