@@ -124,6 +124,16 @@ def test_dispatched_model_has_its_hooks_and_says_where_blocks_sit(pair):
     assert on_disk.fingerprint == plain.fingerprint == on_cpu.fingerprint  # the values, wherever they are kept
 
 
+def test_the_pages_model_card_shows_where_the_blocks_sit(pair, tmp_path):
+    from webapp.engine import Engine
+    from webapp.render import model_card
+
+    plain, _, on_disk = pair("llama")
+    card = model_card(Engine(on_disk, workdir=tmp_path / "split"))
+    assert 'id="model-placement"' in card and "2-3 on cpu (offloaded to disk)" in card
+    assert "model-placement" not in model_card(Engine(plain, workdir=tmp_path / "plain"))
+
+
 def test_device_map_and_max_memory_text_parse_or_say_what_to_write():
     assert parse_device_map("auto") == "auto" and parse_device_map(None) is None and parse_device_map(" ") is None
     assert parse_device_map('{"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}') == {

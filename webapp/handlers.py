@@ -31,6 +31,7 @@ from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing import display
 from editing.edit import method_label
 from tracing import KINDS
+from tracing.loading import describe_placement
 from tracing.workflow import (Estimate, Finished, Prediction, Rows, Step, prediction_key, split_precision,
                               trace_events, trace_key)
 from tracing.plots import heatmap, layer_sweep_figure, results_json, scores_csv
@@ -126,6 +127,7 @@ class App:
         """The loaded model, the app's defaults and limits, for API clients."""
         lm = self.engine.lm
         return {"model": lm.name, "parameters": lm.n_params, "layers": lm.n_layers, "device": str(lm.device),
+                "placement": describe_placement(lm),
                 "dtype": str(lm.dtype).replace("torch.", ""), "default_edit_layer": self.engine.default_layer,
                 "presets": [p.label for p in self.engine.presets], "presets_model": self.engine.presets_model,
                 "notice": self.engine.notice, "precisions": list(self.engine.precisions),

@@ -19,6 +19,7 @@ from tracing import TraceResult
 from tracing.result import LayerSuggestion
 from tracing.assets import STATIC
 from tracing.average import peaks
+from tracing.loading import describe_placement
 
 from .engine import Engine
 
@@ -79,6 +80,8 @@ def model_card(engine: Engine) -> str:
         f'<span class="le-chip">{lm.n_layers} layers · d<sub>model</sub> {d_model}</span>',
         f'<span class="le-chip">{esc(lm.device)} · {str(lm.dtype).replace("torch.", "")}</span>',
     ]
+    if len(set(lm.placement())) > 1 or lm.offloaded:  # a model split over devices by a device map
+        parts.append(f'<span class="le-chip" id="model-placement">{esc(describe_placement(lm))}</span>')
     notice = f'<div class="le-notice">{esc(engine.notice)}</div>' if engine.notice else ""
     return f'<div class="le-card" id="model-card">{"".join(parts)}</div>{notice}'
 
