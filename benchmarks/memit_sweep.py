@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from editing.edit import applied  # noqa: E402
-from editing.evaluate import _aggregate, _nan_to_none, _prompts_of, read_cases, request_of, score_many  # noqa: E402
+from editing.evaluation.evaluate import _aggregate, _nan_to_none, _prompts_of, read_cases, request_of, score_many  # noqa: E402
 from editing.hparams import load_hparams  # noqa: E402
 from editing.methods.common import with_old_objects  # noqa: E402
 from editing.methods.memit import compute_memit, compute_targets  # noqa: E402

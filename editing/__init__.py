@@ -26,7 +26,7 @@ after another, AlphaEdit's projection, the health check), :mod:`editing.stats` (
 statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
 reversible application, files), :mod:`editing.compare` (an edit with
 generations and scores before and after: ``python -m editing`` and the page),
-:mod:`editing.scores` (CounterFact-style scores), :mod:`editing.evaluate`
+:mod:`editing.scores` (CounterFact-style scores), :mod:`editing.evaluation.evaluate`
 (``python -m editing.evaluate``), :mod:`editing.cases` (building an evaluation
 set from known facts), :mod:`editing.presets` (the page's preset facts).
 """

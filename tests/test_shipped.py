@@ -12,7 +12,7 @@ from editing_fixtures import TINY_HPARAMS, TINY_STATS, private_cache
 from conftest import make_tiny
 from editing import EditComparison, EditRequest, applied, edit_and_compare, generate
 from editing.presets import Preset
-from editing.shipped import EDITS, PAGE_EDIT, compute_shipped, shipped_comparison, shipped_trace
+from editing.presets.shipped import EDITS, PAGE_EDIT, compute_shipped, shipped_comparison, shipped_trace
 from tracing import KINDS, TraceConfig, trace
 
 PRESET = Preset(known_id=0, relation_id="P36", subject="Eiffel Tower", prompt="The Eiffel Tower is located in",

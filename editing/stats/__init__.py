@@ -50,10 +50,10 @@ from tracing.hooks import Hook, StopForward, hooks, until_stopped
 from tracing.assets import ROOT as ASSETS, STATS
 from tracing.models import LoadedModel, cache_dir
 
-from .edit import original_weights
-from .hparams import ROMEHyperParams
-from .progress import Progress
-from .sampling import decode, start_token_id
+from ..edit import original_weights
+from ..hparams import ROMEHyperParams
+from ..progress import Progress
+from ..sampling import decode, start_token_id
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tracing.loading import load_model
 
-    from .hparams import load_hparams
+    from ..hparams import load_hparams
 
     parser = argparse.ArgumentParser(prog="python -m editing.stats", description=main.__doc__)
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")

@@ -2,7 +2,7 @@
 
 Example::
 
-    from editing.sweep import layer_sweep
+    from editing.evaluation.sweep import layer_sweep
     sweep = layer_sweep(lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris"),
                         layers=range(0, 30, 3), paraphrases=["{} stands in the city of"],
                         neighbours=["The Louvre is located in the city of"])
@@ -35,10 +35,10 @@ import numpy as np
 
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 
-from .edit import EditRequest, applied
-from .hparams import HyperParams, load_hparams
-from .methods.rome import compute_edit
-from .scores import EditScores, score_edit
+from ..edit import EditRequest, applied
+from ..hparams import HyperParams, load_hparams
+from ..methods.rome import compute_edit
+from ..scores import EditScores, score_edit
 
 SweepProgress = Callable[[int, int, int], None]  # (layers done, layers in all, the layer now starting)
 
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tracing.loading import load_model
 
     from .evaluate import read_cases
-    from .stats import StatsSpec, ensure_stats
+    from ..stats import StatsSpec, ensure_stats
 
     p = argparse.ArgumentParser(
         prog="python -m editing.sweep",

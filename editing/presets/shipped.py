@@ -40,9 +40,9 @@ from tracing.assets import ROOT
 from tracing.models import LoadedModel
 from tracing.result import KINDS, TraceConfig, TraceResult
 
-from .compare import EditComparison, edit_and_compare
-from .edit import EditRequest, is_edited, load_edits, save_edits
-from .hparams import load_hparams
+from ..compare import EditComparison, edit_and_compare
+from ..edit import EditRequest, is_edited, load_edits, save_edits
+from ..hparams import load_hparams
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def shipped_trace(
 def _edit_key(request: EditRequest, *, layer, hparams, paraphrases, neighbours, max_new_tokens, sample, seed,
               method, stats_spec) -> dict:
     """Everything an edit comparison depends on, as JSON (compared exactly)."""
-    from .stats import StatsSpec
+    from ..stats import StatsSpec
 
     spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hparams)
     return json.loads(json.dumps({
@@ -193,7 +193,7 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
     """
     from tracing.trace import trace
 
-    from .stats import StatsSpec
+    from ..stats import StatsSpec
 
     if is_edited(lm):
         raise ValueError("Shipped results are of the unedited model; undo every edit first.")
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: compute and write the shipped preset results (default model, its shipped presets)."""
     from tracing.loading import load_model
 
-    from .presets import PRESETS_PATH, load_presets
+    from .facts import PRESETS_PATH, load_presets
 
     parser = argparse.ArgumentParser(prog="python -m editing.shipped", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M (the presets' model)")

@@ -44,7 +44,7 @@ from pathlib import Path
 from tracing.assets import KNOWN_FACTS, known_facts
 from tracing.models import LoadedModel
 
-from .scores import continuation_stats
+from ..scores import continuation_stats
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import Edit, EditRequest, applied
-from .progress import Progress
-from .scores import EditScores, harmonic_mean
-from .sequential import Health, health
+from ..edit import Edit, EditRequest, applied
+from ..progress import Progress
+from ..scores import EditScores, harmonic_mean
+from ..sequential import Health, health
 
 
 # Column names a CSV header may use, per field (lower case)
@@ -216,7 +216,7 @@ def _floats(values: dict) -> dict:
 
 
 def _score(lm: LoadedModel, items: Sequence[BatchItem], neighbours: Sequence[Sequence[str]]) -> list[EditScores]:
-    from .evaluate import score_many
+    from ..evaluation.evaluate import score_many
 
     return score_many(lm, [(it.request, it.paraphrases, n) for it, n in zip(items, neighbours)])
 
@@ -246,10 +246,10 @@ def write_batch(
     :func:`~editing.edit.applied` or kept in an :class:`~editing.edit.EditStack`.
     Raises ValueError for invalid input, before any work.
     """
-    from .hparams import load_hparams
-    from .methods import compute_batch
-    from .methods.common import with_old_objects
-    from .methods.memit import check_requests
+    from ..hparams import load_hparams
+    from ..methods import compute_batch
+    from ..methods.common import with_old_objects
+    from ..methods.memit import check_requests
 
     def report(stage: str, fraction: float) -> None:
         if progress:
@@ -322,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tracing.loading import load_model
 
-    from .edit import check_edits, load_edits, save_edits
-    from .hparams import load_hparams
+    from ..edit import check_edits, load_edits, save_edits
+    from ..hparams import load_hparams
 
     parser = argparse.ArgumentParser(prog="python -m editing.batch", description=__doc__.split("\n")[0])
     parser.add_argument("--requests", required=True,

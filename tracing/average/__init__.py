@@ -43,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .assets import AVERAGES
-from .models import LoadedModel, cache_dir, read_json_cache, write_json_cache
-from .recall import recalled_facts
-from .result import KINDS, TraceConfig, TraceResult
-from .sever import SEVERABLE, SeverResult, sever
-from .trace import trace
+from ..assets import AVERAGES
+from ..models import LoadedModel, cache_dir, read_json_cache, write_json_cache
+from ..recall import recalled_facts
+from ..result import KINDS, TraceConfig, TraceResult
+from ..sever import SEVERABLE, SeverResult, sever
+from ..trace import trace
 
 log = logging.getLogger(__name__)
 
@@ -461,9 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     import time
 
-    from .models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
-    from .loading import load_model
+    from ..loading import load_model
 
     p = argparse.ArgumentParser(
         prog="python -m tracing.average",
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         lm = load_model(args.model, device=args.device)
-        from .assets import known_facts
+        from ..assets import known_facts
 
         facts = recalled_facts(lm, known_facts(args.facts) if args.facts else None)
         merged = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
@@ -535,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.html:
-        from .plots import average_page
+        from ..plots import average_page
 
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         Path(args.html).write_text(average_page(summary))

@@ -1,4 +1,4 @@
-"""Choose ROME's hyperparameters on tuning cases: a grid of settings, every edit scored as ``editing.evaluate`` does.
+"""Choose ROME's hyperparameters on tuning cases: a grid of settings, every edit scored as ``editing.evaluation.evaluate`` does.
 
 Example::
 
@@ -7,7 +7,7 @@ Example::
 
 or from Python::
 
-    from editing.tune import tune
+    from editing.evaluation.tune import tune
     result = tune(lm, cases, {"layer": [0, 1, 2], "kl_factor": [0.0625, 0.25]})
     result["settings"][0]       # the best by S: {"setting": {...}, "post": {...}, "ci95": {...}, ...}
 
@@ -40,7 +40,7 @@ import numpy as np
 from tracing.models import LoadedModel
 
 from .evaluate import evaluate_cases, intervals, paired_difference
-from .hparams import ROMEHyperParams, load_hparams
+from ..hparams import ROMEHyperParams, load_hparams
 
 __all__ = ["FORMAT", "format_table", "grid_settings", "marginals", "parse_grid", "tune"]
 
@@ -170,7 +170,7 @@ def tune(
     setting (the unswept hyperparameters if the grid holds them, else its
     first setting) on the same cases, ``[mean, low, high]``.
     """
-    from .stats import StatsSpec, ensure_stats
+    from ..stats import StatsSpec, ensure_stats
 
     if not cases:
         raise ValueError("No cases to tune on.")

@@ -45,11 +45,11 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import EditRequest, applied, method_label
-from .hparams import METHODS, VARIANTS, HyperParams
-from .methods import compute, compute_batch
-from .sampling import generate
-from .scores import (ACCURACY, EditScores, accuracy_scores, continuation_scores, fluency, harmonic_mean, score_edit,
+from ..edit import EditRequest, applied, method_label
+from ..hparams import METHODS, VARIANTS, HyperParams
+from ..methods import compute, compute_batch
+from ..sampling import generate
+from ..scores import (ACCURACY, EditScores, accuracy_scores, continuation_scores, fluency, harmonic_mean, score_edit,
                      token_predictions)
 
 log = logging.getLogger(__name__)
@@ -334,9 +334,9 @@ def evaluate_batches(
     :func:`~editing.sequential.health` report. Neighbour prompts that name a
     subject of these cases are left out (pre and post alike).
     """
-    from .hparams import load_hparams
-    from .methods import memit_layers
-    from .sequential import SequentialEditor, health
+    from ..hparams import load_hparams
+    from ..methods import memit_layers
+    from ..sequential import SequentialEditor, health
 
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}.")
@@ -487,8 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tracing.loading import load_model
 
-    from .hparams import load_hparams
-    from .stats import StatsSpec
+    from ..hparams import load_hparams
+    from ..stats import StatsSpec
 
     parser = argparse.ArgumentParser(prog="python -m editing.evaluate", description=main.__doc__)
     parser.add_argument("--cases", required=True, help="CounterFact-format JSON list")
@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.method == "kn":
         layer, where = args.layer, "every layer" if args.layer is None else f"layer {args.layer}"
     elif args.method == "memit":
-        from .methods import memit_layers
+        from ..methods import memit_layers
 
         layer = args.layer
         where = "layers " + ", ".join(map(str, memit_layers(lm, hp, layer)))
