@@ -10,7 +10,8 @@ import pytest
 import editing.evaluation.tune as tune_module
 from editing.evaluation.evaluate import evaluate_cases, intervals
 from editing.stats import StatsSpec
-from editing.evaluation.tune import format_table, grid_settings, main, marginals, parse_grid, tune
+from editing.evaluation.tune import grid_settings, marginals, parse_grid, tune
+from editing.tune import format_table, main
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, changed, one_thread, private_cache, snapshot  # noqa: F401

@@ -41,8 +41,10 @@ from tracing.models import LoadedModel
 
 from .evaluate import evaluate_cases, intervals, paired_difference
 from ..hparams import ROMEHyperParams, load_hparams
+from ..stats import StatsSpec, ensure_stats
 
-__all__ = ["FORMAT", "format_table", "grid_settings", "marginals", "parse_grid", "tune"]
+__all__ = ["FORMAT", "cases_key", "grid_settings", "marginals", "parse_grid", "parse_settings", "read_tuning", "resumes",
+           "setting_text", "tune"]
 
 FORMAT = "locate-edit ROME tuning v1"
 SUMMARY = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
@@ -71,7 +73,8 @@ def _split_top_level(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _value(text: str):
+def parse_value(text: str):
+    """A value as JSON where it parses, else the bare word itself (``r-rome``, ``original``)."""
     try:
         return json.loads(text)
     except ValueError:
@@ -96,7 +99,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
             raise ValueError(f"Unknown ROME hyperparameter {key!r}. Known: {', '.join(sorted(known))}.")
         if key in grid:
             raise ValueError(f"{key} is given twice; put all its values in one entry.")
-        grid[key] = [_value(v) for v in _split_top_level(values)]
+        grid[key] = [parse_value(v) for v in _split_top_level(values)]
     return grid
 
 
@@ -106,7 +109,8 @@ def grid_settings(grid: Mapping[str, Sequence]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _cases_key(cases: Sequence[dict]) -> str:
+def cases_key(cases: Sequence[dict]) -> str:
+    """A short hash of the cases: a result is resumed only on the same ones."""
     return hashlib.sha256(json.dumps(list(cases), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,17 +174,14 @@ def tune(
     setting (the unswept hyperparameters if the grid holds them, else its
     first setting) on the same cases, ``[mean, low, high]``.
     """
-    from ..stats import StatsSpec, ensure_stats
-
     if not cases:
         raise ValueError("No cases to tune on.")
     base = dict(base or {})
     settings = grid_settings(grid) if grid else [{}]
     hps = [load_hparams(lm, path=hparams_path, **{**base, **setting}) for setting in settings]
     layers = sorted({hp.edit_layer(lm.n_layers) for hp in hps})
-    key = _cases_key(cases)
     done = {}
-    if previous and previous.get("fingerprint") == lm.fingerprint and previous.get("cases_key") == key:
+    if previous and resumes(previous, lm, cases):
         done = {json.dumps(r["hparams"], sort_keys=True): r for r in previous.get("settings", ())}
     rows, before = [], {}
     for i, (setting, hp) in enumerate(zip(settings, hps)):
@@ -188,13 +189,11 @@ def tune(
         if row is None:
             spec = StatsSpec.from_hparams(hp)
             ensure_stats(lm, layers, spec)
-            result = evaluate_cases(lm, cases, hparams=hp, stats_spec=spec, before=before, on_case=on_case)
-            row = _row(setting, hp, result)
-        else:
-            row = {**row, "setting": setting}
-        rows.append(row)
+            row = _row(setting, hp, evaluate_cases(lm, cases, hparams=hp, stats_spec=spec, before=before,
+                                                   on_case=on_case))
+        rows.append({**row, "setting": setting})
         if on_setting:
-            on_setting(i + 1, len(settings), row)
+            on_setting(i + 1, len(settings), rows[-1])
     # The reference: the setting with the hyperparameters as they are (file and --set), else the grid's first.
     current = load_hparams(lm, path=hparams_path, **base).settings()
     reference = next((r for r in rows if r["hparams"] == current), rows[0])
@@ -206,7 +205,7 @@ def tune(
         "model": lm.name,
         "fingerprint": lm.fingerprint,
         "cases": len(cases),
-        "cases_key": key,
+        "cases_key": cases_key(cases),
         "base": base,
         "grid": {k: list(v) for k, v in grid.items()},
         "reference": reference["setting"],
@@ -215,123 +214,30 @@ def tune(
     }
 
 
-def _fmt(value, width: int = 7, digits: int = 3) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
-
-
-def _setting_text(setting: dict) -> str:
+def setting_text(setting: dict) -> str:
+    """``layer=1 kl_factor=0.25``, or ``(defaults)`` for the empty setting."""
     return " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in setting.items()) or "(defaults)"
 
 
-def format_table(result: dict) -> str:
-    """The settings, best S first, then what each swept hyperparameter does to PS and S."""
-    lines = [f"{result['model']}: {result['cases']} cases, {len(result['settings'])} settings"
-             + (f" on top of {_setting_text(result['base'])}" if result.get("base") else ""),
-             f"{'ES':>7}{'PS':>7}{'PS 95 %':>14}{'NS':>7}{'S':>7}{'S 95 %':>14}{'ΔS vs ref (95 %)':>24}{'PM':>7}"
-             f"{'miss':>5}{'retry':>6}{'steps':>7}{'s/edit':>8}  setting"]
-    for r in result["settings"]:
-        post, ci = r["post"], r.get("ci95") or {}
-        band = lambda m: f"{ci[m][0]:>7.3f}–{ci[m][1]:<6.3f}" if m in ci else f"{'-':>14}"  # noqa: E731
-        d = (r.get("vs_reference") or {}).get("S")
-        delta = f"{d[0]:+.3f} ({d[1]:+.3f} {d[2]:+.3f})" if d else "-"
-        lines.append(f"{_fmt(post['ES'])}{_fmt(post['PS'])}{band('PS')}{_fmt(post['NS'])}{_fmt(post['S'])}{band('S')}"
-                     f"{delta:>24}{_fmt(post['PM'])}{r['not_taken']:>5}{r['retried']:>6}{_fmt(r['steps'], 7, 1)}"
-                     f"{_fmt(r['seconds_median'], 8, 1)}  {_setting_text(r['setting'])}")
-    if result.get("reference") is not None:
-        lines.append(f"ref: {_setting_text(result['reference'])}; a paired interval that excludes 0 is a real difference "
-                     "on these cases")
-    for key, entries in result.get("marginals", {}).items():
-        lines.append(f"{key}: " + "; ".join(f"{e['value']}: PS {e['PS']:.3f} S {e['S']:.3f} ({e['settings']})"
-                                          for e in entries))
-    return "\n".join(lines)
+def parse_settings(items: Sequence[str]) -> dict:
+    """``["kl_factor=0.25", "variant=original"]`` (``--set``) as a dict of fixed overrides."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key.strip()] = parse_value(value.strip())
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import logging
-    import sys
-
-    from tracing.models import DEFAULT_MODEL
-
-    from tracing.loading import load_model
-
-    from .evaluate import read_cases
-
-    p = argparse.ArgumentParser(
-        prog="python -m editing.tune",
-        description="Choose ROME's hyperparameters: score every setting of a grid over the same tuning cases "
-        "(ES/PS/NS/S with 95 % intervals, best first, and what each hyperparameter does to PS). "
-        "A --json file that exists is resumed: its settings are not computed again.",
-        epilog="Example: python -m editing.tune --cases assets/counterfact_smollm2_tune.json --limit 30 "
-        "--grid layer=0,1,2 --grid kl_factor=0.0625,0.25 --json out/tune.json",
-    )
-    p.add_argument("--cases", required=True, help="CounterFact-format JSON (the tuning part, never the held-out one)")
-    p.add_argument("--limit", type=int, default=None, help="the first N cases (default: all)")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a hyperparameter and the values to try (repeat for a product of grids)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a fixed override for every setting")
-    p.add_argument("--hparams", default=None, help="a ROME hyperparameter JSON (default: the model's)")
-    p.add_argument("--model", default=None, help=f"Hugging Face id or local path; default: the embedded {DEFAULT_MODEL}")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", metavar="OUT", default=None, help="write (and resume from) the results here")
-    p.add_argument("--quiet", action="store_true", help="no per-setting lines")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        grid = parse_grid(args.grid)
-        base = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            base[key.strip()] = _value(value.strip())
-        cases = read_cases(args.cases)[: args.limit]
-        previous = None
-        if args.json and Path(args.json).is_file():
-            previous = json.loads(Path(args.json).read_text(encoding="utf-8"))
-            if not isinstance(previous, dict) or previous.get("format") != FORMAT:
-                raise ValueError(f"{args.json} exists but is not a tuning result; choose another --json.")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        lm = load_model(args.model)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if previous and (previous.get("fingerprint"), previous.get("cases_key")) != (lm.fingerprint, _cases_key(cases)):
-        print(f"error: {args.json} was made with other weights or cases; choose another --json.", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    rows: list[dict] = []
-
-    def save(result: dict) -> None:
-        """The result plus the file's earlier settings that this grid did not score again."""
-        scored = [r["hparams"] for r in result["settings"]]
-        kept = [r for r in (previous or {}).get("settings", ()) if r["hparams"] not in scored]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**result, "settings": result["settings"] + kept}, indent=1) + "\n",
-                                   encoding="utf-8")
-
-    def on_setting(done: int, total: int, row: dict) -> None:
-        rows.append(row)
-        if args.json:  # after every setting, so that a stopped run resumes from here
-            save({"format": FORMAT, "model": lm.name, "fingerprint": lm.fingerprint, "cases": len(cases),
-                  "cases_key": _cases_key(cases), "settings": rows})
-        if not args.quiet:
-            post = row["post"]
-            print(f"[{done}/{total}] {time.perf_counter() - started:7.1f} s  {_setting_text(row['setting'])}: "
-                  f"ES {post['ES']:.3f} PS {post['PS']:.3f} NS {post['NS']:.3f} S {post['S']:.3f}", flush=True)
-
-    try:
-        result = tune(lm, cases, grid, base=base, hparams_path=args.hparams, previous=previous, on_setting=on_setting)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result["command"] = "python -m editing.tune " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(format_table(result))
-    if args.json:
-        save(result)
-    return 0
+def read_tuning(path: str | Path) -> dict | None:
+    """An earlier tuning result to resume (None when there is no such file); ValueError if the file is another."""
+    if not Path(path).is_file():
+        return None
+    previous = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(previous, dict) or previous.get("format") != FORMAT:
+        raise ValueError(f"{path} exists but is not a tuning result; choose another --json.")
+    return previous
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def resumes(previous: dict, lm: LoadedModel, cases: Sequence[dict]) -> bool:
+    """Whether ``previous`` was scored on these weights and cases (only then are its rows reused)."""
+    return (previous.get("fingerprint"), previous.get("cases_key")) == (lm.fingerprint, cases_key(cases))
