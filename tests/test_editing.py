@@ -38,7 +38,8 @@ from editing import (
     save_edits,
     score_edit,
 )
-from editing.evaluation.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
+from editing.evaluate import format_table
+from editing.evaluation.evaluate import answered_paraphrases, evaluate_cases, read_cases
 from editing.hparams import hparams_files
 from editing.methods.common import SuffixRunner, build_rows
 from editing.scores import (accuracy_scores, continuation_logprobs, continuation_predictions, harmonic_mean,

@@ -32,7 +32,6 @@ writes ``{"method": ..., "batch": ..., "sequential": ..., "pre": {"ES", "PS", "N
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ import numpy as np
 from tracing.models import LoadedModel
 
 from ..edit import EditRequest, applied, method_label
-from ..hparams import METHODS, VARIANTS, HyperParams
+from ..hparams import HyperParams
 from ..methods import compute, compute_batch
 from ..sampling import generate
 from ..scores import (ACCURACY, EditScores, accuracy_scores, continuation_scores, fluency, harmonic_mean, score_edit,
@@ -440,169 +439,3 @@ def evaluate_batches(
     if sequential:
         result["checkpoints"] = history
     return result
-
-
-def format_table(result: dict) -> str:
-    """The pre/post summary as a text table."""
-    ci = result.get("post_ci95") or {}
-    lines = [f"{'metric':<10}{'pre':>10}{'post':>10}" + (f"{'post 95 % interval':>22}" if ci else "")]
-    for metric in (*METRICS, "fluency"):
-        if metric not in result["pre"] and metric not in result["post"]:
-            continue
-        a, b = result["pre"].get(metric), result["post"].get(metric)
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        interval = f"{fmt(ci[metric][0]):>14} – {fmt(ci[metric][1])}" if metric in ci else ""
-        lines.append(f"{metric:<10}{fmt(a):>10}{fmt(b):>10}{interval}")
-    batch, sequential = result.get("batch", 1), result.get("sequential", False)
-    how = (f", batches of {batch}" if batch > 1 else "") + (", one after another" if sequential else "") + \
-        (", projected" if result.get("project") else "")
-    per = "batch" if batch > 1 else "edit"
-    lines.append(f"{method_label(result.get('method', 'rome'))}: {result['cases']} cases{how}, "
-                 f"{result['seconds_per_edit']:.1f} s per {per} "
-                 f"(median {result['seconds_per_edit_median']:.1f} s)")
-    answered = result.get("answered_paraphrases")
-    if answered and answered.get("PS") is not None:
-        lines.append(f"PS over the {answered['prompts']} of {answered['of']} paraphrase prompts the unedited model "
-                     f"answers (p(old) >= {answered['threshold']:g}): {answered['PS']:.3f} (all, pooled: "
-                     f"{answered['PS_all']:.3f})")
-    if result.get("not_taken") or result.get("retried"):
-        lines.append(f"edits that did not take: {result.get('not_taken', 0)}; taken only on a retry: "
-                     f"{result.get('retried', 0)}")
-    if result.get("checkpoints"):
-        lines.append(f"{'facts':>8}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}{'fluency':>9}{'max |dW|/|W|':>15}{'facts p':>9}")
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        for point in result["checkpoints"]:
-            h = point["health"]
-            lines.append(f"{point['facts']:>8}" + "".join(f"{fmt(point.get(k)):>8}" for k in ("ES", "PS", "NS", "S"))
-                         + f"{fmt(point.get('fluency')):>9}{max(h['relative_norms'], default=0):>15.3f}"
-                         f"{h['fact_share']:>9.2f}")
-            for warning in h["warnings"]:
-                lines.append(f"{'':>8}warning: {warning}")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m editing.evaluate``: CounterFact-style scores of one editing method on a set of cases."""
-    import torch
-
-    from tracing.loading import load_model
-
-    from ..hparams import load_hparams
-    from ..stats import StatsSpec
-
-    parser = argparse.ArgumentParser(prog="python -m editing.evaluate", description=main.__doc__)
-    parser.add_argument("--cases", required=True, help="CounterFact-format JSON list")
-    parser.add_argument("--json", default=None, help="write the full results here")
-    parser.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--method", choices=METHODS, default="rome",
-                        help="rome (default), ft (fine-tuning), ft-l (constrained fine-tuning), kn (knowledge neurons) "
-                             "or memit (many facts at once)")
-    parser.add_argument("--batch", type=int, default=1, help="write this many cases as one edit (memit)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="write the edits one after another into the same model; score every case written so far")
-    parser.add_argument("--project", action="store_true",
-                        help="memit: keep the keys of earlier edits (and the null space) unchanged (AlphaEdit)")
-    parser.add_argument("--checkpoints", type=int, nargs="*", default=None,
-                        help="with --sequential: score after this many facts (default 1 10 100 1000) and at the end")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="edit layer (default: hyperparameters; kn: search only this layer; memit: its last)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases")
-    parser.add_argument("--variant", choices=VARIANTS, default=None, help="ROME's variant")
-    parser.add_argument("--hparams", default=None,
-                        help="a hyperparameter JSON file instead of assets/hparams (ft, ft-l, kn: assets/hparams/<method>)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override one hyperparameter, e.g. --set v_num_grad_steps=10")
-    parser.add_argument("--generation-tokens", type=int, default=0,
-                        help="generate this many tokens per generation prompt for the fluency score (0: skip)")
-    parser.add_argument("--stats-tokens", type=int, default=None, help="ROME's statistics corpus size")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--quiet", action="store_true", help="no per-case lines")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cases = read_cases(args.cases)
-        if args.limit is not None:
-            cases = cases[: args.limit]
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        overrides = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = json.loads(value)
-        if args.method not in ("rome", "memit") and args.stats_tokens:
-            raise ValueError("--stats-tokens is ROME's and MEMIT's; leave it out for --method " + args.method)
-        if args.method != "rome" and args.variant:
-            raise ValueError("--variant is ROME's; leave it out for --method " + args.method)
-        if args.batch < 1:
-            raise ValueError("--batch must be at least 1")
-        if args.batch > 1 and args.method != "memit":
-            raise ValueError(f"--batch {args.batch} needs --method memit: the other methods write one fact per edit")
-        if args.project and args.method != "memit":
-            raise ValueError("--project needs --method memit")
-        if args.variant:
-            overrides["variant"] = args.variant
-        hp = load_hparams(lm, path=args.hparams, method=args.method, **overrides)
-        spec = None
-        if args.method in ("rome", "memit"):
-            spec = StatsSpec(corpus=hp.stats_corpus, n_tokens=args.stats_tokens or hp.stats_tokens, seed=hp.stats_seed,
-                             sample_length=hp.stats_sample_length, top_k=hp.stats_top_k)
-    except (ValueError, LookupError) as exc:
-        parser.error(str(exc))
-    if args.method == "kn":
-        layer, where = args.layer, "every layer" if args.layer is None else f"layer {args.layer}"
-    elif args.method == "memit":
-        from ..methods import memit_layers
-
-        layer = args.layer
-        where = "layers " + ", ".join(map(str, memit_layers(lm, hp, layer)))
-    else:
-        layer = args.layer if args.layer is not None else hp.edit_layer(lm.n_layers)
-        where = f"layer {layer}"
-    variant = getattr(hp, "variant", "")
-    print(f"{lm.name}: {len(cases)} cases, {method_label(args.method)} at {where}"
-          + (f", variant {variant}" if variant else ""), flush=True)
-
-    def show(i: int, record: dict) -> None:
-        if args.quiet:
-            return
-        r, pre, post = record["request"], record["pre"], record["post"]
-        print(f"[{i + 1}/{len(cases)}] {r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}: "
-              f"ES {pre['ES']:.0f}->{post['ES']:.0f}  PS {pre['PS'] or 0:.2f}->{post['PS'] or 0:.2f}  "
-              f"NS {pre['NS'] or 0:.2f}->{post['NS'] or 0:.2f}  |ΔW| {record['norm']:.3g}  {record['seconds']:.1f} s",
-              flush=True)
-
-    def show_edit(g: int, summary: dict) -> None:
-        if args.quiet:
-            return
-        line = f"[edit {g + 1}] {summary['facts']} fact(s), |ΔW| {summary['norm']:.3g}, {summary['seconds']:.1f} s"
-        point = summary.get("checkpoint")
-        if point:
-            line += (f"; after {point['facts']} facts: ES {point['ES']:.3f} PS {point['PS']:.3f} NS {point['NS']:.3f}"
-                     f" S {point['S']:.3f}")
-            if point.get("fluency") is not None:
-                line += f" fluency {point['fluency']:.3f}"
-        print(line, flush=True)
-
-    if args.batch > 1 or args.sequential:
-        result = evaluate_batches(lm, cases, method=args.method, batch=args.batch, sequential=args.sequential,
-                                  project=args.project, layer=layer, hparams=hp,
-                                  generation_tokens=args.generation_tokens, stats_spec=spec,
-                                  checkpoints=args.checkpoints, on_edit=show_edit)
-    else:
-        result = evaluate_cases(lm, cases, method=args.method, layer=layer, hparams=hp,
-                                generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show)
-    result.update({"model": lm.name, "layer": layer, "variant": variant, "dtype": str(lm.dtype),
-                   "hparams": hp.to_dict(), "cases_file": str(args.cases)})
-    print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
