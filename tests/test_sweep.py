@@ -9,7 +9,8 @@ import pytest
 
 from editing import EditRequest
 from editing.scores import score_edit
-from editing.evaluation.sweep import correlations, layer_sweep, main, rewrite_score, sweep_cases, sweep_layers
+from editing.evaluation.sweep import correlations, layer_sweep, rewrite_score, sweep_cases, sweep_layers
+from editing.sweep import main
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, TINY_STATS, changed, one_thread, private_cache, snapshot  # noqa: F401
