@@ -33,8 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 from collections import defaultdict
@@ -66,12 +64,8 @@ def _template(fact: dict) -> str:
     return fact["prompt"].replace(fact["subject"], "{}", 1)
 
 
-def build_cases(lm: LoadedModel, facts: Sequence[dict], n: int = 60, *, seed: int = 0,
-                paraphrases: int = 2, neighbours: int = 5) -> list[dict]:
-    """CounterFact-style records for up to ``n`` facts the model knows, spread over relations."""
-    rng = random.Random(seed)
-    known = known_facts_of(lm, facts)
-    log.info("%s knows %d of %d facts", lm.name, len(known), len(facts))
+def _relations(facts: Sequence[dict]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per relation: its wordings with one ``{}`` (paraphrase templates) and its objects, in order of appearance."""
     templates: dict[str, list[str]] = defaultdict(list)
     objects: dict[str, list[str]] = defaultdict(list)
     for fact in facts:
@@ -81,6 +75,16 @@ def build_cases(lm: LoadedModel, facts: Sequence[dict], n: int = 60, *, seed: in
             templates[rel].append(wording)
         if fact["attribute"] not in objects[rel]:
             objects[rel].append(fact["attribute"])
+    return templates, objects
+
+
+def build_cases(lm: LoadedModel, facts: Sequence[dict], n: int = 60, *, seed: int = 0,
+                paraphrases: int = 2, neighbours: int = 5) -> list[dict]:
+    """CounterFact-style records for up to ``n`` facts the model knows, spread over relations."""
+    rng = random.Random(seed)
+    known = known_facts_of(lm, facts)
+    log.info("%s knows %d of %d facts", lm.name, len(known), len(facts))
+    templates, objects = _relations(facts)
     by_object: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for fact in known:
         by_object[(fact["relation_id"], fact["attribute"])].append(fact)
@@ -144,46 +148,3 @@ def split_cases(cases: Sequence[dict], tune_fraction: float = 0.5, *, seed: int 
     tune = [c for c in cases if c["requested_rewrite"]["subject"] in tuning]
     held = [c for c in cases if c["requested_rewrite"]["subject"] not in tuning]
     return tune, held
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m editing.cases``: write a CounterFact-style set of facts the model knows."""
-    from tracing.loading import load_model
-
-    parser = argparse.ArgumentParser(prog="python -m editing.cases", description=main.__doc__)
-    parser.add_argument("--out", required=True, help="output JSON file")
-    parser.add_argument("--facts", default=str(DEFAULT_FACTS), help="known facts JSON (known_1000.json format)")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--n", type=int, default=60, help="number of cases (0: every fact the model knows that can "
-                                                          "be made a case)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", nargs=2, default=None, metavar=("TUNE", "HELDOUT"),
-                        help="also write the cases split by subject into a tuning and a held-out file")
-    parser.add_argument("--tune-fraction", type=float, default=0.5, help="share of subjects in the tuning part")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.split and not 0.0 < args.tune_fraction < 1.0:
-        parser.error("--tune-fraction must lie strictly between 0 and 1")
-    lm = load_model(args.model)
-    facts = read_facts(args.facts)
-    cases = build_cases(lm, facts, args.n if args.n > 0 else len(facts), seed=args.seed)
-    Path(args.out).write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    relations = len({c["requested_rewrite"]["relation_id"] for c in cases})
-    print(f"wrote {len(cases)} cases over {relations} relations to {args.out}")
-    if args.split:
-        parts = split_cases(cases, args.tune_fraction, seed=args.split_seed)
-        for path, part in zip(args.split, parts):
-            Path(path).write_text(json.dumps(part, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            subjects = len({c["requested_rewrite"]["subject"] for c in part})
-            print(f"wrote {len(part)} cases ({subjects} subjects) to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
