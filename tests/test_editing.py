@@ -687,7 +687,7 @@ def test_shipped_counterfact_set_is_well_formed():
 def test_command_lines_on_a_saved_tiny_model(cache, tokenizer, tmp_path, capsys):
     from editing.__main__ import main as edit_main
     from editing.evaluate import main as evaluate_main
-    from editing.stats import main as stats_main
+    from editing.stats.__main__ import main as stats_main
 
     lm = make_tiny("llama", tokenizer, "cpu")
     model_dir = tmp_path / "tiny-llama"
