@@ -21,7 +21,6 @@ or from a shell: ``python -m editing.presets --out assets/presets.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -36,7 +35,6 @@ import torch
 
 from tracing.assets import PRESETS, known_facts
 from tracing.models import LoadedModel
-from tracing.loading import load_model
 from tracing.recall import answer_probabilities, equal_length_batches
 from tracing.result import TraceConfig
 from tracing.tokens import continuation_ids, encode_prompt
@@ -373,28 +371,3 @@ def guess_subject(prompt: str, facts: Iterable[dict] | None = None) -> str:
         if word.lower() in _STOP_VERBS and k > 0:
             return text[: words[k - 1][2]]
     return words[0][0] if words else ""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: choose presets for a model and write them as JSON."""
-    parser = argparse.ArgumentParser(description="Pick known facts (with counterfactuals) for the app's presets.")
-    parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--n", type=int, default=12, help="how many presets (default 12)")
-    parser.add_argument("--min-probability", type=float, default=0.2, help="least p(answer) of a chosen fact")
-    parser.add_argument("--max-tokens", type=int, default=12, help="longest prompt, in tokens")
-    parser.add_argument("--max-corrupted-ratio", type=float, default=0.5,
-                        help="skip facts whose corrupted p(answer) exceeds this fraction of the clean one")
-    parser.add_argument("--out", default=str(PRESETS_PATH), help="where to write the JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    lm = load_model(args.model)
-    presets = find_presets(lm, n=args.n, min_probability=args.min_probability, max_tokens=args.max_tokens,
-                           max_corrupted_ratio=args.max_corrupted_ratio)
-    path = save_presets(presets, lm, args.out)
-    for p in presets:
-        print(f"{p.probability:5.2f} -> {p.corrupted:5.2f}  {p.prompt!r} -> {p.attribute!r}; edit to {p.counterfactual!r}")
-    print(f"Wrote {len(presets)} presets to {path}")
-
-
-if __name__ == "__main__":
-    main()

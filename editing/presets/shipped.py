@@ -27,22 +27,25 @@ what a first click costs, with::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import transformers
+
 from tracing.assets import ROOT
 from tracing.models import LoadedModel
 from tracing.result import KINDS, TraceConfig, TraceResult
+from tracing.trace import trace
 
 from ..compare import EditComparison, edit_and_compare
 from ..edit import EditRequest, is_edited, load_edits, save_edits
 from ..hparams import load_hparams
+from ..stats import StatsSpec
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,6 @@ def shipped_trace(
 def _edit_key(request: EditRequest, *, layer, hparams, paraphrases, neighbours, max_new_tokens, sample, seed,
               method, stats_spec) -> dict:
     """Everything an edit comparison depends on, as JSON (compared exactly)."""
-    from ..stats import StatsSpec
-
     spec = stats_spec if stats_spec is not None else StatsSpec.from_hparams(hparams)
     return json.loads(json.dumps({
         "request": request.to_dict(), "layer": int(layer), "method": method, "hparams": hparams.settings(),
@@ -191,10 +192,6 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
     and prompt; see :func:`shipped_trace`), so new edit settings only cost
     the edits.
     """
-    from tracing.trace import trace
-
-    from ..stats import StatsSpec
-
     if is_edited(lm):
         raise ValueError("Shipped results are of the unedited model; undo every edit first.")
     hp = hparams if hparams is not None else load_hparams(lm)
@@ -221,9 +218,6 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
         edits.append(comparison.edit)
         log.info("[%d/%d] %s: trace %.1f s, edit %.1f s", i + 1, len(presets), p.label, traced,
                  time.perf_counter() - started - traced)
-    import torch
-    import transformers
-
     data = {
         "format": FORMAT, "version": VERSION, "model": lm.name, "fingerprint": lm.fingerprint,
         "generated_by": "python -m editing.shipped", "torch": torch.__version__,
@@ -235,68 +229,3 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
     save_edits(edits, edits_path or path.with_name(EDITS.name))
     path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
-
-
-def _time_loading(lm: LoadedModel, presets: Sequence, path: Path) -> int:
-    """Seconds to load each preset's trace and edit comparison (what a first click costs after a restart)."""
-    hp = load_hparams(lm)
-    seconds, missing = [], []
-    for p in presets:
-        started = time.perf_counter()
-        results = shipped_trace(lm, p.prompt, p.subject, p.attribute, TraceConfig(), path=path)
-        comparison = shipped_comparison(
-            lm, EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute),
-            layer=hp.edit_layer(lm.n_layers), hparams=hp, paraphrases=p.paraphrases, neighbours=p.neighbours,
-            path=path, **PAGE_EDIT)
-        seconds.append(time.perf_counter() - started)
-        if results is None or comparison is None:
-            missing.append(p.label)
-    print(f"{len(presets)} presets: trace and edit loaded in {min(seconds):.3f}-{max(seconds):.3f} s "
-          f"(median {sorted(seconds)[len(seconds) // 2]:.3f} s); {path.stat().st_size / 1024:.0f} KB + "
-          f"{path.with_name(EDITS.name).stat().st_size / 1024:.0f} KB")
-    if missing:
-        print(f"not shipped for this model and the page's settings: {', '.join(missing)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: compute and write the shipped preset results (default model, its shipped presets)."""
-    from tracing.loading import load_model
-
-    from .facts import PRESETS_PATH, load_presets
-
-    parser = argparse.ArgumentParser(prog="python -m editing.shipped", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M (the presets' model)")
-    parser.add_argument("--presets", default=str(PRESETS_PATH), help="presets file (default: assets/presets.json)")
-    parser.add_argument("--out", default=str(RESULTS), help="the JSON to write; the edits go next to it")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--time", action="store_true",
-                        help="compute nothing: time loading every preset's shipped trace and edit, as a first click")
-    parser.add_argument("--keep-traces", action="store_true",
-                        help="reuse the traces already shipped that still fit (same weights, settings, prompts): "
-                        "after a change of edit settings only the edits are computed")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
-    shipped = load_presets(args.presets)
-    if shipped.model != lm.name:
-        print(f"error: {args.presets} holds presets of {shipped.model}, not {lm.name}; pass --presets for this model "
-              "(python -m editing.presets --model ... --out ...).", file=sys.stderr)
-        return 2
-    if args.time:
-        return _time_loading(lm, shipped.presets, Path(args.out))
-    started = time.perf_counter()
-    path = compute_shipped(lm, shipped.presets, path=args.out, keep_traces=args.keep_traces)
-    edits = path.with_name(EDITS.name)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB) and {edits} ({edits.stat().st_size / 1024:.0f} KB) "
-          f"for {len(shipped.presets)} presets in {time.perf_counter() - started:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
