@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
 
 from tracing.assets import ROOT
 from tracing.models import LoadedModel
@@ -43,7 +42,8 @@ from tracing.result import KINDS, TraceConfig, TraceResult
 from tracing.trace import trace
 
 from ..compare import EditComparison, edit_and_compare
-from ..edit import EditRequest, is_edited, load_edits, save_edits
+from ..edit import EditRequest, is_edited
+from ..edit_files import load_edits, save_edits
 from ..hparams import load_hparams
 from ..stats import StatsSpec
 
@@ -218,6 +218,8 @@ def compute_shipped(lm: LoadedModel, presets: Sequence, *, config: TraceConfig =
         edits.append(comparison.edit)
         log.info("[%d/%d] %s: trace %.1f s, edit %.1f s", i + 1, len(presets), p.label, traced,
                  time.perf_counter() - started - traced)
+    import transformers  # here: only for its version, without loading it on import
+
     data = {
         "format": FORMAT, "version": VERSION, "model": lm.name, "fingerprint": lm.fingerprint,
         "generated_by": "python -m editing.shipped", "torch": torch.__version__,
