@@ -36,7 +36,7 @@ def _fmt(value) -> str:
 def table(results: dict, tuning: int = 0) -> str:
     """Markdown rows: before any edit, then one per method (and per method over the held-out cases)."""
     from editing.edit import method_label
-    from editing.evaluation.evaluate import _aggregate
+    from editing.evaluation.evaluate import aggregate
 
     head = "| method | ES | PS | NS | S | EM | PM | NM | entropy | seconds per edit |"
     lines = [head, "|" + "---|" * 10]
@@ -50,7 +50,7 @@ def table(results: dict, tuning: int = 0) -> str:
             held = result["per_case"][tuning:]
             if not held:
                 continue
-            post = _aggregate(held, "post")
+            post = aggregate(held, "post")
             seconds = sum(c["seconds"] for c in held) / len(held)
             cells = " | ".join(_fmt(post.get(k)) for k in COLUMNS)
             label = f"{method_label(method)}, cases {tuning + 1}-{tuning + len(held)} only"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,12 +43,13 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from ..edit import EditRequest, applied, method_label
-from ..hparams import HyperParams
-from ..methods import compute, compute_batch
+from ..edit import EditRequest, method_label
+from ..hparams import HyperParams, load_hparams
+from ..methods import compute, compute_batch, memit_layers
 from ..sampling import generate
-from ..scores import (ACCURACY, EditScores, accuracy_scores, continuation_scores, fluency, harmonic_mean, score_edit,
-                     token_predictions)
+from ..scores import (ACCURACY, EditScores, Rescored, accuracy_scores, fluency, harmonic_mean, nan_to_none, rescore,
+                      score_edit, score_many, token_predictions)
+from ..sequential import SequentialEditor, health
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,11 @@ def read_cases(path: str | Path) -> list[dict]:
 
 
 def request_of(case: dict) -> EditRequest:
-    """The EditRequest of a CounterFact record."""
-    rw = case["requested_rewrite"]
-    return EditRequest(subject=rw["subject"], prompt=rw["prompt"], target=rw["target_new"]["str"],
-                       target_true=rw["target_true"]["str"])
+    """The EditRequest of a CounterFact record (its old object required): :meth:`EditRequest.from_counterfact`."""
+    return EditRequest.from_counterfact(case)
 
 
-def _nan_to_none(values: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
-
-
-def _aggregate(per_case: Sequence[dict], which: str) -> dict:
+def aggregate(per_case: Sequence[dict], which: str) -> dict:
     """Means over cases of the per-case metrics; S is the harmonic mean of the means of ES, PS, NS."""
     out = {}
     for metric in METRICS:
@@ -178,6 +172,51 @@ def paired_difference(per_case: Sequence[dict], reference: Sequence[dict], which
     return out
 
 
+def _measure(lm: LoadedModel, request: EditRequest, paraphrases: Sequence[str], neighbours: Sequence[str],
+             gen_prompts: Sequence[str], tokens: int) -> tuple[EditScores, list[str], list]:
+    """The model's scores on a case as it is now, its continuations of the generation prompts, its token predictions."""
+    scores = score_edit(lm, request, paraphrases, neighbours)
+    texts = generate(lm, gen_prompts, tokens) if gen_prompts else []
+    return scores, texts, token_predictions(lm, [scores])[0]
+
+
+def _case_record(i: int, case: dict, rescored: Rescored, gen_prompts: Sequence[str]) -> dict:
+    """One case of :func:`evaluate_cases`: the edit's facts and the scores before and after it."""
+    (pre, pre_text, pre_tokens), (post, post_text, post_tokens) = rescored.before, rescored.after
+    edit = rescored.edit
+    record = {
+        "case_id": case.get("case_id", i),
+        "request": request_of(case).to_dict(),
+        "method": edit.method,
+        "layer": edit.layer,
+        "layers": list(edit.layers),
+        "norm": edit.norm,
+        "seconds": rescored.seconds,
+        "steps": edit.info.get("steps"),
+        "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
+        "retried": bool(edit.info.get("retried")),
+        "pre": nan_to_none({**pre.summary(), **accuracy_scores(pre, pre_tokens),
+                            "fluency": fluency(pre_text) if pre_text else float("nan")}),
+        "post": nan_to_none({**post.summary(), **accuracy_scores(post, post_tokens, pre_tokens),
+                             "fluency": fluency(post_text) if post_text else float("nan")}),
+        "prompts": _prompt_rows(pre, post),
+    }
+    if gen_prompts:
+        record["generations"] = [{"prompt": p, "pre": a, "post": b}
+                                 for p, a, b in zip(gen_prompts, pre_text, post_text)]
+    return record
+
+
+def _prompt_rows(pre: EditScores, post: EditScores) -> list[dict]:
+    return [{**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
+            for a, b in zip(pre.rows(), post.rows())]
+
+
+def _seconds(seconds: Sequence[float]) -> dict:
+    return {"seconds_per_edit": float(np.mean(seconds)) if seconds else None,
+            "seconds_per_edit_median": float(np.median(seconds)) if seconds else None}
+
+
 def evaluate_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
@@ -197,64 +236,30 @@ def evaluate_cases(
     cases computes them once.
     """
     per_case = []
-    edit_seconds = []
     for i, case in enumerate(cases):
         request = request_of(case)
         paraphrases = list(case.get("paraphrase_prompts") or [])
         neighbours = list(case.get("neighborhood_prompts") or [])
         gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
         key = (json.dumps(case, sort_keys=True), generation_tokens)
-        if before is not None and key in before:
-            pre, pre_text, pre_tokens = before[key]
-        else:
-            pre = score_edit(lm, request, paraphrases, neighbours)
-            pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
-            pre_tokens = token_predictions(lm, [pre])[0]
-            if before is not None:
-                before[key] = (pre, pre_text, pre_tokens)
-        t0 = time.perf_counter()
-        edit = compute(lm, request, method=method, layer=layer, hparams=hparams, stats_spec=stats_spec)
-        edit_seconds.append(time.perf_counter() - t0)
-        with applied(lm, [edit]):
-            post = score_edit(lm, request, paraphrases, neighbours)
-            post_tokens = token_predictions(lm, [post])[0]
-            post_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
-        record = {
-            "case_id": case.get("case_id", i),
-            "request": request.to_dict(),
-            "method": edit.method,
-            "layer": edit.layer,
-            "layers": list(edit.layers),
-            "norm": edit.norm,
-            "seconds": edit_seconds[-1],
-            "steps": edit.info.get("steps"),
-            "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
-            "retried": bool(edit.info.get("retried")),
-            "pre": _nan_to_none({**pre.summary(), **accuracy_scores(pre, pre_tokens),
-                                 "fluency": fluency(pre_text) if pre_text else float("nan")}),
-            "post": _nan_to_none({**post.summary(), **accuracy_scores(post, post_tokens, pre_tokens),
-                                  "fluency": fluency(post_text) if post_text else float("nan")}),
-            "prompts": [
-                {**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
-                for a, b in zip(pre.rows(), post.rows())
-            ],
-        }
-        if gen_prompts:
-            record["generations"] = [{"prompt": p, "pre": a, "post": b}
-                                     for p, a, b in zip(gen_prompts, pre_text, post_text)]
-        per_case.append(record)
+        rescored = rescore(lm, lambda: _measure(lm, request, paraphrases, neighbours, gen_prompts, generation_tokens),
+                           lambda: compute(lm, request, method=method, layer=layer, hparams=hparams,
+                                           stats_spec=stats_spec),
+                           before=before.get(key) if before is not None else None)
+        if before is not None:
+            before[key] = rescored.before
+        per_case.append(_case_record(i, case, rescored, gen_prompts))
         if on_case:
-            on_case(i, record)
+            on_case(i, per_case[-1])
     return {
         "method": method,
         "batch": 1,
         "sequential": False,
-        "pre": _nan_to_none(_aggregate(per_case, "pre")),
-        "post": _nan_to_none(_aggregate(per_case, "post")),
+        "pre": nan_to_none(aggregate(per_case, "pre")),
+        "post": nan_to_none(aggregate(per_case, "post")),
         "post_ci95": intervals(per_case, "post"),
         "per_case": per_case,
-        "seconds_per_edit": float(np.mean(edit_seconds)) if edit_seconds else None,
-        "seconds_per_edit_median": float(np.median(edit_seconds)) if edit_seconds else None,
+        **_seconds([c["seconds"] for c in per_case]),
         "cases": len(per_case),
         "answered_paraphrases": answered_paraphrases(per_case),
         "not_taken": sum(1 for c in per_case if c.get("took") is False),
@@ -266,26 +271,11 @@ def evaluate_cases(
 # Batches and sequences of edits
 
 
-def _prompts_of(case: dict, subjects: Sequence[str]) -> tuple[list[str], list[str], int]:
+def prompts_of(case: dict, subjects: Sequence[str]) -> tuple[list[str], list[str], int]:
     """A case's paraphrases, its neighbours that name none of ``subjects``, and how many neighbours were left out."""
     neighbours = list(case.get("neighborhood_prompts") or [])
     kept = [p for p in neighbours if not any(s and s in p for s in subjects)]
     return list(case.get("paraphrase_prompts") or []), kept, len(neighbours) - len(kept)
-
-
-def score_many(lm: LoadedModel, items: Sequence[tuple[EditRequest, Sequence[str], Sequence[str]]]) -> list[EditScores]:
-    """:func:`~editing.scores.score_edit` of many (request, paraphrases, neighbours) in shared forward passes."""
-    plans, pairs = [], []
-    for request, paraphrases, neighbours in items:
-        subject = request.subject.strip()
-        prompts = [request.text] + [p.replace("{}", subject, 1) for p in paraphrases] + \
-                  [p.replace("{}", subject, 1) for p in neighbours]
-        kinds = ["rewrite"] + ["paraphrase"] * len(paraphrases) + ["neighbour"] * len(neighbours)
-        plans.append((request, prompts, kinds, len(pairs)))
-        pairs += [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
-    logp, predictions = continuation_scores(lm, pairs) if pairs else (np.zeros(0), [])
-    return [EditScores.from_pass(prompts, kinds, logp[start:], predictions[start:], request.target,
-                                 request.target_true) for request, prompts, kinds, start in plans]
 
 
 def _generations(lm: LoadedModel, prompt_lists: Sequence[Sequence[str]], tokens: int) -> list[list[str]]:
@@ -300,12 +290,105 @@ def _generations(lm: LoadedModel, prompt_lists: Sequence[Sequence[str]], tokens:
 
 
 def _summaries(scores: Sequence[EditScores], texts: Sequence[Sequence[str]]) -> list[dict]:
-    return [_nan_to_none({**s.summary(), "fluency": fluency(t) if t else float("nan")}) for s, t in zip(scores, texts)]
+    return [nan_to_none({**s.summary(), "fluency": fluency(t) if t else float("nan")}) for s, t in zip(scores, texts)]
 
 
 def _checkpoint_marks(total: int, checkpoints: Sequence[int] | None) -> list[int]:
     marks = sorted({int(c) for c in (checkpoints if checkpoints is not None else (1, 10, 100, 1000)) if 0 < c < total})
     return marks + [total]
+
+
+def _check_batches(method: str, batch: int, project: bool) -> None:
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}.")
+    if batch > 1 and method != "memit":
+        raise ValueError(f"{method_label(method)} writes one fact per edit; batches of {batch} are MEMIT's "
+                         "(--method memit).")
+    if project and method != "memit":
+        raise ValueError("The projection is MEMIT's (--method memit).")
+
+
+class _Batches:
+    """The cases of :func:`evaluate_batches`, their scores before, and (as the edits are written) after."""
+
+    def __init__(self, lm: LoadedModel, cases: Sequence[dict], batch: int, generation_tokens: int) -> None:
+        self.lm, self.cases, self.tokens = lm, list(cases), generation_tokens
+        self.requests = [request_of(c) for c in self.cases]
+        subjects = sorted({r.subject.strip() for r in self.requests})
+        self.prompts = [prompts_of(c, subjects) for c in self.cases]
+        self.gen_prompts = [list(c.get("generation_prompts") or [])[:2] if generation_tokens else []
+                            for c in self.cases]
+        self.pre_scores = score_many(lm, [(r, p, n) for r, (p, n, _) in zip(self.requests, self.prompts)])
+        self.pre_tokens = token_predictions(lm, self.pre_scores)
+        texts = _generations(lm, self.gen_prompts, generation_tokens)
+        self.pre = [{**summary, **nan_to_none(accuracy_scores(s, t))}
+                    for summary, s, t in zip(_summaries(self.pre_scores, texts), self.pre_scores, self.pre_tokens)]
+        n = len(self.cases)
+        self.groups = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+        self.post: list[dict | None] = [None] * n
+        self.post_scores: list[EditScores | None] = [None] * n
+        self.meta: list[dict] = [{} for _ in self.cases]
+        self.seconds: list[float] = []
+
+    def score_now(self, indices: Sequence[int]) -> list[EditScores]:
+        """Score these cases on the model as it is now (their edits applied), and keep their summaries."""
+        scored = score_many(self.lm, [(self.requests[i], self.prompts[i][0], self.prompts[i][1]) for i in indices])
+        texts = _generations(self.lm, [self.gen_prompts[i] for i in indices], self.tokens)
+        tokens = token_predictions(self.lm, scored)
+        for i, s, t, summary in zip(indices, scored, tokens, _summaries(scored, texts)):
+            self.post[i] = {**summary, **nan_to_none(accuracy_scores(s, t, self.pre_tokens[i]))}
+            self.post_scores[i] = s
+        return scored
+
+    def record(self, edit, group: Sequence[int], elapsed: float) -> dict:
+        """Note an edit of ``group`` and what it cost; the summary :func:`evaluate_batches` passes to ``on_edit``."""
+        self.seconds.append(elapsed)
+        for i in group:
+            self.meta[i] = {"layers": list(edit.layers), "norm": edit.norm, "seconds": elapsed,
+                            "steps": edit.info.get("steps")}
+        return {"facts": len(group), "seconds": elapsed, "norm": edit.norm}
+
+    def per_case(self, method: str) -> list[dict]:
+        return [{"case_id": case.get("case_id", i), "request": self.requests[i].to_dict(), "method": method,
+                 **self.meta[i], "neighbours_left_out": self.prompts[i][2], "pre": self.pre[i], "post": self.post[i],
+                 "prompts": _prompt_rows(self.pre_scores[i], self.post_scores[i])}
+                for i, case in enumerate(self.cases) if self.post[i] is not None]
+
+
+def _alone(lm: LoadedModel, run: _Batches, on_edit, **options) -> None:
+    """Each batch computed on and applied to the original model; its own cases scored."""
+    for g, group in enumerate(run.groups):
+        rescored = rescore(lm, lambda: run.score_now(group),
+                           lambda: compute_batch(lm, [run.requests[i] for i in group], **options),
+                           before=[run.pre_scores[i] for i in group])  # scored at the start, in shared passes
+        summary = run.record(rescored.edit, group, rescored.seconds)
+        if on_edit:
+            on_edit(g, summary)
+
+
+def _in_sequence(lm: LoadedModel, run: _Batches, editor: SequentialEditor, checkpoints, on_edit) -> list[dict]:
+    """Every batch written on top of the earlier ones; every case written so far scored at the checkpoints."""
+    marks, reference, history, written = _checkpoint_marks(len(run.cases), checkpoints), None, [], 0
+    for g, group in enumerate(run.groups):
+        t0 = time.perf_counter()
+        edit = editor.add([run.requests[i] for i in group])
+        summary = run.record(edit, group, time.perf_counter() - t0)
+        written += len(group)
+        if marks and written >= marks[0]:
+            while marks and written >= marks[0]:
+                marks.pop(0)
+            done = [i for grp in run.groups[: g + 1] for i in grp]
+            run.score_now(done)
+            report = health(lm, editor.edits, already_applied=True, reference=reference)
+            reference = reference or report
+            point = {"edits": g + 1, "facts": written,
+                     **nan_to_none(aggregate([{"post": run.post[i]} for i in done], "post")),
+                     "health": report.to_dict()}
+            history.append(point)
+            summary["checkpoint"] = point
+        if on_edit:
+            on_edit(g, summary)
+    return history
 
 
 def evaluate_batches(
@@ -333,107 +416,29 @@ def evaluate_batches(
     :func:`~editing.sequential.health` report. Neighbour prompts that name a
     subject of these cases are left out (pre and post alike).
     """
-    from ..hparams import load_hparams
-    from ..methods import memit_layers
-    from ..sequential import SequentialEditor, health
-
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, not {batch}.")
-    if batch > 1 and method != "memit":
-        raise ValueError(f"{method_label(method)} writes one fact per edit; batches of {batch} are MEMIT's "
-                         "(--method memit).")
-    if project and method != "memit":
-        raise ValueError("The projection is MEMIT's (--method memit).")
+    _check_batches(method, batch, project)
     hp = hparams if hparams is not None else load_hparams(lm, method=method)
     layers = None
     if layer is not None:
         layers = memit_layers(lm, hp, layer) if method == "memit" else (layer,)
-    cases = list(cases)
-    requests = [request_of(c) for c in cases]
-    subjects = sorted({r.subject.strip() for r in requests})
-    prompts = [_prompts_of(c, subjects) for c in cases]
-    gen_prompts = [list(c.get("generation_prompts") or [])[:2] if generation_tokens else [] for c in cases]
-    pre_scores = score_many(lm, [(r, p, n) for r, (p, n, _) in zip(requests, prompts)])
-    pre_tokens = token_predictions(lm, pre_scores)
-    pre = [{**summary, **_nan_to_none(accuracy_scores(s, t))}
-           for summary, s, t in zip(_summaries(pre_scores, _generations(lm, gen_prompts, generation_tokens)),
-                                    pre_scores, pre_tokens)]
-    groups = [list(range(i, min(i + batch, len(cases)))) for i in range(0, len(cases), batch)]
-    post: list[dict | None] = [None] * len(cases)
-    post_scores: list[EditScores | None] = [None] * len(cases)
-    meta: list[dict] = [{} for _ in cases]
-    seconds: list[float] = []
-    history: list[dict] = []
-
-    def score_now(indices: Sequence[int]) -> None:
-        scored = score_many(lm, [(requests[i], prompts[i][0], prompts[i][1]) for i in indices])
-        texts = _generations(lm, [gen_prompts[i] for i in indices], generation_tokens)
-        tokens = token_predictions(lm, scored)
-        for i, s, t, summary in zip(indices, scored, tokens, _summaries(scored, texts)):
-            post[i], post_scores[i] = {**summary, **_nan_to_none(accuracy_scores(s, t, pre_tokens[i]))}, s
-
-    def record(edit, group, elapsed) -> None:
-        for i in group:
-            meta[i] = {"layers": list(edit.layers), "norm": edit.norm, "seconds": elapsed,
-                       "steps": edit.info.get("steps")}
-
+    run = _Batches(lm, cases, batch, generation_tokens)
+    history = []
     if not sequential:
-        for g, group in enumerate(groups):
-            t0 = time.perf_counter()
-            edit = compute_batch(lm, [requests[i] for i in group], method=method, layer=layer, hparams=hp,
-                                 stats_spec=stats_spec, project=project)
-            seconds.append(time.perf_counter() - t0)
-            record(edit, group, seconds[-1])
-            with applied(lm, [edit]):
-                score_now(group)
-            if on_edit:
-                on_edit(g, {"facts": len(group), "seconds": seconds[-1], "norm": edit.norm})
+        _alone(lm, run, on_edit, method=method, layer=layer, hparams=hp, stats_spec=stats_spec, project=project)
     else:
-        marks = _checkpoint_marks(len(cases), checkpoints)
-        reference = None
         with SequentialEditor(lm, method=method, project=project, hparams=hp, stats_spec=stats_spec,
                               layers=layers) as editor:
-            written = 0
-            for g, group in enumerate(groups):
-                t0 = time.perf_counter()
-                edit = editor.add([requests[i] for i in group])
-                seconds.append(time.perf_counter() - t0)
-                record(edit, group, seconds[-1])
-                written += len(group)
-                summary = {"facts": len(group), "seconds": seconds[-1], "norm": edit.norm}
-                if marks and written >= marks[0]:
-                    while marks and written >= marks[0]:
-                        marks.pop(0)
-                    done = [i for grp in groups[: g + 1] for i in grp]
-                    score_now(done)
-                    report = health(lm, editor.edits, already_applied=True, reference=reference)
-                    reference = reference or report
-                    point = {"edits": g + 1, "facts": written,
-                             **_nan_to_none(_aggregate([{"post": post[i]} for i in done], "post")),
-                             "health": report.to_dict()}
-                    history.append(point)
-                    summary["checkpoint"] = point
-                if on_edit:
-                    on_edit(g, summary)
-    per_case = []
-    for i, case in enumerate(cases):
-        if post[i] is None:
-            continue
-        record_ = {"case_id": case.get("case_id", i), "request": requests[i].to_dict(), "method": method,
-                   **meta[i], "neighbours_left_out": prompts[i][2], "pre": pre[i], "post": post[i],
-                   "prompts": [{**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
-                               for a, b in zip(pre_scores[i].rows(), post_scores[i].rows())]}
-        per_case.append(record_)
+            history = _in_sequence(lm, run, editor, checkpoints, on_edit)
+    per_case = run.per_case(method)
+    seconds = run.seconds
     result = {
         "method": method, "batch": batch, "sequential": bool(sequential), "project": bool(project),
-        "pre": _nan_to_none(_aggregate(per_case, "pre")), "post": _nan_to_none(_aggregate(per_case, "post")),
-        "per_case": per_case,
-        "seconds_per_edit": float(np.mean(seconds)) if seconds else None,
-        "seconds_per_edit_median": float(np.median(seconds)) if seconds else None,
+        "pre": nan_to_none(aggregate(per_case, "pre")), "post": nan_to_none(aggregate(per_case, "post")),
+        "per_case": per_case, **_seconds(seconds),
         "seconds_per_batch": float(np.mean(seconds)) if seconds else None,
-        "edits": len(groups), "cases": len(per_case),
-        "neighbours_left_out": int(sum(p[2] for p in prompts)),
-        "neighbours_kept": int(sum(len(p[1]) for p in prompts)),
+        "edits": len(run.groups), "cases": len(per_case),
+        "neighbours_left_out": int(sum(p[2] for p in run.prompts)),
+        "neighbours_kept": int(sum(len(p[1]) for p in run.prompts)),
         "answered_paraphrases": answered_paraphrases(per_case),
     }
     if sequential:

@@ -26,19 +26,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from tracing.average import cached_trace
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
+from tracing.result import TraceConfig
 
 from ..edit import EditRequest, applied
 from ..hparams import HyperParams, load_hparams
 from ..methods.rome import compute_edit
-from ..scores import EditScores, score_edit
+from ..scores import EditScores, nan_to_none, rescore, score_edit
+from .evaluate import request_of
 
 SweepProgress = Callable[[int, int, int], None]  # (layers done, layers in all, the layer now starting)
 
@@ -67,7 +69,7 @@ def _layer_row(layer: int, pre: EditScores, post: EditScores, edit, seconds: flo
     rw = [i for i, k in enumerate(post.kinds) if k == "rewrite"][0]
     para = [i for i, k in enumerate(post.kinds) if k == "paraphrase"]
     p_new, p_old = float(post.prob_new[rw]), float(post.prob_old[rw])
-    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in post.summary().items()}
+    summary = nan_to_none(post.summary())
     return {
         "layer": layer,
         **summary,
@@ -113,18 +115,24 @@ def layer_sweep(
     chosen = sweep_layers(lm.n_layers, every, layers)
     hp = hparams if hparams is not None else load_hparams(lm)
     paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
+    previous = list(previous)
+
+    def scores() -> EditScores:
+        return score_edit(lm, request, paraphrases=paraphrases, neighbours=neighbours)
+
+    def edit_at(layer: int):
+        with applied(lm, previous):  # no retry: the sweep shows where the hyperparameters' own optimisation takes
+            return compute_edit(lm, request, layer=layer, hparams=hp, stats_spec=stats_spec, retries=0)
+
+    with applied(lm, previous):
+        pre = scores()
     rows = []
-    with applied(lm, list(previous)):
-        pre = score_edit(lm, request, paraphrases=paraphrases, neighbours=neighbours)
-        for done, layer in enumerate(chosen):
-            if progress:
-                progress(done, len(chosen), layer)
-            started = time.perf_counter()
-            # no retry: the sweep shows where the hyperparameters' own optimisation takes
-            edit = compute_edit(lm, request, layer=layer, hparams=hp, stats_spec=stats_spec, retries=0)
-            with applied(lm, [edit]):
-                post = score_edit(lm, request, paraphrases=paraphrases, neighbours=neighbours)
-            rows.append(_layer_row(layer, pre, post, edit, time.perf_counter() - started))
+    for done, layer in enumerate(chosen):
+        if progress:
+            progress(done, len(chosen), layer)
+        started = time.perf_counter()
+        rescored = rescore(lm, scores, lambda: edit_at(layer), previous=previous, before=pre)
+        rows.append(_layer_row(layer, pre, rescored.after, rescored.edit, time.perf_counter() - started))
     if progress:
         progress(len(chosen), len(chosen), -1)
     best = max(rows, key=lambda r: (r["S"] or 0.0, r["rewrite_score"], -r["layer"]))["layer"] if rows else None
@@ -192,11 +200,6 @@ def sweep_cases(
     "layers", "best"}], "per_layer": [{layer, ES, PS, NS, S, rewrite_score,
     took, effect}], "correlation": correlations(...)}``.
     """
-    from tracing.average import cached_trace
-    from tracing.result import TraceConfig
-
-    from .evaluate import request_of
-
     chosen = sweep_layers(lm.n_layers, every, layers)
     hp = hparams if hparams is not None else load_hparams(lm)
     folder = Path(cache or cache_dir() / "sweeps") / lm.fingerprint
