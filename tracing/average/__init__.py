@@ -171,6 +171,20 @@ def _peak(result: TraceResult) -> dict:
     return {"token": int(token), "layer": int(layer), "score": float(result.scores[token, layer])}
 
 
+def _fact_line(fact: dict, first: TraceResult, by_kind: dict[str, TraceResult], kinds: Sequence[str]) -> dict:
+    """One fact of a summary: its clean and corrupted scores, each kind's peak, and the peak at its last subject token."""
+    last_subject = first.subject_range[1] - 1
+    return {
+        "prompt": fact["prompt"], "subject": fact["subject"], "attribute": fact["attribute"],
+        "relation_id": fact.get("relation_id", ""), "known_id": fact.get("known_id"),
+        "clean": first.high_score, "corrupted": first.low_score,
+        "peaks": {kind: _peak(by_kind[kind]) for kind in kinds},
+        "last_subject_peak": {kind: {"layer": int(np.nanargmax(by_kind[kind].scores[last_subject])),
+                                     "score": float(np.nanmax(by_kind[kind].scores[last_subject]))}
+                              for kind in kinds},
+    }
+
+
 def summarise(
     traced: Sequence[tuple[dict, Sequence[TraceResult]]],
     *,
@@ -212,21 +226,7 @@ def summarise(
             scores = by_kind[kind].scores
             for g, positions in enumerate(groups):
                 rows[kind][g].extend(scores[t] for t in positions if not np.isnan(scores[t]).any())
-        last_subject = first.subject_range[1] - 1
-        facts.append({
-            "prompt": fact["prompt"], "subject": fact["subject"], "attribute": fact["attribute"],
-            "relation_id": fact.get("relation_id", ""), "known_id": fact.get("known_id"),
-            "clean": first.high_score, "corrupted": first.low_score,
-            "peaks": {kind: _peak(by_kind[kind]) for kind in kinds},
-            "last_subject_peak": {kind: {"layer": int(np.nanargmax(by_kind[kind].scores[last_subject])),
-                                         "score": float(np.nanmax(by_kind[kind].scores[last_subject]))}
-                                  for kind in kinds},
-        })
-    out_kinds = {}
-    for kind in kinds:
-        means, cis = zip(*(_mean_ci(group_rows, n_layers) for group_rows in rows[kind]))
-        out_kinds[kind] = {"groups": list(GROUPS), "mean": list(means), "ci95": list(cis),
-                           "n": [len(group_rows) for group_rows in rows[kind]]}
+        facts.append(_fact_line(fact, first, by_kind, kinds))
     c, k = _scalar(clean), _scalar(corrupted)
     out = {
         "format": FORMAT,
@@ -236,19 +236,26 @@ def summarise(
         "corrupted": k["mean"], "corrupted_ci95": k["ci95"],
         "metric": traced[0][1][0].metric,
         "settings": dict(settings if settings is not None else traced[0][1][0].settings),
-        "kinds": out_kinds,
+        "kinds": {kind: _kind_means(rows[kind], n_layers) for kind in kinds},
         "facts": facts,
     }
     if severed:
-        if len(severed) != len(traced):
-            raise ValueError(f"Got {len(severed)} severed results for {len(traced)} traced facts.")
-        out["severed"] = _summarise_severed(severed, n_layers)
-        for line, result in zip(facts, severed):
-            line["severed_gap"] = {kind: float(np.max(result.gap(kind))) for kind in result.severed}
+        out["severed"] = _summarise_severed(severed, n_layers, facts)
     return out
 
 
-def _summarise_severed(severed: Sequence[SeverResult], n_layers: int) -> dict:
+def _kind_means(rows: list[list[np.ndarray]], n_layers: int) -> dict:
+    """One kind's mean restored score and 95 % interval per token group and layer, and the rows pooled per group."""
+    means, cis = zip(*(_mean_ci(group_rows, n_layers) for group_rows in rows))
+    return {"groups": list(GROUPS), "mean": list(means), "ci95": list(cis), "n": [len(group_rows) for group_rows in rows]}
+
+
+def _summarise_severed(severed: Sequence[SeverResult], n_layers: int, facts: list[dict]) -> dict:
+    """The severed paths' means per layer; each fact's line gains its largest gap per kind."""
+    if len(severed) != len(facts):
+        raise ValueError(f"Got {len(severed)} severed results for {len(facts)} traced facts.")
+    for line, result in zip(facts, severed):
+        line["severed_gap"] = {kind: float(np.max(result.gap(kind))) for kind in result.severed}
     kinds = [k for k in SEVERABLE if all(k in r.severed for r in severed)]
     none = [r.unsevered for r in severed]
     out = {"token_group": GROUPS[LAST_SUBJECT], "n": len(severed), "none": dict(zip(("mean", "ci95"), _mean_ci(none, n_layers)))}
