@@ -105,10 +105,8 @@ class EditRequest:
     @classmethod
     def from_counterfact(cls, record: dict, *, old_required: bool = True) -> "EditRequest":
         """The request of a CounterFact record: ``requested_rewrite`` with ``prompt`` (``{}`` for the subject),
-        ``subject``, ``target_new.str`` and ``target_true.str`` (which may be missing unless ``old_required``).
-
-        Raises KeyError or TypeError for a record without these fields.
-        """
+        ``subject``, ``target_new.str`` and ``target_true.str`` (which may be missing unless ``old_required``);
+        KeyError or TypeError for a record without these fields."""
         rw = record["requested_rewrite"]
         old = rw["target_true"]["str"] if old_required else (rw.get("target_true") or {}).get("str")
         return cls(subject=rw["subject"], prompt=rw["prompt"], target=rw["target_new"]["str"], target_true=old)
