@@ -1,4 +1,4 @@
-"""Edits as data: requests, weight changes, reversible application, edit stacks and files.
+"""Edits as data: requests and edits, their reversible application, edit stacks (weight deltas: editing.deltas).
 
 An :class:`Edit` is one request (MEMIT: a batch of requests) written into the
 model by one method, as a change of named weights: ROME's is rank-one, ``ΔW =
