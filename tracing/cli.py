@@ -100,9 +100,10 @@ def parse_device_map(text: str) -> str | dict:
         return text.strip()
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'--device-map takes "auto" or a JSON object like {{"model.layers.0": 0}}; got {text!r}'
-                         f" ({exc.msg}).") from None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f'--device-map takes "auto" or a JSON object like {{"model.layers.0": 0}}; got {text!r}.')
     return value
 
 
