@@ -30,6 +30,9 @@ from .loading import load_model
 from .models import DEFAULT_MODEL, LoadedModel
 
 
+DEVICE_MAP_KEYWORDS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's own placements
+
+
 def add_common_args(
     parser: argparse.ArgumentParser,
     *,
@@ -95,8 +98,8 @@ def placement(args: argparse.Namespace) -> dict:
 
 
 def parse_device_map(text: str) -> str | dict:
-    """``"auto"`` (or another keyword of accelerate) as is; otherwise a JSON object of module name -> device."""
-    if not text.lstrip().startswith("{"):
+    """``"auto"`` (or accelerate's other keywords) as is; otherwise a JSON object of module name -> device."""
+    if text.strip() in DEVICE_MAP_KEYWORDS:
         return text.strip()
     try:
         value = json.loads(text)
