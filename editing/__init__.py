@@ -37,6 +37,7 @@ are modules of their own that parse options and print.
 
 from .edit import Edit, EditRequest, EditStack, applied, check_edits, is_edited, original_weights
 from .edit_files import load_edits, save_edits
+from .batch import BatchItem, BatchResult, parse_requests, write_batch
 from .compare import EditComparison, edit_and_compare
 from .hparams import MEMITHyperParams, ROMEHyperParams, load_hparams
 from .methods import METHODS, compute, compute_batch, compute_edit, compute_memit
@@ -44,20 +45,7 @@ from .methods.common import model_answer
 from .sampling import generate
 from .scores import EditScores, fluency, score_edit
 from .sequential import Health, SequentialEditor, health
-
-# Imported on first use, so that `python -m editing.stats` and `python -m editing.batch` do not find their own
-# module already imported
-_LAZY = {"KeyStats": "stats", "StatsSpec": "stats", "ensure_stats": "stats", "key_stats": "stats",
-         "BatchItem": "batch", "BatchResult": "batch", "parse_requests": "batch", "write_batch": "batch"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'editing' has no attribute {name!r}")
-
+from .stats import KeyStats, StatsSpec, ensure_stats, key_stats
 
 __all__ = [
     "METHODS", "BatchItem", "BatchResult", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack",
