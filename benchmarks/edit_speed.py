@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from editing import applied, compute_edit, load_hparams, score_edit  # noqa: E402
-from editing.evaluate import read_cases, request_of  # noqa: E402
+from editing.evaluation.evaluate import read_cases, request_of  # noqa: E402
 from editing.stats import StatsSpec, ensure_stats, stats_path  # noqa: E402
 from tracing.backends import kernel_policy  # noqa: E402
 from tracing.models import DEFAULT_MODEL  # noqa: E402

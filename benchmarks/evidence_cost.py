@@ -12,7 +12,7 @@ without any cache:
 * the severed paths at the last subject token (``tracing.sever``, unsevered,
   MLP severed and attention severed, every layer), and the one-layer-per-pass
   oracle for the first fact (``--no-oracle`` skips it);
-* the layer sweep (``editing.sweep.layer_sweep``: ROME at every ``--every``-th
+* the layer sweep (``editing.evaluation.sweep.layer_sweep``: ROME at every ``--every``-th
   layer, each scored on the rewrite prompt), after computing the key
   statistics of those layers once (reported apart).
 
@@ -57,7 +57,7 @@ def main() -> int:
 
     from editing import EditRequest, load_hparams
     from editing.stats import StatsSpec, ensure_stats
-    from editing.sweep import layer_sweep, sweep_layers
+    from editing.evaluation.sweep import layer_sweep, sweep_layers
     from tracing import load_model, trace
     from tracing.recall import recalled_facts
     from tracing.sever import sever, sever_reference

@@ -27,10 +27,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from editing.edit import applied  # noqa: E402
-from editing.evaluate import _aggregate, _nan_to_none, _prompts_of, read_cases, request_of, score_many  # noqa: E402
+from editing.evaluation.evaluate import aggregate, prompts_of, read_cases, request_of  # noqa: E402
 from editing.hparams import load_hparams  # noqa: E402
 from editing.methods.common import with_old_objects  # noqa: E402
 from editing.methods.memit import compute_memit, compute_targets  # noqa: E402
+from editing.scores import nan_to_none, score_many  # noqa: E402
 from tracing.loading import load_model  # noqa: E402
 
 
@@ -54,9 +55,9 @@ def main() -> int:
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     requests = with_old_objects(lm, [request_of(c) for c in cases])
     subjects = sorted({r.subject.strip() for r in requests})
-    prompts = [_prompts_of(c, subjects) for c in cases]
+    prompts = [prompts_of(c, subjects) for c in cases]
     items = [(r, p, n) for r, (p, n, _) in zip(requests, prompts)]
-    pre = _aggregate([{"pre": _nan_to_none(s.summary())} for s in score_many(lm, items)], "pre")
+    pre = aggregate([{"pre": nan_to_none(s.summary())} for s in score_many(lm, items)], "pre")
     print(f"{len(cases)} cases; before: ES {pre['ES']:.3f} PS {pre['PS']:.3f} NS {pre['NS']:.3f}", flush=True)
     rows = []
     print(f"{'clamp':>6}{'layers':>12}{'lambda':>9}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}{'left':>7}{'|dW|':>8}{'s':>7}",
@@ -76,7 +77,7 @@ def main() -> int:
                     edit = compute_memit(lm, requests, layers=layers, hparams=hp_w, targets=targets)
                     seconds = target_seconds + time.perf_counter() - t1
                     with applied(lm, [edit]):
-                        post = _aggregate([{"post": _nan_to_none(s.summary())} for s in score_many(lm, items)], "post")
+                        post = aggregate([{"post": nan_to_none(s.summary())} for s in score_many(lm, items)], "post")
                     row = {"clamp": clamp, "layers": list(layers), "lambda": weight, **post,
                            "residual_left": edit.info["residual_left"], "norm": edit.norm, "seconds": seconds,
                            "target_prob_after": edit.info["target_prob_after"]}

@@ -7,7 +7,7 @@ Example::
 
 Every method edits every case (each edit on the original model, with the
 method's shipped hyperparameters for the model, ``assets/hparams/<method>/``)
-through :func:`editing.evaluate.evaluate_cases`; the unedited model's scores
+through :func:`editing.evaluation.evaluate.evaluate_cases`; the unedited model's scores
 and generations are computed once and shared. The Markdown table gives the
 post-edit ES, PS, NS, S, the magnitudes EM, PM, NM (mean p(new) − p(old); for
 neighbours p(old) − p(new)), the generation entropy and seconds per edit, with
@@ -36,7 +36,7 @@ def _fmt(value) -> str:
 def table(results: dict, tuning: int = 0) -> str:
     """Markdown rows: before any edit, then one per method (and per method over the held-out cases)."""
     from editing.edit import method_label
-    from editing.evaluate import _aggregate
+    from editing.evaluation.evaluate import aggregate
 
     head = "| method | ES | PS | NS | S | EM | PM | NM | entropy | seconds per edit |"
     lines = [head, "|" + "---|" * 10]
@@ -50,7 +50,7 @@ def table(results: dict, tuning: int = 0) -> str:
             held = result["per_case"][tuning:]
             if not held:
                 continue
-            post = _aggregate(held, "post")
+            post = aggregate(held, "post")
             seconds = sum(c["seconds"] for c in held) / len(held)
             cells = " | ".join(_fmt(post.get(k)) for k in COLUMNS)
             label = f"{method_label(method)}, cases {tuning + 1}-{tuning + len(held)} only"
@@ -79,7 +79,7 @@ def main() -> int:
 
     import torch
 
-    from editing.evaluate import evaluate_cases, read_cases
+    from editing.evaluation.evaluate import evaluate_cases, read_cases
     from editing.hparams import check_method, load_hparams
     from tracing.loading import load_model
 

@@ -16,23 +16,28 @@ Example::
     with SequentialEditor(lm, project=True) as editor: # edits one after another, earlier keys kept
         editor.add(requests); editor.health().warnings
 
-Modules: :mod:`editing.methods` (every editor behind ``compute`` and
+Rooms: :mod:`editing.methods` (every editor behind ``compute`` and
 ``compute_batch``: :mod:`~editing.methods.rome` the method, FT and FT+L
 (:mod:`~editing.methods.ft`), KN (:mod:`~editing.methods.kn`), MEMIT
 (:mod:`~editing.methods.memit`, many facts at once), and what they share,
-:mod:`~editing.methods.common`), :mod:`editing.batch` (a batch from
-CSV/JSON, scored fact by fact: ``python -m editing.batch`` and the page), :mod:`editing.sequential` (edits one
-after another, AlphaEdit's projection, the health check), :mod:`editing.stats` (key
-statistics, ``python -m editing.stats``), :mod:`editing.edit` (edits as data,
-reversible application, files), :mod:`editing.compare` (an edit with
-generations and scores before and after: ``python -m editing`` and the page),
-:mod:`editing.scores` (CounterFact-style scores), :mod:`editing.evaluate`
-(``python -m editing.evaluate``), :mod:`editing.cases` (building an evaluation
-set from known facts), :mod:`editing.presets` (the page's preset facts).
+:mod:`~editing.methods.common`); :mod:`editing.evaluation` (CounterFact-style
+cases, evaluation, layer sweeps, tuning); :mod:`editing.presets` (the page's
+preset facts and their shipped results). Beside them: :mod:`editing.edit`
+(edits as data, reversible application), :mod:`editing.edit_files` (files of
+edits), :mod:`editing.scores` (CounterFact-style scores, and
+:func:`~editing.scores.rescore`, the score-edit-score step of every
+workflow), :mod:`editing.compare` (an edit with generations and scores before
+and after), :mod:`editing.batch` (a batch from CSV/JSON, scored fact by
+fact), :mod:`editing.sequential` (edits one after another, AlphaEdit's
+projection, the health check), :mod:`editing.stats` (key statistics). The
+command lines (``python -m editing``, ``editing.evaluate``, ``.sweep``,
+``.tune``, ``.cases``, ``.shipped``, ``.batch``, ``.stats``, ``.presets``)
+are modules of their own that parse options and print.
 """
 
-from .edit import (Edit, EditRequest, EditStack, applied, check_edits, is_edited, load_edits, original_weights,
-                   save_edits)
+from .edit import Edit, EditRequest, EditStack, applied, check_edits, is_edited, original_weights
+from .edit_files import load_edits, save_edits
+from .batch import BatchItem, BatchResult, parse_requests, write_batch
 from .compare import EditComparison, edit_and_compare
 from .hparams import MEMITHyperParams, ROMEHyperParams, load_hparams
 from .methods import METHODS, compute, compute_batch, compute_edit, compute_memit
@@ -40,20 +45,7 @@ from .methods.common import model_answer
 from .sampling import generate
 from .scores import EditScores, fluency, score_edit
 from .sequential import Health, SequentialEditor, health
-
-# Imported on first use, so that `python -m editing.stats` and `python -m editing.batch` do not find their own
-# module already imported
-_LAZY = {"KeyStats": "stats", "StatsSpec": "stats", "ensure_stats": "stats", "key_stats": "stats",
-         "BatchItem": "batch", "BatchResult": "batch", "parse_requests": "batch", "write_batch": "batch"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'editing' has no attribute {name!r}")
-
+from .stats import KeyStats, StatsSpec, ensure_stats, key_stats
 
 __all__ = [
     "METHODS", "BatchItem", "BatchResult", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack",

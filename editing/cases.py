@@ -1,33 +1,10 @@
-"""Build a CounterFact-style evaluation set from the paper's known facts, for one model.
-
-CounterFact (Meng et al., 2022) pairs each counterfactual edit with
-paraphrases of its prompt and with "neighbourhood" prompts about other
-subjects that share the true object. This module builds such records from
-``known_1000.json`` (shipped as ``assets/known_facts.json``) for the facts the
-given model actually knows:
-
-* a fact is *known* when greedy decoding after its prompt gives every token
-  of its attribute;
-* the rewrite prompt is its prompt with the subject replaced by ``{}``; the new
-  object is another object of the same relation (seeded choice);
-* paraphrases are the relation's other templates (the records' ``template``
-  field: the canonical wordings, without the extensions some prompts carry)
-  with this subject;
-* neighbours are the prompts of other known facts with the same relation and
-  the same object, so the model should still say the old object after the
-  edit.
-
-Records use the CounterFact field names, so ``python -m editing.evaluate``
-reads this file and the original ``counterfact.json`` alike.
-
-:func:`split_cases` divides a set once, by subject, into a tuning part and a
-held-out part (seeded, so the same command gives the same split): settings are
-chosen on the first and reported on the second.
+"""``python -m editing.cases``: write a CounterFact-style set of facts the model knows (the command line of
+:mod:`editing.evaluation.cases`).
 
 Example::
 
     python -m editing.cases --out assets/counterfact_smollm2.json --n 60
-    python -m editing.cases --out assets/counterfact_smollm2_all.json --n 0 \
+    python -m editing.cases --out assets/counterfact_smollm2_all.json --n 0 \\
         --split assets/counterfact_smollm2_tune.json assets/counterfact_smollm2_heldout.json
 """
 
@@ -36,124 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from tracing.assets import KNOWN_FACTS, known_facts
-from tracing.models import LoadedModel
+from tracing.cli import add_common_args, load_from_args, start
 
-from .scores import continuation_stats
-
-log = logging.getLogger(__name__)
-
-DEFAULT_FACTS = KNOWN_FACTS
+from .evaluation.cases import DEFAULT_FACTS, build_cases, read_facts, split_cases
 
 
-def read_facts(path: str | Path = DEFAULT_FACTS) -> list[dict]:
-    """Known-fact records (subject, attribute, prompt, relation_id, known_id); see :func:`tracing.assets.known_facts`."""
-    return list(known_facts(path))
-
-
-def known_facts_of(lm: LoadedModel, facts: Sequence[dict]) -> list[dict]:
-    """The facts whose whole attribute the model produces greedily after the prompt."""
-    _, greedy = continuation_stats(lm, [(f["prompt"], f["attribute"]) for f in facts])
-    return [f for f, ok in zip(facts, greedy) if ok]
-
-
-def _template(fact: dict) -> str:
-    return fact["prompt"].replace(fact["subject"], "{}", 1)
-
-
-def build_cases(lm: LoadedModel, facts: Sequence[dict], n: int = 60, *, seed: int = 0,
-                paraphrases: int = 2, neighbours: int = 5) -> list[dict]:
-    """CounterFact-style records for up to ``n`` facts the model knows, spread over relations."""
-    rng = random.Random(seed)
-    known = known_facts_of(lm, facts)
-    log.info("%s knows %d of %d facts", lm.name, len(known), len(facts))
-    templates: dict[str, list[str]] = defaultdict(list)
-    objects: dict[str, list[str]] = defaultdict(list)
-    for fact in facts:
-        rel = fact["relation_id"]
-        wording = fact.get("template") or _template(fact)
-        if wording.count("{}") == 1 and wording not in templates[rel]:
-            templates[rel].append(wording)
-        if fact["attribute"] not in objects[rel]:
-            objects[rel].append(fact["attribute"])
-    by_object: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for fact in known:
-        by_object[(fact["relation_id"], fact["attribute"])].append(fact)
-
-    candidates: dict[str, list[dict]] = defaultdict(list)
-    for fact in known:
-        rel, own = fact["relation_id"], _template(fact)
-        others = [t for t in templates[rel] if t != own and t != fact.get("template")]
-        peers = [f for f in by_object[(rel, fact["attribute"])] if f["subject"] != fact["subject"]]
-        new_objects = [o for o in objects[rel] if o.strip().lower() != fact["attribute"].strip().lower()]
-        if others and peers and new_objects:
-            candidates[rel].append(fact)
-    for rel in candidates:
-        rng.shuffle(candidates[rel])
-    relations = sorted(candidates)
-    rng.shuffle(relations)
-
-    cases: list[dict] = []
-    while len(cases) < n and any(candidates[r] for r in relations):
-        for rel in relations:
-            if len(cases) >= n or not candidates[rel]:
-                continue
-            fact = candidates[rel].pop()
-            subject, own = fact["subject"], _template(fact)
-            others = [t for t in templates[rel] if t != own and t != fact.get("template")]
-            chosen = rng.sample(others, min(paraphrases, len(others)))
-            peers = [f for f in by_object[(rel, fact["attribute"])] if f["subject"] != subject]
-            peers = rng.sample(peers, min(neighbours, len(peers)))
-            new_object = rng.choice([o for o in objects[rel] if o.strip().lower() != fact["attribute"].strip().lower()])
-            cases.append({
-                "case_id": len(cases),
-                "known_id": fact.get("known_id"),
-                "requested_rewrite": {
-                    "prompt": own,
-                    "relation_id": rel,
-                    "subject": subject,
-                    "target_new": {"str": new_object},
-                    "target_true": {"str": fact["attribute"]},
-                },
-                "paraphrase_prompts": [t.replace("{}", subject, 1) for t in chosen],
-                "neighborhood_prompts": [p["prompt"] for p in peers],
-                "generation_prompts": [own.replace("{}", subject, 1), f"{subject} is"],
-            })
-    if len(cases) < n:
-        log.warning("Only %d cases could be built (asked for %d)", len(cases), n)
-    return cases
-
-
-def split_cases(cases: Sequence[dict], tune_fraction: float = 0.5, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Split cases by subject into (tuning, held-out): no subject is in both; seeded and order-independent.
-
-    The distinct subjects are sorted, shuffled by ``random.Random(seed)`` and
-    the first ``round(tune_fraction × subjects)`` go to the tuning part; each
-    part keeps the cases' original order.
-    """
-    if not 0.0 < tune_fraction < 1.0:
-        raise ValueError(f"tune_fraction must lie strictly between 0 and 1, not {tune_fraction}.")
-    subjects = sorted({c["requested_rewrite"]["subject"] for c in cases})
-    random.Random(seed).shuffle(subjects)
-    tuning = set(subjects[: round(tune_fraction * len(subjects))])
-    tune = [c for c in cases if c["requested_rewrite"]["subject"] in tuning]
-    held = [c for c in cases if c["requested_rewrite"]["subject"] not in tuning]
-    return tune, held
+def _write(path: str, cases: list[dict]) -> None:
+    Path(path).write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m editing.cases``: write a CounterFact-style set of facts the model knows."""
-    from tracing.loading import load_model
-
     parser = argparse.ArgumentParser(prog="python -m editing.cases", description=main.__doc__)
     parser.add_argument("--out", required=True, help="output JSON file")
     parser.add_argument("--facts", default=str(DEFAULT_FACTS), help="known facts JSON (known_1000.json format)")
-    parser.add_argument("--model", default=None)
     parser.add_argument("--n", type=int, default=60, help="number of cases (0: every fact the model knows that can "
                                                           "be made a case)")
     parser.add_argument("--seed", type=int, default=0)
@@ -161,27 +37,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the cases split by subject into a tuning and a held-out file")
     parser.add_argument("--tune-fraction", type=float, default=0.5, help="share of subjects in the tuning part")
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args = add_common_args(parser, device=False, threads=True).parse_args(argv)
+    start(args, level=logging.INFO)
     if args.split and not 0.0 < args.tune_fraction < 1.0:
         parser.error("--tune-fraction must lie strictly between 0 and 1")
-    lm = load_model(args.model)
+    lm = load_from_args(args)
     facts = read_facts(args.facts)
     cases = build_cases(lm, facts, args.n if args.n > 0 else len(facts), seed=args.seed)
-    Path(args.out).write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write(args.out, cases)
     relations = len({c["requested_rewrite"]["relation_id"] for c in cases})
     print(f"wrote {len(cases)} cases over {relations} relations to {args.out}")
     if args.split:
-        parts = split_cases(cases, args.tune_fraction, seed=args.split_seed)
-        for path, part in zip(args.split, parts):
-            Path(path).write_text(json.dumps(part, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            subjects = len({c["requested_rewrite"]["subject"] for c in part})
-            print(f"wrote {len(part)} cases ({subjects} subjects) to {path}")
+        for path, part in zip(args.split, split_cases(cases, args.tune_fraction, seed=args.split_seed)):
+            _write(path, part)
+            print(f"wrote {len(part)} cases ({len({c['requested_rewrite']['subject'] for c in part})} subjects) "
+                  f"to {path}")
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 
 from tracing.models import LoadedModel
 
@@ -32,7 +31,7 @@ from .methods import compute
 from .methods.common import with_old_object
 from .progress import Progress
 from .sampling import generate
-from .scores import EditScores, score_edit
+from .scores import EditScores, nan_to_none, rescore, score_edit
 
 Memo = Callable[[Hashable, Callable[[], object]], object]
 
@@ -84,10 +83,10 @@ class EditComparison:
             "request": self.request.to_dict(), "rows": self.rows(),
             "generations": [{"prompt": p, "before": b, "after": self.after[i] if self.after is not None else None}
                             for i, (p, b) in enumerate(zip(self.generated, self.before))],
-            "scores_before": _summary(self.scores_before),
+            "scores_before": nan_to_none(self.scores_before.summary()),
         }
         if self.scores_after is not None:
-            out["scores_after"] = _summary(self.scores_after)
+            out["scores_after"] = nan_to_none(self.scores_after.summary())
         if self.edit is not None:
             out["edit"] = self.edit.metadata()
         return out
@@ -132,8 +131,73 @@ class EditComparison:
             raise ValueError(f"Malformed edit comparison record: {exc}") from None
 
 
-def _summary(scores: EditScores) -> dict:
-    return {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in scores.summary().items()}
+def _old_object(lm: LoadedModel, request: EditRequest, report: Progress) -> EditRequest:
+    """The request with its old object: the given one, else what the model says now."""
+    if request.target_true is not None:
+        return request
+    report("answer", 0.0)
+    req = with_old_object(lm, request)
+    if req.target_true is None:
+        raise ValueError("The model gives no answer to the rewrite prompt; enter the old object yourself.")
+    req.validate()
+    return req
+
+
+@dataclass
+class _Comparison:
+    """One :func:`edit_and_compare`: its settings, and the steps that :func:`~editing.scores.rescore` runs."""
+
+    lm: LoadedModel
+    req: EditRequest
+    method: str
+    layer: int | None
+    hp: HyperParams
+    stats_spec: object
+    paraphrases: tuple[str, ...]
+    neighbours: tuple[str, ...]
+    generate_prompts: Sequence[str] | None
+    decoding: tuple[int, bool, int]  # max_new_tokens, sample, seed
+    previous: list[Edit]
+    report: Callable[[str, float], None]
+    on_before: Callable[[EditComparison], None] | None
+    memo: Memo | None
+
+    def once(self, key: Hashable, compute: Callable[[], object]):
+        return self.memo(key, compute) if self.memo is not None and not self.previous else compute()
+
+    def continued(self, texts: tuple[str, ...], stage: str) -> tuple[str, ...]:
+        max_new_tokens, sample, seed = self.decoding
+        return tuple(generate(self.lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                              progress=lambda step, total: self.report(stage, step / total)))
+
+    def scores(self) -> EditScores:
+        return score_edit(self.lm, self.req, paraphrases=self.paraphrases, neighbours=self.neighbours)
+
+    def before(self) -> EditComparison:
+        self.report("before", 0.0)
+        scored = self.once(("scores", self.req, self.paraphrases, self.neighbours), self.scores)
+        texts = tuple(scored.prompts if self.generate_prompts is None else  # "{}" filled with the subject
+                      (p.replace("{}", self.req.subject.strip(), 1) for p in self.generate_prompts))
+        generated = self.once(("generate", texts, *self.decoding), lambda: self.continued(texts, "before"))
+        comparison = EditComparison(self.req, tuple(zip(scored.kinds, scored.prompts)), texts, generated, scored)
+        if self.on_before:
+            self.on_before(comparison)
+        return comparison
+
+    def make_edit(self) -> Edit:
+        with applied(self.lm, self.previous):
+            return self.once(("edit", self.method, self.req, self.layer, self.hp, self.stats_spec),
+                             lambda: compute(self.lm, self.req, method=self.method, layer=self.layer, hparams=self.hp,
+                                             progress=self.report, stats_spec=self.stats_spec))
+
+    def after(self, comparison: EditComparison) -> EditComparison:
+        def run() -> tuple[tuple[str, ...], EditScores]:
+            self.report("after", 0.0)
+            return self.continued(comparison.generated, "after"), self.scores()
+
+        texts, scored = self.once(("after", self.method, self.req, self.layer, self.hp, self.stats_spec,
+                                   self.paraphrases, self.neighbours, comparison.generated, *self.decoding), run)
+        return replace(comparison, after=texts, scores_after=scored)
 
 
 def edit_and_compare(
@@ -173,50 +237,15 @@ def edit_and_compare(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     hp = hparams if hparams is not None else load_hparams(lm, method=method)
     previous = list(previous)
-    paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
 
     def report(stage: str, fraction: float) -> None:
         if progress:
             progress(stage, float(fraction))
 
-    def once(key: Hashable, compute: Callable[[], object]):
-        return memo(key, compute) if memo is not None and not previous else compute()
-
     with applied(lm, previous):
-        req = request
-        if req.target_true is None:  # the old object: what the model (with the earlier edits) says now
-            report("answer", 0.0)
-            req = with_old_object(lm, req)
-            if req.target_true is None:
-                raise ValueError("The model gives no answer to the rewrite prompt; enter the old object yourself.")
-            req.validate()
-        report("before", 0.0)
-        scores_before = once(("scores", req, paraphrases, neighbours),
-                             lambda: score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours))
-        prompts = tuple(zip(scores_before.kinds, scores_before.prompts))  # "{}" filled with the subject
-        texts = tuple(scores_before.prompts if generate_prompts is None else
-                      (p.replace("{}", req.subject.strip(), 1) for p in generate_prompts))
-
-        def continue_texts() -> tuple[str, ...]:
-            return tuple(generate(lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
-                                  progress=lambda step, total: report("before", step / total)))
-
-        before = once(("generate", texts, max_new_tokens, bool(sample), int(seed)), continue_texts)
-        comparison = EditComparison(req, prompts, texts, before, scores_before)
-        if on_before:
-            on_before(comparison)
-        edit = once(("edit", method, req, layer, hp, stats_spec),
-                    lambda: compute(lm, req, method=method, layer=layer, hparams=hp, progress=report,
-                                    stats_spec=stats_spec))
-
-    def after_edit():
-        with applied(lm, [*previous, edit]):
-            report("after", 0.0)
-            texts_after = tuple(generate(lm, list(texts), max_new_tokens=max_new_tokens, sample=sample, seed=seed,
-                                         progress=lambda step, total: report("after", step / total)))
-            return texts_after, score_edit(lm, req, paraphrases=paraphrases, neighbours=neighbours)
-
-    after, scores_after = once(("after", method, req, layer, hp, stats_spec, paraphrases, neighbours, texts,
-                                max_new_tokens, bool(sample), int(seed)), after_edit)
+        req = _old_object(lm, request, report)
+    job = _Comparison(lm, req, method, layer, hp, stats_spec, tuple(paraphrases), tuple(neighbours), generate_prompts,
+                      (max_new_tokens, bool(sample), int(seed)), previous, report, on_before, memo)
+    rescored = rescore(lm, job.before, job.make_edit, previous=previous, score_after=job.after)
     report("after", 1.0)
-    return replace(comparison, after=after, scores_after=scores_after, edit=edit)
+    return replace(rescored.after, edit=rescored.edit)

@@ -1,4 +1,4 @@
-"""Edits as data: requests, weight changes, reversible application, edit stacks and files.
+"""Edits as data: requests and edits, their reversible application, edit stacks (weight deltas: editing.deltas).
 
 An :class:`Edit` is one request (MEMIT: a batch of requests) written into the
 model by one method, as a change of named weights: ROME's is rank-one, ``ΔW =
@@ -10,8 +10,8 @@ a low-rank change along a few input directions). Applying edits never loses
 the original weights: :func:`applied` and :class:`EditStack` keep a copy of
 each touched weight and copy it back, byte for byte, when the context ends
 (also on exceptions) or on undo/reset; a MEMIT batch is one edit, undone in
-one step. Edits of every method are saved in one ``.safetensors`` format
-whose header holds the requests and metadata as JSON; nothing is ever pickled.
+one step. Weight deltas are :mod:`editing.deltas`; files of edits are
+:mod:`editing.edit_files`.
 
 Example::
 
@@ -21,31 +21,26 @@ Example::
     # every weight is bitwise the original here
 
     stack = EditStack(lm); stack.push(edit); stack.undo(); stack.reset()
-    save_edits([edit], "edits.safetensors"); load_edits("edits.safetensors")
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from tracing.models import LoadedModel, editable_weight
 
+from .deltas import MAX_DELTAS, WeightDelta, float_vector
+
 log = logging.getLogger(__name__)
 
-FILE_FORMAT = "locate-edit/rome-edits"  # the name is historical: the format holds edits of every method
-FILE_VERSION = "3"  # "1": ROME edits only; "2": adds the method and dense weight deltas; "3": adds several
-# requests per edit (MEMIT batches) and low-rank weight deltas. Every version is still read.
-READ_VERSIONS = ("1", "2", "3")
 
 
 @dataclass(frozen=True)
@@ -107,138 +102,19 @@ class EditRequest:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"An edit request needs subject, prompt and target fields ({exc}).") from None
 
+    @classmethod
+    def from_counterfact(cls, record: dict, *, old_required: bool = True) -> "EditRequest":
+        """The request of a CounterFact record: ``requested_rewrite`` with ``prompt`` (``{}`` for the subject),
+        ``subject``, ``target_new.str`` and ``target_true.str`` (which may be missing unless ``old_required``);
+        KeyError or TypeError for a record without these fields."""
+        rw = record["requested_rewrite"]
+        old = rw["target_true"]["str"] if old_required else (rw.get("target_true") or {}).get("str")
+        return cls(subject=rw["subject"], prompt=rw["prompt"], target=rw["target_new"]["str"], target_true=old)
+
 
 ROME = "rome"
-_METHOD = re.compile(r"[a-z][a-z0-9+\-]{0,31}")  # a method's name in files: "rome", "ft", "ft-l", "kn", ...
-MAX_VECTOR = 1 << 20  # longest vector or matrix side in an edits file (any supported d_model / d_ff is far below)
-MAX_DENSE = 1 << 27  # most elements of one weight delta (GPT-J's down-projection has 2^26)
-MAX_DELTAS = 256  # most weight deltas one edit may carry (KN: one per layer it touches)
+METHOD_NAME = re.compile(r"[a-z][a-z0-9+\-]{0,31}")  # a method's name in files: "rome", "ft", "ft-l", "kn", ...
 MAX_REQUESTS = 4096  # most requests one edit may write (a MEMIT batch)
-
-
-def _vector(raw, name: str) -> np.ndarray:
-    arr = np.asarray(raw, dtype=np.float32)
-    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
-        raise ValueError(f"vector {name!r} must be a non-empty finite 1-D array")
-    return arr
-
-
-@dataclass(frozen=True, eq=False)
-class WeightDelta:
-    """A change of one layer's weight: the whole weight, the value vectors of some neurons, or a low-rank product.
-
-    Without ``neurons`` or ``basis`` ``delta`` has the weight's own shape and
-    layout ((out, in) for ``nn.Linear``, (in, out) for GPT-2's Conv1D) and is
-    added to all of it. With ``neurons`` (k,) int64 indices of the module's
-    input units, ``delta`` is (k, d_out), neuron-major whatever the layout, and
-    only those neurons' value vectors change (KN). With ``basis`` (r, d_in),
-    ``delta`` is (r, d_out) and the change is ``ΔW = deltaᵀ basis`` in (out,
-    in) orientation: the value ``delta[i]`` is written along the input
-    direction ``basis[i]`` (MEMIT; neurons are the special case of one-hot
-    directions).
-
-    Example::
-
-        WeightDelta("model.layers.1.mlp.down_proj", 1, np.zeros((576, 1536), np.float32))
-        WeightDelta("model.layers.1.mlp.down_proj", 1, values, basis=directions)   # (r, 576), (r, 1536)
-    """
-
-    module: str  # dotted name of the module whose .weight changes
-    layer: int  # the block it belongs to
-    delta: np.ndarray  # float32, see above
-    neurons: np.ndarray | None = None  # (k,) int64, or None
-    basis: np.ndarray | None = None  # (r, d_in) float32, or None
-
-    def __post_init__(self):
-        if self.neurons is not None and self.basis is not None:
-            raise ValueError(f"the delta of {self.module!r} has both neurons and a basis; it can have one of them")
-        if self.basis is not None and (self.basis.ndim != 2 or self.basis.shape[0] != self.delta.shape[0]):
-            raise ValueError(f"the delta of {self.module!r} needs one basis row per value row")
-
-    @classmethod
-    def low_rank(cls, module: str, layer: int, values: np.ndarray, basis: np.ndarray, conv1d: bool) -> "WeightDelta":
-        """``ΔW = valuesᵀ basis`` ((r, d_out), (r, d_in)), stored as factors, or dense when that is smaller."""
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        basis = np.ascontiguousarray(basis, dtype=np.float32)
-        rank, d_out = values.shape
-        d_in = basis.shape[1]
-        if rank * (d_in + d_out) < d_in * d_out:
-            return cls(module, layer, values, basis=basis)
-        dense = basis.T @ values if conv1d else values.T @ basis  # (in, out) or (out, in)
-        return cls(module, layer, np.ascontiguousarray(dense, dtype=np.float32))
-
-    @property
-    def norm(self) -> float:
-        """Frobenius norm of this change."""
-        delta = self.delta.astype(np.float64)
-        if self.basis is None:
-            return float(np.linalg.norm(delta))
-        basis = self.basis.astype(np.float64)
-        return float(np.sqrt(max(0.0, float(np.sum((delta @ delta.T) * (basis @ basis.T))))))  # ‖Dᵀ B‖_F
-
-    def header(self) -> dict:
-        """What a file's header says about this change (checked before its tensors are read)."""
-        out = {"module": self.module, "layer": self.layer, "shape": list(self.delta.shape),
-               "neurons": None if self.neurons is None else int(len(self.neurons))}
-        if self.basis is not None:
-            out["basis"] = list(self.basis.shape)
-        return out
-
-    @classmethod
-    def from_header(cls, entry: dict, delta, neurons=None, basis=None) -> "WeightDelta":
-        """Rebuild from :meth:`header` and the arrays; ValueError when they disagree or are malformed."""
-        check_delta_header(entry)
-        delta = np.asarray(delta, dtype=np.float32)
-        if delta.shape != tuple(entry["shape"]) or not np.isfinite(delta).all():
-            raise ValueError(f"the delta of {entry['module']!r} must be a finite array of shape {tuple(entry['shape'])}")
-        if entry.get("basis") is not None:
-            basis = np.asarray(basis, dtype=np.float32) if basis is not None else None
-            if basis is None or basis.shape != tuple(entry["basis"]) or not np.isfinite(basis).all():
-                raise ValueError(f"the basis of {entry['module']!r} must be a finite array of shape "
-                                 f"{tuple(entry['basis'])}")
-            return cls(entry["module"], int(entry["layer"]), delta, basis=basis)
-        if basis is not None:
-            raise ValueError(f"the delta of {entry['module']!r} has a basis its header does not announce")
-        if entry.get("neurons") is None:
-            if neurons is not None:
-                raise ValueError(f"the delta of {entry['module']!r} has neuron indices its header does not announce")
-            return cls(entry["module"], int(entry["layer"]), delta)
-        index = np.asarray(neurons)
-        if index.dtype.kind not in "iu" or index.shape != (entry["neurons"],):
-            raise ValueError(f"the neurons of {entry['module']!r} must be {entry['neurons']} integer indices")
-        index = index.astype(np.int64)
-        if (index < 0).any() or len(np.unique(index)) != len(index):
-            raise ValueError(f"the neurons of {entry['module']!r} must be distinct non-negative indices")
-        return cls(entry["module"], int(entry["layer"]), delta, index)
-
-
-def _bounded_shape(shape) -> bool:
-    return (isinstance(shape, list) and len(shape) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_VECTOR for n in shape)
-            and shape[0] * shape[1] <= MAX_DENSE)
-
-
-def check_delta_header(entry) -> None:
-    """A ValueError unless ``entry`` describes a bounded weight change: module, layer, 2-D shapes, neuron count."""
-    if not isinstance(entry, dict):
-        raise ValueError("a weight delta's header must be an object")
-    module, layer, shape, neurons = entry.get("module"), entry.get("layer"), entry.get("shape"), entry.get("neurons")
-    basis = entry.get("basis")
-    if not isinstance(module, str) or not module or len(module) > 200:
-        raise ValueError("a weight delta must name its module")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"the delta of {module!r} has no valid layer")
-    if not _bounded_shape(shape):
-        raise ValueError(f"the delta of {module!r} has shape {shape!r}; weight deltas are 2-D with at most "
-                         f"{MAX_DENSE:,} elements")
-    if neurons is not None and (isinstance(neurons, bool) or not isinstance(neurons, int) or neurons != shape[0]):
-        raise ValueError(f"the delta of {module!r} announces {neurons!r} neurons but has {shape[0]} rows")
-    if basis is not None:
-        if neurons is not None:
-            raise ValueError(f"the delta of {module!r} announces both neurons and a basis")
-        if not _bounded_shape(basis) or basis[0] != shape[0]:
-            raise ValueError(f"the delta of {module!r} announces a basis of shape {basis!r}; it must be 2-D, at most "
-                             f"{MAX_DENSE:,} elements, with one row per value row ({shape[0]})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -377,12 +253,12 @@ class Edit:
         try:
             source = vectors if vectors is not None else data
             method = data.get("method", ROME)
-            if not isinstance(method, str) or not _METHOD.fullmatch(method):
+            if not isinstance(method, str) or not METHOD_NAME.fullmatch(method):
                 raise ValueError(f"unknown method {method!r}")
             arrays: dict = {}
             if method == ROME:
                 for name in ("u", "v", "key", "value"):
-                    arrays[name] = _vector(source[name], name)
+                    arrays[name] = float_vector(source[name], name)
                 if arrays["u"].shape != arrays["key"].shape or arrays["v"].shape != arrays["value"].shape:
                     raise ValueError("u/key and v/value shapes disagree")
             else:
@@ -476,6 +352,12 @@ def is_edited(lm: LoadedModel) -> bool:
     return bool(_ORIGINALS.get(lm.model))
 
 
+def original_of(lm: LoadedModel, weight: torch.Tensor) -> torch.Tensor | None:
+    """The unedited value of ``weight`` while applied edits change it, else None."""
+    entry = (_ORIGINALS.get(lm.model) or {}).get(id(weight))
+    return None if entry is None else entry[1]
+
+
 @contextmanager
 def original_weights(lm: LoadedModel) -> Iterator[LoadedModel]:
     """Within the block the model has its unedited weights, whatever edits are applied; on exit they are back.
@@ -519,7 +401,7 @@ def _targets(lm: LoadedModel, edit: Edit) -> list[tuple[torch.nn.Parameter, Weig
     if edit.fingerprint and edit.fingerprint != lm.fingerprint:
         log.info("Edit computed on %s (%s) applied to %s (%s)", edit.model, edit.fingerprint, lm.name, lm.fingerprint)
     if edit.method != ROME:
-        return [(_delta_weight(lm, d), d) for d in edit.deltas]
+        return [(delta_weight(lm, d), d) for d in edit.deltas]
     name = lm.module_name("down_proj", edit.layer)
     if edit.module and edit.module != name:
         raise ValueError(f"This edit changes {edit.module!r}, but this model's layer {edit.layer} is {name!r}; "
@@ -534,7 +416,7 @@ def _targets(lm: LoadedModel, edit: Edit) -> list[tuple[torch.nn.Parameter, Weig
     return [(weight, None)]
 
 
-def _delta_weight(lm: LoadedModel, change: WeightDelta | dict) -> torch.nn.Parameter:
+def delta_weight(lm: LoadedModel, change: WeightDelta | dict) -> torch.nn.Parameter:
     """The weight a dense change (or its file header) names, after checking module, layer and shape against ``lm``."""
     header = change.header() if isinstance(change, WeightDelta) else change
     module, layer, shape = header["module"], header["layer"], tuple(header["shape"])
@@ -753,162 +635,3 @@ class EditStack:
 
     def __exit__(self, *exc) -> None:
         self.reset()
-
-
-# ---------------------------------------------------------------------------
-# Files
-
-
-def save_edits(edits: Sequence[Edit], path: str | Path) -> Path:
-    """Write edits of any method to one ``.safetensors`` file (arrays as tensors, everything else as JSON metadata)."""
-    from safetensors.numpy import save_file
-
-    edits = list(edits)
-    tensors, records = {}, []
-    for i, edit in enumerate(edits):
-        for name, arr in edit.arrays().items():
-            tensors[f"edit{i}.{name}"] = arr
-        records.append(edit.metadata())
-    if not tensors:  # safetensors needs at least one tensor; an empty history is still a valid file
-        tensors["empty"] = np.zeros(0, dtype=np.float32)
-    metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "edits": json.dumps(records)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def _planned_tensors(record: dict, version: str) -> list[tuple[str, tuple[int, ...] | None, str]]:
-    """The tensors one record's edit needs, as (name, exact shape or None for a 1-D vector, dtype), from its header.
-
-    Dense deltas must be announced with a bounded 2-D shape (and their neuron
-    count or basis shape) before anything is read; ROME's vectors are 1-D.
-    """
-    method = ROME if version == "1" else record.get("method", ROME)
-    if not isinstance(method, str) or not _METHOD.fullmatch(method):
-        raise ValueError(f"unknown method {method!r}")
-    if record.get("requests") is not None:
-        check_request_count(record["requests"])
-    if method == ROME:
-        return [(name, None, "F32") for name in ("u", "v", "key", "value")]
-    headers = record.get("deltas")
-    if not isinstance(headers, list) or not 0 < len(headers) <= MAX_DELTAS:
-        raise ValueError(f"a {method!r} edit must announce 1 to {MAX_DELTAS} weight deltas in its header")
-    planned = []
-    for j, entry in enumerate(headers):
-        check_delta_header(entry)
-        planned.append((f"delta{j}", tuple(entry["shape"]), "F32"))
-        if entry.get("neurons") is not None:
-            planned.append((f"neurons{j}", (entry["neurons"],), "I64"))
-        if entry.get("basis") is not None:
-            planned.append((f"basis{j}", tuple(entry["basis"]), "F32"))
-    return planned
-
-
-def load_edits(path: str | Path, *, max_bytes: int | None = None, max_edits: int | None = None,
-               lm: LoadedModel | None = None, max_requests: int | None = None) -> list[Edit]:
-    """Read edits written by :func:`save_edits` (any method, files of every version); ValueError for anything else.
-
-    Example::
-
-        edits = load_edits("edits.safetensors", max_bytes=2_000_000, max_edits=20, lm=lm)
-        check_edits(lm, edits)            # made for this model? (nothing is applied)
-
-    Cheap checks come first: the file's size (before it is opened), the
-    header's format, version and number of edits (and with ``max_requests``
-    of requests: a MEMIT batch writes several), then each edit's announced
-    tensors: ROME's vectors must be 1-D, every weight delta must have the
-    bounded 2-D shapes its record announces (with ``lm``, also the shape of
-    the weight it names in that model) and the file must agree, all before any
-    tensor is read. Only the tensors the header names are read, and every
-    request is validated as a typed one would be. Nothing is ever unpickled.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Edit file {path.name} does not exist.")
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise ValueError(f"{path.name} is {size:,} bytes; edits files are accepted up to {max_bytes:,} bytes.")
-    if size < 8:
-        raise ValueError(f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): "
-                         f"it is only {size} bytes.")
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    if header_len > size - 8:
-        raise ValueError(f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): "
-                         "its header is longer than the file.")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            names = set(f.keys())
-            records = _records(path, metadata, max_edits)
-            version = metadata["version"]
-            if max_requests is not None:
-                total = 0
-                for i, record in enumerate(records):
-                    try:
-                        total += 1 if record.get("requests") is None else check_request_count(record["requests"])
-                    except ValueError as exc:
-                        raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
-                if total > max_requests:
-                    raise ValueError(f"{path.name} writes {total} facts; at most {max_requests} are accepted at once.")
-            wanted: list[tuple[str, tuple[int, ...] | None, str]] = []
-            for i, record in enumerate(records):
-                try:
-                    planned = _planned_tensors(record, version)
-                    if lm is not None and version != "1" and record.get("method", ROME) != ROME:
-                        for entry in record["deltas"]:
-                            _delta_weight(lm, entry)
-                except ValueError as exc:
-                    raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
-                wanted += [(f"edit{i}.{name}", shape, dtype) for name, shape, dtype in planned]
-            missing = [name for name, _, _ in wanted if name not in names]
-            if missing:
-                raise ValueError(f"{path.name} is missing tensor {missing[0]!r}.")
-            for name, expected, dtype in wanted:
-                view = f.get_slice(name)
-                shape = tuple(view.get_shape())
-                if expected is None and (len(shape) != 1 or not 0 < shape[0] <= MAX_VECTOR):
-                    raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}; edit vectors are 1-D.")
-                if expected is not None and shape != expected:
-                    raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}; its header announces {expected}.")
-                if view.get_dtype() != dtype:
-                    raise ValueError(f"{path.name}: tensor {name!r} is {view.get_dtype()}, not {dtype}.")
-            tensors = {name: f.get_tensor(name) for name, _, _ in wanted}
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"{path.name} is not a readable edits file (expected a .safetensors file saved by locate-edit): {exc}"
-        ) from None
-    edits = []
-    for i, record in enumerate(records):
-        if version == "1":
-            record = {**record, "method": ROME}
-        prefix = f"edit{i}."
-        arrays = {name[len(prefix):]: arr for name, arr in tensors.items() if name.startswith(prefix)}
-        try:
-            edits.append(Edit.from_dict(record, arrays))
-        except ValueError as exc:
-            raise ValueError(f"{path.name}, edit {i + 1}: {exc}") from None
-    return edits
-
-
-def _records(path: Path, metadata: dict, max_edits: int | None) -> list:
-    """The edit records of a file's header, after checking its format, version and count."""
-    if metadata.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path.name} is a safetensors file but not a locate-edit edits file (no {FILE_FORMAT!r} header).")
-    if metadata.get("version") not in READ_VERSIONS:
-        raise ValueError(f"{path.name} has edits file version {metadata.get('version')!r}; this version reads "
-                         f"{', '.join(map(repr, READ_VERSIONS))}.")
-    try:
-        records = json.loads(metadata["edits"])
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise TypeError("the edits header is not a list of records")
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"{path.name} has a corrupt edits header: {exc}") from None
-    if max_edits is not None and len(records) > max_edits:
-        raise ValueError(f"{path.name} holds {len(records)} edits; at most {max_edits} are accepted at once.")
-    return records

@@ -27,7 +27,11 @@ from tracing.tokens import check_context
 log = logging.getLogger(__name__)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS, else UNK, else 0.
+
+    Right-padded causal rows never read their padding; left-padded rows mask it.
+    """
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
@@ -81,7 +85,7 @@ def decode(
         raise ValueError("Every prompt needs at least one token.")
     device = lm.device
     rows, width = len(prompts), max(len(p) for p in prompts)
-    pad = _pad_id(lm.tokenizer)
+    pad = pad_id(lm.tokenizer)
     ids = torch.full((rows, width), pad, dtype=torch.long, device=device)
     mask = torch.zeros((rows, width), dtype=torch.long, device=device)
     for r, p in enumerate(prompts):

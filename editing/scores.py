@@ -32,8 +32,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -42,7 +44,8 @@ from tracing.hooks import Hook, hooks, main_tensor
 from tracing.models import LoadedModel
 from tracing.tokens import check_context, continuation_ids
 
-from .edit import EditRequest
+from .edit import Edit, EditRequest, applied
+from .sampling import pad_id
 
 KINDS = ("rewrite", "paraphrase", "neighbour")
 
@@ -128,7 +131,7 @@ class EditScores:
     def to_dict(self) -> dict:
         return {"prompts": list(self.prompts), "kinds": list(self.kinds), "logp_new": self.logp_new.tolist(),
                 "logp_old": self.logp_old.tolist(), "target": self.target, "target_true": self.target_true,
-                "summary": _json_floats(self.summary())}
+                "summary": nan_to_none(self.summary())}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EditScores":
@@ -138,9 +141,9 @@ class EditScores:
                    target=data["target"], target_true=data["target_true"])
 
 
-def _json_floats(values: dict) -> dict:
-    """NaN -> None so the dict is strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+def nan_to_none(values: Mapping) -> dict:
+    """NaN (and infinite) floats become None, so that the dict is strict JSON; every other value is kept."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -218,7 +221,7 @@ def _continuation_logits(lm: LoadedModel, pairs: Sequence[tuple[str, str]], batc
                       "Shorten the prompt or the object.")
         rows.append(head + tail)
         spans.append((len(head), len(tail)))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     captured: list[torch.Tensor] = []
 
     def keep(module, args, output):
@@ -333,6 +336,73 @@ def score_edit(
     pairs = [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
     logp, predictions = continuation_scores(lm, pairs)
     return EditScores.from_pass(prompts, kinds, logp, predictions, request.target, request.target_true)
+
+
+def score_many(lm: LoadedModel, items: Sequence[tuple[EditRequest, Sequence[str], Sequence[str]]]) -> list[EditScores]:
+    """:func:`score_edit` of many (request, paraphrases, neighbours) in shared forward passes."""
+    plans, pairs = [], []
+    for request, paraphrases, neighbours in items:
+        subject = request.subject.strip()
+        prompts = [request.text] + [p.replace("{}", subject, 1) for p in paraphrases] + \
+                  [p.replace("{}", subject, 1) for p in neighbours]
+        kinds = ["rewrite"] + ["paraphrase"] * len(paraphrases) + ["neighbour"] * len(neighbours)
+        plans.append((request, prompts, kinds, len(pairs)))
+        pairs += [(p, request.target) for p in prompts] + [(p, request.target_true) for p in prompts]
+    logp, predictions = continuation_scores(lm, pairs) if pairs else (np.zeros(0), [])
+    return [EditScores.from_pass(prompts, kinds, logp[start:], predictions[start:], request.target,
+                                 request.target_true) for request, prompts, kinds, start in plans]
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, eq=False)
+class Rescored(Generic[S]):
+    """What :func:`rescore` measured: the scores before the edit, the edit, the scores after it."""
+
+    before: S
+    edit: Edit
+    after: S
+    seconds: float  # computing the edit alone
+
+
+def rescore(
+    lm: LoadedModel,
+    score: Callable[[], S],
+    make_edit: Callable[[], Edit],
+    *,
+    previous: Sequence[Edit] = (),
+    before: S | None = None,
+    score_after: Callable[[S], S] | None = None,
+) -> Rescored[S]:
+    """Score, edit, score again: the one loop behind comparisons, evaluations, layer sweeps and batches.
+
+    Example::
+
+        measure = lambda: score_edit(lm, request, paraphrases, neighbours)
+        r = rescore(lm, measure, lambda: compute(lm, request))
+        r.before.summary()["ES"], r.after.summary()["ES"]       # 0.0, 1.0
+
+    ``score()`` runs with the ``previous`` edits applied (unless ``before``
+    holds the scores already taken); ``make_edit()`` computes the edit on top
+    of them (it applies them itself where it needs them, as
+    :func:`~editing.methods.compute_batch` does); then ``score()`` again, or
+    ``score_after(before)`` when given (to score what was scored before, say),
+    runs with ``previous`` and the new edit applied.
+    The weights are the model's own again afterwards, also on exceptions.
+    Callers extend the result: a comparison adds generations, an evaluation
+    per-case records, a batch its health check.
+    """
+    previous = list(previous)
+    if before is None:
+        with applied(lm, previous):
+            before = score()
+    started = time.perf_counter()
+    edit = make_edit()
+    seconds = time.perf_counter() - started
+    with applied(lm, [*previous, edit]):
+        after = score_after(before) if score_after is not None else score()
+    return Rescored(before, edit, after, seconds)
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -41,8 +41,9 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import Edit, EditRequest, EditStack, _ORIGINALS, applied, original_weights
+from .edit import Edit, EditRequest, EditStack, applied, original_of, original_weights
 from .hparams import HyperParams, check_method, load_hparams
+from .methods import compute, compute_memit, memit_layers
 from .progress import Progress
 from .sampling import generate
 from .scores import continuation_logprobs, fluency
@@ -116,14 +117,13 @@ class Health:
 
 def _weight_changes(lm: LoadedModel) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Layers whose down-projection differs from its original now, and ‖W − W₀‖ / ‖W₀‖ of each."""
-    registry = _ORIGINALS.get(lm.model) or {}
     layers, norms = [], []
     for layer in range(lm.n_layers):
         weight = lm.down_proj(layer).weight
-        entry = registry.get(id(weight))
-        if entry is None:
+        original = original_of(lm, weight)
+        if original is None:
             continue
-        original = entry[1].double()
+        original = original.double()
         change = float((weight.detach().double() - original).norm())
         if change > 0:
             layers.append(layer)
@@ -249,16 +249,11 @@ class SequentialEditor:
         """
         requests = [requests] if isinstance(requests, EditRequest) else list(requests)
         if self.method == "memit":
-            from .methods.memit import compute_memit
-            from .methods import memit_layers
-
             layers = self.layers if self.layers is not None else memit_layers(self.lm, self.hparams, None)
             edit = compute_memit(self.lm, requests, layers=layers, hparams=self.hparams, progress=progress,
                                  stats_spec=self.stats_spec, project=self.project,
                                  keep=self.requests if self.project else ())
         else:
-            from .methods import compute
-
             if len(requests) != 1:
                 raise ValueError(f"{self.method.upper()} writes one fact per edit; add them one at a time, or use "
                                  "method='memit' for batches.")

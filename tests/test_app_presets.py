@@ -10,13 +10,13 @@ from tracing import predict
 from editing.presets import (
     PRESETS_PATH,
     Preset,
-    answer_probabilities,
     find_presets,
     guess_subject,
     load_presets,
     save_presets,
     subject_familiarity,
 )
+from tracing.recall import answer_probabilities
 from tracing.tokens import continuation_ids
 
 from conftest import make_tiny

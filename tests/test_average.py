@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tracing.average as average
+from tracing.average.__main__ import main as average_main
 from tracing import TraceConfig, TraceResult, predict
 from tracing.average import GROUPS, average_traces, cached_trace, peaks, summarise, token_groups
 from tracing.plots import average_csv, average_curves, average_heatmap, average_page, severed_figure
@@ -150,12 +151,12 @@ def test_cli_writes_json_and_html(lm, facts, tokenizer, tmp_path, capsys):
     out = tmp_path / "avg.json"
     argv = ["--model", str(folder), "--facts", str(tmp_path / "facts.json"), "--limit", "2", "--cache",
             str(tmp_path / "cache"), "--json", str(out), "--html", str(tmp_path / "avg.html"), "--quiet"]
-    assert average.main(argv) == 0
+    assert average_main(argv) == 0
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON a browser can read"))
     assert data["n_facts"] == 2 and set(data["kinds"]) == {"hidden", "mlp", "attn"}
     assert len(data["kinds"]["mlp"]["mean"]) == 6 and "severed" in data
     assert "peak mlp" in capsys.readouterr().out
-    assert average.main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert average_main(["--model", str(tmp_path / "nowhere")]) == 2
 
 
 def test_merged_parts_equal_one_average(lm, facts, tmp_path):
@@ -188,15 +189,15 @@ def test_cli_merges_an_earlier_run_without_tracing_it_again(lm, facts, tokenizer
     tokenizer.save_pretrained(folder)
     (tmp_path / "facts.json").write_text(json.dumps(facts))
     base = ["--model", str(folder), "--facts", str(tmp_path / "facts.json"), "--cache", str(tmp_path / "cache"), "--quiet"]
-    assert average.main([*base, "--limit", "1", "--json", str(tmp_path / "one.json")]) == 0
+    assert average_main([*base, "--limit", "1", "--json", str(tmp_path / "one.json")]) == 0
     traced = []
     real = average.cached_trace
     monkeypatch.setattr(average, "cached_trace", lambda lm_, fact, *a, **k: traced.append(fact) or real(lm_, fact, *a, **k))
-    assert average.main([*base, "--merge", str(tmp_path / "one.json"), "--json", str(tmp_path / "all.json")]) == 0
+    assert average_main([*base, "--merge", str(tmp_path / "one.json"), "--json", str(tmp_path / "all.json")]) == 0
     data = json.loads((tmp_path / "all.json").read_text())
     assert data["n_facts"] == 3 and len(traced) == 2 and facts[0] not in traced
     (tmp_path / "bad.json").write_text("{}")
-    assert average.main([*base, "--merge", str(tmp_path / "bad.json")]) == 2
+    assert average_main([*base, "--merge", str(tmp_path / "bad.json")]) == 2
 
 
 def test_the_shipped_averages_are_the_default_models(real_lm):

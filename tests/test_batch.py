@@ -134,7 +134,7 @@ def test_stopping_leaves_the_model_untouched_and_bad_facts_fail_before_work(cach
 
 
 def test_command_line_writes_a_batch_file(cache, tokenizer, tmp_path, capsys):
-    from editing.batch import main
+    from editing.batch.__main__ import main
 
     folder = tmp_path / "tiny"
     lm = make_tiny("llama", tokenizer, torch.device("cpu"))

@@ -38,7 +38,8 @@ from editing import (
     save_edits,
     score_edit,
 )
-from editing.evaluate import answered_paraphrases, evaluate_cases, format_table, read_cases
+from editing.evaluate import format_table
+from editing.evaluation.evaluate import answered_paraphrases, evaluate_cases, read_cases
 from editing.edit import edits_on
 from editing.hparams import hparams_files
 from editing.methods.common import SuffixRunner, build_rows
@@ -708,7 +709,7 @@ def test_shipped_counterfact_set_is_well_formed():
 def test_command_lines_on_a_saved_tiny_model(cache, tokenizer, tmp_path, capsys):
     from editing.__main__ import main as edit_main
     from editing.evaluate import main as evaluate_main
-    from editing.stats import main as stats_main
+    from editing.stats.__main__ import main as stats_main
 
     lm = make_tiny("llama", tokenizer, "cpu")
     model_dir = tmp_path / "tiny-llama"

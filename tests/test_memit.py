@@ -22,7 +22,9 @@ from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch threa
 from safetensors.numpy import save_file
 
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
-from editing.edit import FILE_VERSION, Edit, WeightDelta
+from editing.deltas import WeightDelta
+from editing.edit import Edit
+from editing.edit_files import FILE_VERSION
 from editing.hparams import METHODS, MEMITHyperParams, ROMEHyperParams, hparams_files, load_hparams
 from editing.methods import STAGES, compute, compute_batch
 from editing.methods.memit import compute_memit, request_keys

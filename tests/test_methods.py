@@ -22,7 +22,8 @@ from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch threa
 from safetensors.numpy import save_file
 
 from editing import EditRequest, EditStack, applied, check_edits, load_edits, save_edits, score_edit
-from editing.edit import Edit, WeightDelta
+from editing.deltas import WeightDelta
+from editing.edit import Edit
 from editing.hparams import FTHyperParams, KNHyperParams, ROMEHyperParams, hparams_files, load_hparams
 from editing.methods import METHODS, STAGES, compute
 from editing.methods.common import SuffixRunner

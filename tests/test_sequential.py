@@ -20,7 +20,8 @@ from editing_fixtures import TINY_STATS, changed, private_cache, snapshot
 from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from editing import EditRequest, applied
-from editing.edit import Edit, WeightDelta
+from editing.deltas import WeightDelta
+from editing.edit import Edit
 from editing.methods import compute_batch
 from editing.methods.memit import request_keys
 from editing.sequential import MAX_RELATIVE_NORM, Health, SequentialEditor, health
@@ -79,7 +80,7 @@ def test_with_the_projection_earlier_edits_keys_keep_their_outputs(tokenizer, de
 def test_the_null_space_threshold_confines_updates_to_directions_the_statistics_hardly_use(tokenizer, device):
     from dataclasses import replace
 
-    from editing.methods.memit import nullspace_basis
+    from editing.methods.updates import nullspace_basis
     from editing.stats import ensure_stats
 
     lm = make_tiny("llama", tokenizer, device)

@@ -12,7 +12,7 @@ from editing_fixtures import TINY_HPARAMS, TINY_STATS, private_cache
 from conftest import make_tiny
 from editing import EditComparison, EditRequest, applied, edit_and_compare, generate
 from editing.presets import Preset
-from editing.shipped import EDITS, PAGE_EDIT, compute_shipped, shipped_comparison, shipped_trace
+from editing.presets.shipped import EDITS, PAGE_EDIT, compute_shipped, shipped_comparison, shipped_trace
 from tracing import KINDS, TraceConfig, trace
 
 PRESET = Preset(known_id=0, relation_id="P36", subject="Eiffel Tower", prompt="The Eiffel Tower is located in",
@@ -148,7 +148,7 @@ def test_new_edit_settings_keep_the_traces_that_still_fit(shipped, tmp_path, mon
     def no_trace(*args, **kwargs):
         raise AssertionError("a trace that fits was computed again")
 
-    monkeypatch.setattr(importlib.import_module("tracing.trace"), "trace", no_trace)  # the module, not the function
+    monkeypatch.setattr(importlib.import_module("editing.presets.shipped"), "trace", no_trace)  # the trace it calls
     other = dataclasses.replace(TINY_HPARAMS, layer=2)
     with private_cache(folder / "cache"):
         compute_shipped(lm, [PRESET], config=CONFIG, hparams=other, stats_spec=TINY_STATS, path=copy,

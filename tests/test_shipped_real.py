@@ -13,7 +13,7 @@ import pytest
 
 from editing import EditRequest
 from editing.presets import load_presets
-from editing.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
+from editing.presets.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
 from tracing import TraceConfig, iter_trace
 from webapp import Engine, Visitor
 from webapp.handlers import App

@@ -9,7 +9,8 @@ import pytest
 
 from editing import EditRequest
 from editing.scores import score_edit
-from editing.sweep import correlations, layer_sweep, main, rewrite_score, sweep_cases, sweep_layers
+from editing.evaluation.sweep import correlations, layer_sweep, rewrite_score, sweep_cases, sweep_layers
+from editing.sweep import main
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, TINY_STATS, changed, one_thread, private_cache, snapshot  # noqa: F401
@@ -87,7 +88,7 @@ def test_sweep_over_cases_traces_and_correlates(lm, monkeypatch):
     assert set(result["correlation"]) >= {"rewrite_score", "ES", "traced_peak_is_best_layer"}
     assert result["per_layer"][0]["effect"] == pytest.approx(np.mean([c["effect"][0] for c in result["cases"]]))
     # each case is cached: a second run (e.g. after an interruption) recomputes nothing
-    import editing.sweep as sweep_module
+    import editing.evaluation.sweep as sweep_module
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached case")

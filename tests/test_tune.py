@@ -1,4 +1,4 @@
-"""Choosing ROME's hyperparameters: grids, the tuner's rows against editing.evaluate, resuming, intervals."""
+"""Choosing ROME's hyperparameters: grids, the tuner's rows against editing.evaluation.evaluate, resuming, intervals."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import editing.tune as tune_module
-from editing.evaluate import evaluate_cases, intervals
+import editing.evaluation.tune as tune_module
+from editing.evaluation.evaluate import evaluate_cases, intervals
 from editing.stats import StatsSpec
-from editing.tune import format_table, grid_settings, main, marginals, parse_grid, tune
+from editing.evaluation.tune import grid_settings, marginals, parse_grid, tune
+from editing.tune import format_table, main
 
 from conftest import make_tiny
 from editing_fixtures import TINY_HPARAMS, changed, one_thread, private_cache, snapshot  # noqa: F401
@@ -59,7 +60,7 @@ def test_grid_values_parse_as_json_or_words():
 
 
 def test_paired_differences_resample_cases_alike():
-    from editing.evaluate import paired_difference
+    from editing.evaluation.evaluate import paired_difference
 
     ref = [{"post": {"ES": 1.0, "PS": p, "NS": 0.5, "EM": 0.2, "PM": 0.1, "NM": 0.0}} for p in (0.0, 0.5, 1.0, 0.5)]
     better = [{"post": dict(c["post"], PS=c["post"]["PS"] + 0.1)} for c in ref]
@@ -90,7 +91,7 @@ def test_tune_rows_are_evaluate_runs_and_resume(lm, hp_file, monkeypatch):
     assert len(rows) == 4 and result["cases"] == 3
     assert [r["post"]["S"] for r in rows] == sorted((r["post"]["S"] for r in rows), reverse=True)
     assert all(r["hparams"]["v_lr"] == 0.4 and r["hparams"]["v_num_grad_steps"] == 3 for r in rows)
-    # a row is exactly what editing.evaluate reports for the same hyperparameters
+    # a row is exactly what editing.evaluation.evaluate reports for the same hyperparameters
     row = next(r for r in rows if r["setting"] == {"layer": 1, "kl_factor": 1.0})
     from editing.hparams import ROMEHyperParams
 

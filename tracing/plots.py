@@ -449,10 +449,10 @@ def layer_sweep_figure(sweep: dict, effect: Sequence[float] | None = None, *, to
 
     Example::
 
-        sweep = layer_sweep(lm, request, every=3, paraphrases=..., neighbours=...)   # editing.sweep
+        sweep = layer_sweep(lm, request, every=3, paraphrases=..., neighbours=...)   # editing.evaluation.sweep
         layer_sweep_figure(sweep, effect=(mlp.scores[last] - mlp.low_score), token=" Tower")
 
-    ``sweep`` is :func:`editing.sweep.layer_sweep`'s result; ``effect``, if
+    ``sweep`` is :func:`editing.evaluation.sweep.layer_sweep`'s result; ``effect``, if
     given, the MLP trace's restored score minus the corrupted one at the last
     subject token, per layer (drawn in green on its own axis).
     """

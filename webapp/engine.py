@@ -228,7 +228,7 @@ class Engine:
         self._turns = threading.Condition()
         self._queue: deque[_Ticket] = deque()
         self._memo: OrderedDict = OrderedDict()
-        self._shipped: dict = {}  # results computed in advance (editing.shipped), never forgotten
+        self._shipped: dict = {}  # results computed in advance (editing.presets.shipped), never forgotten
         self._copies: dict[str, LoadedModel] = {"auto": lm}
         self.records: deque[Record] = deque(maxlen=10_000)  # the latest requests, for benchmarks and operators
         self.precisions = tuple(precisions) if precisions is not None else self._default_precisions()
@@ -340,7 +340,7 @@ class Engine:
         They fit only the model they were computed on (fingerprint) and the
         page's default settings; anything else is computed as usual.
         """
-        from editing.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
+        from editing.presets.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
         from tracing import TraceConfig
 
         found = 0

@@ -267,7 +267,7 @@ class App:
                     progress=gr.Progress()) -> Iterator[dict]:
         """ROME at every k-th layer of the traced fact, each alone on top of the visitor's edits and undone;
         yields outputs by name (figure, summary, progress) as layers finish."""
-        from editing.sweep import layer_sweep
+        from editing.evaluation.sweep import layer_sweep
 
         visitor = visitor if visitor is not None else Visitor()
         engine = self.engine

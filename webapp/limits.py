@@ -435,7 +435,7 @@ def check_batch(limits: Limits, count: TokenCounter, n_layers: int, *, table, ex
 
 @dataclass(frozen=True)
 class SweepAsk:
-    """A "Which layer to edit?" request that passed every check: what to hand to :func:`editing.sweep.layer_sweep`."""
+    """A "Which layer to edit?" request that passed every check: what to hand to :func:`editing.evaluation.sweep.layer_sweep`."""
 
     request: EditRequest
     layers: tuple[int, ...]

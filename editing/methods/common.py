@@ -40,7 +40,7 @@ from tracing.models import LoadedModel, returned_cache, with_cache
 from tracing.tokens import check_context, continuation_ids, encode_prompt
 
 from ..edit import EditRequest
-from ..sampling import decode
+from ..sampling import decode, pad_id
 
 
 class Stopwatch:
@@ -192,6 +192,22 @@ def _uniform_layers(lm: LoadedModel) -> bool:
     return not types or len(set(types)) <= 1
 
 
+def _left_padded_prefixes(cache, n_layers: int, lookups: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values before each row's lookup token, left-padded to the longest prefix."""
+    n, prefix_len = len(lookups), max(lookups)
+    out = []
+    for j in range(n_layers):
+        k, v = _layer_kv(cache, j)  # (n, kv_heads, T, head_dim)
+        pk = k.new_zeros(n, k.shape[1], prefix_len, k.shape[3])  # (n, kv_heads, P, head_dim)
+        pv = v.new_zeros(n, v.shape[1], prefix_len, v.shape[3])
+        for r, lk in enumerate(lookups):
+            if lk:
+                pk[r, :, prefix_len - lk :] = k[r, :, :lk]
+                pv[r, :, prefix_len - lk :] = v[r, :, :lk]
+        out.append((pk, pv))
+    return out
+
+
 class SuffixRunner:
     """Blocks ``layer``..L-1 over each row's positions from its lookup token on, earlier positions cached.
 
@@ -211,7 +227,7 @@ class SuffixRunner:
         device = lm.device
         n = len(rows)
         lengths = [len(r) for r in rows]
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(lm.tokenizer)
         ids = torch.full((n, max(lengths)), pad, dtype=torch.long, device=device)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row, device=device)
@@ -223,29 +239,23 @@ class SuffixRunner:
         with torch.no_grad(), hooks(lm.model, Hook(lm.module_name("hidden", layer), grab_input, pre=True)):
             cache = returned_cache(lm.model(ids, use_cache=True, logits_to_keep=1))  # right padding: causal = exact
 
-        prefix_len = max(lookups)
         self.width = width = max(n_tok - lk for n_tok, lk in zip(lengths, lookups))  # S
-        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        full_prefix = []
-        for j in range(lm.n_layers):
-            k, v = _layer_kv(cache, j)  # (n, kv_heads, T, head_dim)
-            pk = k.new_zeros(n, k.shape[1], prefix_len, k.shape[3])
-            pv = v.new_zeros(n, v.shape[1], prefix_len, v.shape[3])
-            for r, lk in enumerate(lookups):
-                if lk:
-                    pk[r, :, prefix_len - lk :] = k[r, :, :lk]
-                    pv[r, :, prefix_len - lk :] = v[r, :, :lk]
-            full_prefix.append((pk, pv))
-            if j >= layer:
-                prefix[j] = (pk, pv)
+        full_prefix = _left_padded_prefixes(cache, lm.n_layers, lookups)
         del cache
-        self.prefix = prefix
+        self.prefix = {j: full_prefix[j] for j in range(layer, lm.n_layers)}
         # Block `layer`'s input at each row's suffix positions (clamped into the padded row beyond its end).
         at = block_in[0].device  # the block's input: on the device before it, when the model is sharded
         gather = torch.tensor(lookups, device=at)[:, None] + torch.arange(width, device=at)
         gather = gather.clamp(max=ids.shape[1] - 1)
         self.hidden_in = block_in[0].gather(1, gather[:, :, None].expand(-1, -1, block_in[0].shape[-1])).detach()
+        self.calls = self._block_calls(rows, lookups, pad, full_prefix)
+        self.lengths = [n_tok - lk for n_tok, lk in zip(lengths, lookups)]
 
+    def _block_calls(self, rows: Sequence[Sequence[int]], lookups: Sequence[int], pad: int,
+                     full_prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, BlockCall]:
+        """What blocks ``layer``.. receive on the suffixes (positions, masks), from one pass with the prefix cache."""
+        lm, layer, width, device = self.lm, self.layer, self.width, self.lm.device
+        n, prefix_len = len(rows), max(lookups)
         suffix = torch.full((n, width), pad, dtype=torch.long, device=device)
         for r, (row, lk) in enumerate(zip(rows, lookups)):
             suffix[r, : len(row) - lk] = torch.tensor(row[lk:], device=device)
@@ -253,22 +263,19 @@ class SuffixRunner:
         for r, lk in enumerate(lookups):
             mask[r, : prefix_len - lk] = 0
         positions = torch.tensor(lookups, device=device)[:, None] + torch.arange(width, device=device)
-
         uniform = _uniform_layers(lm)
-        first = 0 if uniform else layer
-        specs, calls, _ = record_calls(lm, first)
+        specs, calls, _ = record_calls(lm, 0 if uniform else layer)
         if uniform:  # block 0's arguments are every block's: stop right after recording them
             specs.append(Hook(lm.module_name("hidden", 0), _stop, pre=True))
         kwargs = {}
         if prefix_len > 0:
-            from transformers import DynamicCache
+            from transformers import DynamicCache  # here: `import editing` does not load transformers
 
             data = full_prefix if uniform else [(k.clone(), v.clone()) for k, v in full_prefix]  # stopped: unchanged
             kwargs = dict(attention_mask=mask, use_cache=True, **with_cache(lm.model, DynamicCache(ddp_cache_data=data)))
         with torch.no_grad(), hooks(lm.model, *specs):
             until_stopped(lm.model, suffix, position_ids=positions, logits_to_keep=1, **kwargs)
-        self.calls: dict[int, BlockCall] = {j: calls[0] if uniform else calls[j] for j in range(layer, lm.n_layers)}
-        self.lengths = [n_tok - lk for n_tok, lk in zip(lengths, lookups)]
+        return {j: calls[0] if uniform else calls[j] for j in range(layer, lm.n_layers)}
 
     def run(self, *extra: Hook) -> torch.Tensor:
         """Final hidden states (rows, S, d_model) before the final norm, with ``extra`` hooks active."""

@@ -33,7 +33,8 @@ from tracing.hooks import Hook, hooks, main_tensor, replace_main
 from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import check_context, continuation_ids
 
-from ..edit import Edit, EditRequest, WeightDelta
+from ..deltas import WeightDelta
+from ..edit import Edit, EditRequest
 from ..hparams import FTHyperParams, load_hparams
 from ..progress import Progress
 from .common import Stopwatch, check_layer, with_old_object
@@ -61,6 +62,50 @@ def _rows(lm: LoadedModel, request: EditRequest) -> tuple[list[int], list[int]]:
     return head, tail
 
 
+def _checked(lm: LoadedModel, request: EditRequest, method: str, layer: int | None,
+             hparams: FTHyperParams | None) -> tuple[FTHyperParams, int]:
+    """The hyperparameters of ``method`` and the layer, once the request (its length too) and they are known to
+    fit; ValueError otherwise."""
+    if method not in ("ft", "ft-l"):
+        raise ValueError(f"compute_ft computes 'ft' or 'ft-l' edits, not {method!r}.")
+    if not isinstance(request, EditRequest):
+        raise ValueError("compute_ft needs an EditRequest(subject, prompt, target).")
+    request.validate()
+    hp = hparams if hparams is not None else load_hparams(lm, method=method)
+    if not isinstance(hp, FTHyperParams):
+        raise ValueError(f"FT takes FTHyperParams, not {type(hp).__name__}.")
+    if (method == "ft-l") != (hp.norm_constraint is not None):
+        raise ValueError("FT+L ('ft-l') needs a norm_constraint and FT ('ft') has none; "
+                         f"these hyperparameters have norm_constraint={hp.norm_constraint}.")
+    layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
+    _rows(lm, request)  # tokenisation and length, before any work
+    return hp, layer
+
+
+def _descend(nll, delta: torch.Tensor, optimiser, hp: FTHyperParams, progress: Progress | None) -> tuple[int, float, float]:
+    """Adam steps on ``delta`` until the loss is under ``early_stop_loss`` (FT+L: clamped to the norm constraint).
+
+    Returns the steps taken, p(target) before the first step and the last loss computed.
+    """
+    steps, prob_before, loss_value = 0, float("nan"), float("nan")
+    for step in range(hp.num_steps):
+        loss = nll()
+        loss_value = float(loss.detach())
+        if step == 0:
+            prob_before = float(np.exp(-loss_value))
+        if progress:
+            progress("optimising", (step + 1) / hp.num_steps)
+        if loss_value < hp.early_stop_loss:
+            break
+        (delta.grad,) = torch.autograd.grad(loss, delta)
+        optimiser.step()
+        steps = step + 1
+        if hp.norm_constraint is not None:
+            with torch.no_grad():
+                delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+    return steps, prob_before, loss_value
+
+
 def compute_ft(
     lm: LoadedModel,
     request: EditRequest,
@@ -81,20 +126,8 @@ def compute_ft(
     every step, then ``progress("update", 0)``. The weights are never
     modified. Raises ValueError for invalid input, before any work.
     """
-    if method not in ("ft", "ft-l"):
-        raise ValueError(f"compute_ft computes 'ft' or 'ft-l' edits, not {method!r}.")
-    if not isinstance(request, EditRequest):
-        raise ValueError("compute_ft needs an EditRequest(subject, prompt, target).")
-    request.validate()
-    hp = hparams if hparams is not None else load_hparams(lm, method=method)
-    if not isinstance(hp, FTHyperParams):
-        raise ValueError(f"FT takes FTHyperParams, not {type(hp).__name__}.")
-    if (method == "ft-l") != (hp.norm_constraint is not None):
-        raise ValueError("FT+L ('ft-l') needs a norm_constraint and FT ('ft') has none; "
-                         f"these hyperparameters have norm_constraint={hp.norm_constraint}.")
-    layer = hp.edit_layer(lm.n_layers) if layer is None else check_layer(lm, layer)
+    hp, layer = _checked(lm, request, method, layer, hparams)
     weight = editable_weight(lm, layer)  # on its own device; a layer offloaded by accelerate is refused
-    _rows(lm, request)  # tokenisation and length, before any work
 
     clock = Stopwatch()
     _ = lm.fingerprint
@@ -114,22 +147,7 @@ def compute_ft(
                 logits = lm.model(ids, logits_to_keep=len(tail)).logits[0].float()  # (target tokens, vocab)
             return -torch.log_softmax(logits, -1).gather(1, targets[:, None]).mean()
 
-        steps, prob_before, loss_value = 0, float("nan"), float("nan")
-        for step in range(hp.num_steps):
-            loss = nll()
-            loss_value = float(loss.detach())
-            if step == 0:
-                prob_before = float(np.exp(-loss_value))
-            if progress:
-                progress("optimising", (step + 1) / hp.num_steps)
-            if loss_value < hp.early_stop_loss:
-                break
-            (delta.grad,) = torch.autograd.grad(loss, delta)
-            optimiser.step()
-            steps = step + 1
-            if hp.norm_constraint is not None:
-                with torch.no_grad():
-                    delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+        steps, prob_before, loss_value = _descend(nll, delta, optimiser, hp, progress)
         clock.lap("optimise")
         if progress:
             progress("update", 0.0)
@@ -138,11 +156,9 @@ def compute_ft(
         change = delta.detach().cpu().numpy().astype(np.float32)
     clock.lap("update")
     timings = clock.finish()
-    info = {
-        "steps": steps, "loss": loss_after, "target_prob_before": prob_before,
-        "target_prob_after": float(np.exp(-loss_after)), "max_abs_delta": float(np.abs(change).max()),
-        "weight_mean_abs": float(weight.detach().float().abs().mean()),
-    }
+    info = {"steps": steps, "loss": loss_after, "target_prob_before": prob_before,
+            "target_prob_after": float(np.exp(-loss_after)), "max_abs_delta": float(np.abs(change).max()),
+            "weight_mean_abs": float(weight.detach().float().abs().mean())}
     module = lm.module_name("down_proj", layer)
     edit = Edit(request=request, layer=layer, module=module, method=method, variant="",
                 deltas=(WeightDelta(module, layer, change),), model=lm.name, fingerprint=lm.fingerprint,

@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from tracing.hooks import Hook, hooks
 from tracing.models import LoadedModel, editable_weight, stored_value
 from tracing.tokens import check_context, continuation_ids
 
-from ..edit import Edit, EditRequest, WeightDelta
+from ..deltas import WeightDelta
+from ..edit import Edit, EditRequest
 from ..hparams import KNHyperParams, load_hparams
 from ..progress import Progress
 from .common import Stopwatch, SuffixRunner, check_layer, with_old_object
@@ -102,6 +104,55 @@ def attribution_scores(lm: LoadedModel, runner: SuffixRunner, layer: int, activa
     return activation * total / hp.steps
 
 
+def _checked(lm: LoadedModel, request: EditRequest, layer: int | None,
+             hparams: KNHyperParams | None) -> tuple[KNHyperParams, tuple[int, ...]]:
+    """The hyperparameters and the layers to search, once the request and they are known to fit."""
+    if not isinstance(request, EditRequest):
+        raise ValueError("compute_kn needs an EditRequest(subject, prompt, target).")
+    request.validate()
+    hp = hparams if hparams is not None else load_hparams(lm, method="kn")
+    if not isinstance(hp, KNHyperParams):
+        raise ValueError(f"KN takes KNHyperParams, not {type(hp).__name__}.")
+    return hp, ((check_layer(lm, layer),) if layer is not None else hp.search_layers(lm.n_layers))
+
+
+def _neuron_deltas(lm: LoadedModel, chosen: list, layers: Sequence[int], hp: KNHyperParams, new_ids: list[int],
+                   predicted: int) -> tuple[dict[int, list[int]], tuple[WeightDelta, ...]]:
+    """The chosen neurons per layer, and their value vectors' change: toward the new object, away from the old."""
+    embed = stored_value(lm.model, f"{lm.spec.embed}.weight", lm.embed.weight).detach().float()  # offloaded too
+    change = hp.write_scale * embed[new_ids].sum(0) - hp.erase_scale * embed[predicted]  # (d_model,)
+    change = change.cpu().numpy().astype(np.float32)
+    by_layer: dict[int, list[int]] = {}
+    for i, neuron in chosen:
+        by_layer.setdefault(layers[i], []).append(int(neuron))
+    for j in by_layer:
+        editable_weight(lm, j)  # the chosen neurons' layers must be in memory to be written
+    deltas = tuple(
+        WeightDelta(lm.module_name("down_proj", j), j, np.tile(change, (len(ns), 1)), np.array(sorted(ns), np.int64))
+        for j, ns in sorted(by_layer.items()))
+    return by_layer, deltas
+
+
+def _attribute(lm: LoadedModel, row: list[int], lookup: int, layers: Sequence[int], old_ids: list[int],
+               hp: KNHyperParams, progress: Progress | None) -> tuple[torch.Tensor, int]:
+    """Every searched neuron's attribution (layers searched, d_ff), and the token the model predicts now."""
+    if progress:
+        progress("attributing", 0.0)
+    activations, predicted = _activations(lm, row, lookup, layers)
+    runner = SuffixRunner(lm, [row] * hp.batch_size, [lookup] * hp.batch_size, layers[0])
+    chunks, done = len(layers) * (hp.steps // hp.batch_size), 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress:
+            progress("attributing", done / chunks)
+
+    scores = torch.stack([attribution_scores(lm, runner, j, activations[j], old_ids, hp, tick).to(lm.device)
+                          for j in layers])  # each layer's scores come from its own device
+    return scores, predicted
+
+
 def compute_kn(
     lm: LoadedModel,
     request: EditRequest,
@@ -122,13 +173,7 @@ def compute_kn(
     ``"update"``. The weights are never modified. Raises ValueError for
     invalid input, before any work.
     """
-    if not isinstance(request, EditRequest):
-        raise ValueError("compute_kn needs an EditRequest(subject, prompt, target).")
-    request.validate()
-    hp = hparams if hparams is not None else load_hparams(lm, method="kn")
-    if not isinstance(hp, KNHyperParams):
-        raise ValueError(f"KN takes KNHyperParams, not {type(hp).__name__}.")
-    layers = (check_layer(lm, layer),) if layer is not None else hp.search_layers(lm.n_layers)
+    hp, layers = _checked(lm, request, layer, hparams)
     head = lm.tokenizer(request.text)["input_ids"]
     new_ids = continuation_ids(lm.tokenizer, request.text, request.target)
     check_context(lm.max_length, len(head) + len(new_ids), "The prompt with its target", "Shorten the prompt or the target.")
@@ -145,21 +190,7 @@ def compute_kn(
         check_context(lm.max_length, len(head) + len(old_ids), "The prompt with its old object", "Shorten the prompt.")
         row = head + old_ids[:-1]
         lookup = len(head) - 1
-        if progress:
-            progress("attributing", 0.0)
-        activations, predicted = _activations(lm, row, lookup, layers)
-        runner = SuffixRunner(lm, [row] * hp.batch_size, [lookup] * hp.batch_size, layers[0])
-        chunks, done = len(layers) * (hp.steps // hp.batch_size), 0
-
-        def tick():
-            nonlocal done
-            done += 1
-            if progress:
-                progress("attributing", done / chunks)
-
-        scores = torch.stack([attribution_scores(lm, runner, j, activations[j], old_ids, hp, tick).to(lm.device)
-                              for j in layers])  # (layers searched, d_ff); each layer's on its own device
-        del runner
+        scores, predicted = _attribute(lm, row, lookup, layers, old_ids, hp, progress)  # (layers searched, d_ff)
         clock.lap("attribute")
         if progress:
             progress("update", 0.0)
@@ -168,27 +199,15 @@ def compute_kn(
         chosen = (scores > threshold).nonzero().tolist()  # [[layer index, neuron], ...]
         if not chosen:  # no positive attribution at all: keep the top neuron
             chosen = [list(np.unravel_index(int(scores.argmax()), tuple(scores.shape)))]
-        embed = stored_value(lm.model, f"{lm.spec.embed}.weight", lm.embed.weight).detach().float()
-        change = hp.write_scale * embed[new_ids].sum(0) - hp.erase_scale * embed[predicted]  # (d_model,)
-        change = change.cpu().numpy().astype(np.float32)
-        by_layer: dict[int, list[int]] = {}
-        for i, neuron in chosen:
-            by_layer.setdefault(layers[i], []).append(int(neuron))
-        for j in by_layer:
-            editable_weight(lm, j)  # the chosen neurons' layers must be in memory to be written
-        deltas = tuple(
-            WeightDelta(lm.module_name("down_proj", j), j, np.tile(change, (len(ns), 1)), np.array(sorted(ns), np.int64))
-            for j, ns in sorted(by_layer.items()))
+        by_layer, deltas = _neuron_deltas(lm, chosen, layers, hp, new_ids, predicted)
         flat = int(scores.argmax())
         main = layers[flat // scores.shape[1]]
     clock.lap("update")
     timings = clock.finish()
-    info = {
-        "neurons": len(chosen), "neurons_by_layer": {str(j): len(ns) for j, ns in sorted(by_layer.items())},
-        "top_score": top, "threshold": threshold, "top_neuron": [main, flat % scores.shape[1]],
-        "erased_token": lm.tokenizer.decode([predicted]), "erased_token_id": predicted,
-        "layers_searched": len(layers),
-    }
+    info = {"neurons": len(chosen), "neurons_by_layer": {str(j): len(ns) for j, ns in sorted(by_layer.items())},
+            "top_score": top, "threshold": threshold, "top_neuron": [main, flat % scores.shape[1]],
+            "erased_token": lm.tokenizer.decode([predicted]), "erased_token_id": predicted,
+            "layers_searched": len(layers)}
     edit = Edit(request=request, layer=main, module=lm.module_name("down_proj", main), method="kn", variant="",
                 deltas=deltas, model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info,
                 hparams=hp.to_dict())

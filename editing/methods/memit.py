@@ -63,17 +63,19 @@ from tracing.hooks import Hook, StopForward, hooks, main_tensor, replace_main, u
 from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import continuation_ids
 
-from ..edit import Edit, EditRequest, WeightDelta
+from ..deltas import WeightDelta
+from ..edit import Edit, EditRequest
 from ..hparams import MEMITHyperParams, load_hparams
 from ..progress import Progress
+from ..sampling import pad_id
+from ..stats import StatsSpec, ensure_stats
 from ..templates import context_templates
 from .common import Stopwatch, SuffixRunner, build_rows, check_layer, fill_subject, locate_subject, with_old_objects
+from .updates import allowed_basis, layer_update, nullspace_basis
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_PASS = 192  # token rows per forward pass (the δ optimisation keeps activations of this many rows)
-_PROJECTIONS: dict[tuple, torch.Tensor] = {}  # null-space bases keyed by (stats file, mtime, threshold, device)
-_PROJECTIONS_MAX = 16
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def read_at_subject(lm: LoadedModel, rows: Sequence[Sequence[int]], lookups: Seq
     state it needs; ``updates`` (see :func:`delta_hooks`) act meanwhile.
     """
     device = lm.device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     last = max([*key_layers, *([out_layer] if out_layer is not None else [])])
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
     outs: list[torch.Tensor] = []
@@ -336,6 +338,23 @@ class _Pass:
         return nll, logp[self.n_picked :], prob
 
 
+@torch.no_grad()
+def _adam_step(delta: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, g: torch.Tensor,
+               t: int, lr: float, max_norm: torch.Tensor) -> None:
+    """One Adam step (torch's defaults: β = (0.9, 0.999), ε = 1e-8) of the ``rows`` of ``delta``, in place, each row
+    then clamped to its ``max_norm``; ``t`` counts from 1."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m1, m2 = moments
+    m1[rows] = beta1 * m1[rows] + (1 - beta1) * g
+    m2[rows] = beta2 * m2[rows] + (1 - beta2) * g * g
+    denom = (m2[rows].sqrt() / (1 - beta2 ** t) ** 0.5) + eps
+    updated = delta[rows] - lr / (1 - beta1 ** t) * m1[rows] / denom
+    norms = updated.norm(dim=-1)
+    limit = max_norm[rows]
+    updated = torch.where((norms > limit)[:, None], updated * (limit / norms)[:, None], updated)
+    delta[rows] = updated
+
+
 def _optimise_batch(lm: LoadedModel, built, layer: int, hp: MEMITHyperParams, h: torch.Tensor,
                     report: Callable[[float], None]) -> _Found:
     """δ of the facts whose rows are ``built`` (see :func:`build_rows`), ROME's loss and Adam per fact.
@@ -349,7 +368,6 @@ def _optimise_batch(lm: LoadedModel, built, layer: int, hp: MEMITHyperParams, h:
     d_model = h.shape[-1]
     delta = torch.zeros(n, d_model, device=device, dtype=torch.float32)
     m1, m2 = torch.zeros_like(delta), torch.zeros_like(delta)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     h_norm = h.float().norm(dim=-1).to(device)  # (n,)
     max_norm = hp.clamp_norm_factor * h_norm
     kl_init: torch.Tensor | None = None
@@ -385,85 +403,92 @@ def _optimise_batch(lm: LoadedModel, built, layer: int, hp: MEMITHyperParams, h:
         if not active:
             break
         (grad,) = torch.autograd.grad(loss[still].sum(), part)
-        with torch.no_grad():
-            rows = torch.tensor(active, device=device)
-            g = grad[still]
-            m1[rows] = beta1 * m1[rows] + (1 - beta1) * g
-            m2[rows] = beta2 * m2[rows] + (1 - beta2) * g * g
-            t = step + 1
-            denom = (m2[rows].sqrt() / (1 - beta2 ** t) ** 0.5) + eps
-            updated = delta[rows] - hp.v_lr / (1 - beta1 ** t) * m1[rows] / denom
-            norms = updated.norm(dim=-1)
-            limit = max_norm[rows]
-            updated = torch.where((norms > limit)[:, None], updated * (limit / norms)[:, None], updated)
-            delta[rows] = updated
+        _adam_step(delta, (m1, m2), torch.tensor(active, device=device), grad[still], step + 1, hp.v_lr, max_norm)
     report(1.0)
     return _Found(delta=delta, steps=steps, prob_before=prob_before, prob_after=prob_after)
 
 
-# ---------------------------------------------------------------------------
-# Step 2: the layers' updates
+def _checked(lm: LoadedModel, requests: Sequence[EditRequest], layers: Sequence[int] | None,
+             hparams: MEMITHyperParams | None, targets: Targets | None):
+    """The hyperparameters, the checked requests and the layers, once they (and ``targets``) are known to fit."""
+    hp = hparams if hparams is not None else load_hparams(lm, method="memit")
+    if not isinstance(hp, MEMITHyperParams):
+        raise ValueError(f"MEMIT takes MEMITHyperParams, not {type(hp).__name__}; "
+                         "load them with load_hparams(lm, method='memit').")
+    requests = check_requests(lm, requests, hp.kl_prompt)
+    layers = hp.edit_layers(lm.n_layers) if layers is None else tuple(check_layer(lm, x) for x in layers)
+    if not layers or list(layers) != sorted(set(layers)):
+        raise ValueError(f"MEMIT's layers must be ascending without repeats, not {list(layers)}.")
+    for layer in layers:
+        editable_weight(lm, layer)  # a layer offloaded by accelerate cannot take the edit: refused before any work
+    if targets is not None and (targets.layer != layers[-1] or len(targets.requests) != len(requests)
+                                or targets.fingerprint != lm.fingerprint):
+        raise ValueError("These targets were computed for other requests, another last layer or another model.")
+    return hp, requests, layers
 
 
-def nullspace_basis(stats, threshold: float | None, device=None) -> torch.Tensor | None:
-    """Eigenvectors of the key statistics C with eigenvalues below ``threshold`` × their mean: (d_in, r) float64.
+def _spread(lm: LoadedModel, rows: tuple, layers: Sequence[int], hp: MEMITHyperParams, stats: dict,
+            z: torch.Tensor, kept: dict | None, report: Progress):
+    """Spread the residual to the targets ``z`` over ``layers``, lowest first: each layer's update and a record.
 
-    The directions that the preserved knowledge's keys (the statistics'
-    corpus) use least: AlphaEdit's null space. None when ``threshold`` is None
-    (no such restriction: the whole key space).
+    ``rows`` are the key rows (ids, lookups, the bare prompts' indices); with
+    ``kept`` (the projection: preserved keys per layer) each update lies in the
+    allowed subspace of :func:`allowed_basis`.
     """
-    import os
-
-    if threshold is None:
-        return None
-    mtime = os.stat(stats.path).st_mtime_ns if stats.path and os.path.exists(stats.path) else id(stats.mom2)
-    key = (stats.path or id(stats), mtime, float(threshold), str(device))
-    basis = _PROJECTIONS.get(key)
-    if basis is None:
-        c = torch.from_numpy(stats.mom2).to(device=device, dtype=torch.float64)
-        values, vectors = torch.linalg.eigh(c)  # ascending
-        basis = vectors[:, values < threshold * values.mean()]
-        if len(_PROJECTIONS) >= _PROJECTIONS_MAX:
-            _PROJECTIONS.pop(next(iter(_PROJECTIONS)))
-        _PROJECTIONS[key] = basis
-    return basis
-
-
-def allowed_basis(null: torch.Tensor | None, kept: torch.Tensor | None, d_in: int, *, device=None,
-                  tol: float = 1e-6) -> torch.Tensor:
-    """An orthonormal basis (d_in, s) of the directions an update may use: span(``null``) ⊖ span(``kept``).
-
-    ``null``: (d_in, r) orthonormal, or None for the whole space; ``kept``:
-    (d_in, m) keys whose outputs must not change, or None. Directions of the
-    kept keys below ``tol`` of the largest are numerical noise and stay allowed.
-    """
-    base = null if null is not None else torch.eye(d_in, dtype=torch.float64, device=device)
-    if kept is None or kept.shape[1] == 0:
-        return base
-    coords = base.T @ kept.to(base)  # (r, m): the kept keys inside the allowed space
-    u, s, _ = torch.linalg.svd(coords, full_matrices=True)
-    rank = int((s > tol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
-    return base @ u[:, rank:]  # (d_in, r - rank)
+    ids, lookups, bare = rows
+    groups = template_groups(hp.context_templates)
+    updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    info_layers = []
+    for i, layer in enumerate(layers):
+        report("update", i / len(layers))
+        found, out = read_at_subject(lm, ids, lookups, [layer], out_layer=layers[-1], updates=updates)
+        keys = _group_mean(found[layer], len(bare), groups)  # (n, d_in)
+        missing = z.to(out.device) - out[bare.to(out.device)]  # (n, d_model)
+        resid = (missing / (len(layers) - i)).to(keys.device)  # on the edited layer's device
+        mom2 = torch.from_numpy(stats[layer].mom2).to(device=keys.device, dtype=torch.float64)
+        basis, ridge = None, 0.0
+        if kept is not None:
+            null = nullspace_basis(stats[layer], hp.nullspace_threshold, device=keys.device)
+            basis = allowed_basis(null, kept[layer].T if layer in kept else None, keys.shape[1], device=keys.device)
+            ridge = hp.projection_l2 * float(mom2.diagonal().mean())
+        directions, values = layer_update(keys, resid, mom2, hp.mom2_update_weight, basis=basis, ridge=ridge)
+        updates[layer] = (directions, values)
+        gain = float((directions * keys).sum(-1).mean())  # how much of its own residual each key gets here
+        info_layers.append({"layer": layer, "residual_norm": float(missing.norm(dim=-1).mean()),
+                            "self_gain": gain, **({"allowed_dims": int(basis.shape[1])} if kept is not None else {})})
+    report("update", 1.0)
+    return updates, info_layers
 
 
-def layer_update(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, weight: float, *,
-                 basis: torch.Tensor | None = None, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's update as factors (directions (n, d_in), values (n, d_out)): ΔW = valuesᵀ directions.
+def _stats_spec(hp: MEMITHyperParams) -> StatsSpec:
+    """The key statistics the hyperparameters ask for."""
+    return StatsSpec(corpus=hp.stats_corpus, n_tokens=hp.stats_tokens, seed=hp.stats_seed,
+                     sample_length=hp.stats_sample_length, top_k=hp.stats_top_k)
 
-    ``keys`` (n, d_in), ``resid`` (n, d_out), ``mom2`` C (d_in, d_in), all
-    float64. Without ``basis`` it is MEMIT's ``ΔW = R Kᵀ (λC + KKᵀ)⁻¹``, the
-    minimiser of ``‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ)``. With ``basis`` B (d_in, s)
-    orthonormal, the same objective over updates whose rows lie in span(B):
-    ``ΔW = R Kᵀ B (Bᵀ(λC + KKᵀ)B + ρI)⁻¹ Bᵀ``, so ΔW x = 0 for every x ⊥ B.
-    """
-    k = keys.T  # (d_in, n)
-    a = weight * mom2 + k @ k.T  # (d_in, d_in)
-    if basis is None:
-        directions = torch.linalg.solve(a, k).T  # (n, d_in); a is symmetric
-    else:
-        small = basis.T @ a @ basis + ridge * torch.eye(basis.shape[1], dtype=a.dtype, device=a.device)  # (s, s)
-        directions = (basis @ torch.linalg.solve(small, basis.T @ k)).T  # (n, d_in)
-    return directions, resid
+
+def _prepare(lm: LoadedModel, requests: tuple[EditRequest, ...], layers: Sequence[int], hp: MEMITHyperParams,
+             spec: StatsSpec, keep: Sequence[EditRequest], targets: Targets | None, clock: Stopwatch,
+             report: Progress):
+    """Everything the updates need, each step timed: the old objects, the context templates, the key statistics,
+    the keys to preserve (of ``keep``) and the target vectors (step 1, unless ``targets`` holds them)."""
+    if targets is not None:
+        requests = targets.requests
+    elif any(r.target_true is None for r in requests):
+        requests = with_old_objects(lm, requests)
+        clock.lap("answer")
+    report("templates", 0.0)
+    context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
+    clock.lap("templates")
+    report("statistics", 0.0)
+    stats = ensure_stats(lm, layers, spec, progress=report)
+    clock.lap("statistics")
+    report("keys", 0.0)
+    kept = request_keys(lm, keep, layers, hp) if keep else {}
+    clock.lap("keys")
+    if targets is None:
+        targets = compute_targets(lm, requests, layers[-1], hp, progress=report)
+    clock.lap("optimise")
+    return requests, stats, kept, targets
 
 
 def compute_memit(
@@ -492,92 +517,34 @@ def compute_memit(
     edits' requests), see the module's docstring. The weights are never
     modified. Raises ValueError for invalid input, before any work.
     """
-    from ..stats import StatsSpec, ensure_stats  # here, so that `python -m editing.stats` runs cleanly
-
-    hp = hparams if hparams is not None else load_hparams(lm, method="memit")
-    if not isinstance(hp, MEMITHyperParams):
-        raise ValueError(f"MEMIT takes MEMITHyperParams, not {type(hp).__name__}; "
-                         "load them with load_hparams(lm, method='memit').")
-    requests = check_requests(lm, requests, hp.kl_prompt)
-    layers = hp.edit_layers(lm.n_layers) if layers is None else tuple(check_layer(lm, x) for x in layers)
-    if not layers or list(layers) != sorted(set(layers)):
-        raise ValueError(f"MEMIT's layers must be ascending without repeats, not {list(layers)}.")
-    for layer in layers:
-        editable_weight(lm, layer)  # a layer offloaded by accelerate cannot take the edit: refused before any work
+    hp, requests, layers = _checked(lm, requests, layers, hparams, targets)
     keep = tuple(keep)
-    if targets is not None and (targets.layer != layers[-1] or len(targets.requests) != len(requests)
-                                or targets.fingerprint != lm.fingerprint):
-        raise ValueError("These targets were computed for other requests, another last layer or another model.")
-    spec = stats_spec if stats_spec is not None else StatsSpec(
-        corpus=hp.stats_corpus, n_tokens=hp.stats_tokens, seed=hp.stats_seed, sample_length=hp.stats_sample_length,
-        top_k=hp.stats_top_k)
+    spec = stats_spec if stats_spec is not None else _stats_spec(hp)
 
-    def report(stage: str, fraction: float) -> None:
-        if progress:
-            progress(stage, float(fraction))
-
+    report = (lambda stage, fraction: progress(stage, float(fraction))) if progress else (lambda stage, fraction: None)
     clock = Stopwatch()
     _ = lm.fingerprint
     with torch.inference_mode(False), torch.enable_grad():
-        if targets is not None:
-            requests = targets.requests
-        elif any(r.target_true is None for r in requests):
-            requests = with_old_objects(lm, requests)
-            clock.lap("answer")
-        report("templates", 0.0)
-        context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
-        clock.lap("templates")
-        report("statistics", 0.0)
-        stats = ensure_stats(lm, layers, spec, progress=report)
-        clock.lap("statistics")
-        report("keys", 0.0)
-        kept = request_keys(lm, keep, layers, hp) if project and keep else {}
-        clock.lap("keys")
-        if targets is None:
-            targets = compute_targets(lm, requests, layers[-1], hp, progress=report)
-        clock.lap("optimise")
-        updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        info_layers = []
+        requests, stats, kept, targets = _prepare(lm, requests, layers, hp, spec, keep if project else (), targets,
+                                                  clock, report)
         templates = context_templates(lm, hp.context_templates, top_k=hp.context_top_k, seed=hp.context_seed)
-        groups = template_groups(hp.context_templates)
         ids, lookups = _key_rows(lm, requests, templates)
         bare = torch.arange(len(requests)) * len(templates)  # template 0 is the bare prompt
-        for i, layer in enumerate(layers):
-            report("update", i / len(layers))
-            found, out = read_at_subject(lm, ids, lookups, [layer], out_layer=layers[-1], updates=updates)
-            keys = _group_mean(found[layer], len(requests), groups)  # (n, d_in)
-            missing = targets.z.to(out.device) - out[bare.to(out.device)]  # (n, d_model)
-            resid = (missing / (len(layers) - i)).to(keys.device)  # on the edited layer's device
-            mom2 = torch.from_numpy(stats[layer].mom2).to(device=keys.device, dtype=torch.float64)
-            basis, ridge = None, 0.0
-            if project:
-                null = nullspace_basis(stats[layer], hp.nullspace_threshold, device=keys.device)
-                basis = allowed_basis(null, kept[layer].T if layer in kept else None, keys.shape[1],
-                                      device=keys.device)
-                ridge = hp.projection_l2 * float(mom2.diagonal().mean())
-            directions, values = layer_update(keys, resid, mom2, hp.mom2_update_weight, basis=basis, ridge=ridge)
-            updates[layer] = (directions, values)
-            gain = float((directions * keys).sum(-1).mean())  # how much of its own residual each key gets here
-            info_layers.append({"layer": layer, "residual_norm": float(missing.norm(dim=-1).mean()),
-                                "self_gain": gain, **({"allowed_dims": int(basis.shape[1])} if project else {})})
-        report("update", 1.0)
+        updates, info_layers = _spread(lm, (ids, lookups, bare), layers, hp, stats, targets.z,
+                                       kept if project else None, report)
         clock.lap("update")
         # What the edit achieves at the last layer, for the record.
         _, final = read_at_subject(lm, ids, lookups, [], out_layer=layers[-1], updates=updates)
         left = (targets.z.to(final.device) - final[bare.to(final.device)]).norm(dim=-1)
         delta_norm = (targets.z - targets.h).norm(dim=-1)
-    conv1d = lm.spec.conv1d
-    deltas = tuple(
-        WeightDelta.low_rank(lm.module_name("down_proj", layer), layer, values.float().cpu().numpy(),
-                             directions.float().cpu().numpy(), conv1d)
-        for layer, (directions, values) in updates.items())
+    deltas = tuple(WeightDelta.low_rank(lm.module_name("down_proj", layer), layer, values.float().cpu().numpy(),
+                                        directions.float().cpu().numpy(), lm.spec.conv1d)
+                   for layer, (directions, values) in updates.items())
     timings = clock.finish()
-    info = {
-        "layers": list(layers), "facts": len(requests), "projected": bool(project), "kept_requests": len(keep),
-        "steps": float(np.mean(targets.steps)), "target_prob_before": float(np.mean(targets.prob_before)),
-        "target_prob_after": float(np.mean(targets.prob_after)), "delta_norm": float(delta_norm.mean()),
-        "residual_left": float((left / delta_norm.clamp(min=1e-12)).mean()), "per_layer": info_layers,
-    }
+    info = {"layers": list(layers), "facts": len(requests), "projected": bool(project), "kept_requests": len(keep),
+            "steps": float(np.mean(targets.steps)), "target_prob_before": float(np.mean(targets.prob_before)),
+            "target_prob_after": float(np.mean(targets.prob_after)), "delta_norm": float(delta_norm.mean()),
+            "residual_left": float((left / delta_norm.clamp(min=1e-12)).mean()), "per_layer": info_layers}
     edit = Edit(request=requests[0], requests=requests, layer=layers[-1],
                 module=lm.module_name("down_proj", layers[-1]), method="memit", variant="", deltas=deltas,
                 model=lm.name, fingerprint=lm.fingerprint, timings=timings, info=info, hparams=hp.to_dict())

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ import numpy as np
 import torch
 
 from tracing.hooks import Hook, StopForward, hooks, until_stopped
-from tracing.assets import ROOT as ASSETS, STATS
+from tracing.assets import STATS
 from tracing.models import LoadedModel, cache_dir
 
-from .edit import original_weights
-from .hparams import ROMEHyperParams
-from .progress import Progress
-from .sampling import decode, start_token_id
+from ..edit import original_weights
+from ..hparams import ROMEHyperParams
+from ..progress import Progress
+from ..sampling import decode, start_token_id
 
 log = logging.getLogger(__name__)
 
@@ -486,69 +485,3 @@ def cached_layers(lm: LoadedModel, spec: StatsSpec = StatsSpec()) -> list[int]:
         except ValueError:
             continue
     return sorted(out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m editing.stats``: precompute key statistics."""
-    import argparse
-
-    from tracing.loading import load_model
-
-    from .hparams import load_hparams
-
-    parser = argparse.ArgumentParser(prog="python -m editing.stats", description=main.__doc__)
-    parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--layers", nargs="*", default=None,
-                        help="layers to compute (default: the model's edit layer); 'all' for every layer")
-    parser.add_argument("--tokens", type=int, default=None, help="corpus size in tokens (default: hyperparameters)")
-    parser.add_argument("--corpus", default=None, help="'model', 'file:PATH' or 'hf:NAME[:CONFIG]'")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-rows", type=int, default=64)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--ship", action="store_true",
-                        help="also copy the sampled corpus into assets/stats/ to ship it with the project")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    hp = load_hparams(lm)
-    changes = {"batch_rows": args.batch_rows}
-    for key, value in (("n_tokens", args.tokens), ("corpus", args.corpus), ("seed", args.seed)):
-        if value is not None:
-            changes[key] = value
-    spec = StatsSpec.from_hparams(hp, **changes)
-    if args.layers is None or args.layers == []:
-        layers = [hp.edit_layer(lm.n_layers)]
-    elif args.layers == ["all"]:
-        layers = list(range(lm.n_layers))
-    else:
-        layers = [int(x) for x in args.layers]
-    last = {"shown": -1}
-
-    def show(stage: str, fraction: float) -> None:
-        percent = int(fraction * 100)
-        if percent // 5 != last["shown"]:
-            last["shown"] = percent // 5
-            print(f"  {stage}: {percent:3d}%", flush=True)
-
-    t0 = time.perf_counter()
-    result = ensure_stats(lm, layers, spec, progress=show)
-    seconds = time.perf_counter() - t0
-    for layer, stats in sorted(result.items()):
-        print(f"layer {layer}: {stats.count} tokens, {stats.path}")
-    print(f"done in {seconds:.1f} s (corpus {spec.corpus}, {spec.n_tokens} tokens)")
-    if args.ship:
-        if spec.corpus != "model":
-            parser.error("--ship is for the sampled corpus ('model'); text corpora are not shipped")
-        target = shipped_corpus_path(lm, spec)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(stats_dir(lm, spec) / "corpus.safetensors", target)
-        print(f"shipped the corpus as {target.relative_to(ASSETS.parent)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,7 +21,6 @@ or from a shell: ``python -m editing.presets --out assets/presets.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -36,7 +35,6 @@ import torch
 
 from tracing.assets import PRESETS, known_facts
 from tracing.models import LoadedModel
-from tracing.loading import load_model
 from tracing.recall import answer_probabilities, equal_length_batches
 from tracing.result import TraceConfig
 from tracing.tokens import continuation_ids, encode_prompt
@@ -129,6 +127,41 @@ def subject_familiarity(lm: LoadedModel, facts: Sequence[dict], batch_size: int 
     return scores
 
 
+def _relations(facts: Sequence[dict], probs, top) -> tuple[dict, dict, dict]:
+    """Per relation its prompt templates and object counts, and the facts of each (relation, object): the known
+    facts first, most confident first."""
+    templates: dict[str, list[str]] = defaultdict(list)
+    objects: dict[str, Counter] = defaultdict(Counter)
+    by_object: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for fact, p, ok in sorted(zip(facts, probs, top), key=lambda fpo: (not fpo[2], -fpo[1])):
+        template = _relation_prompt(fact)
+        if template not in templates[fact["relation_id"]]:
+            templates[fact["relation_id"]].append(template)
+        objects[fact["relation_id"]][fact["attribute"]] += 1
+        by_object[fact["relation_id"], fact["attribute"]].append(fact)
+    return templates, objects, by_object
+
+
+def _take_turns(queues: dict[str, list[tuple[dict, float]]], relations: Sequence[str], n: int, per_relation: int,
+                complete) -> list[Preset]:
+    """Relations take turns, at most ``per_relation`` presets each per round, one subject once, until ``n``."""
+    chosen: list[Preset] = []
+    seen_subjects: set[str] = set()
+    while len(chosen) < n and any(queues[r] for r in relations):
+        for relation in relations:
+            taken = 0
+            while queues[relation] and taken < per_relation and len(chosen) < n:
+                fact, p = queues[relation].pop(0)
+                if fact["subject"] in seen_subjects:
+                    continue
+                preset = complete(fact, p, relation)
+                if preset is not None:
+                    chosen.append(preset)
+                    seen_subjects.add(fact["subject"])
+                    taken += 1
+    return chosen
+
+
 def find_presets(
     lm: LoadedModel,
     n: int = 12,
@@ -166,16 +199,7 @@ def find_presets(
     known = [(fact, p) for fact, p, ok in zip(facts, probs, top) if ok]
     log.info("%s knows %d of %d facts", lm.name, len(known), len(facts))
 
-    templates: dict[str, list[str]] = defaultdict(list)
-    objects: dict[str, Counter] = defaultdict(Counter)
-    by_object: dict[tuple[str, str], list[dict]] = defaultdict(list)  # known facts first, most confident first
-    for fact, p, ok in sorted(zip(facts, probs, top), key=lambda fpo: (not fpo[2], -fpo[1])):
-        template = _relation_prompt(fact)
-        if template not in templates[fact["relation_id"]]:
-            templates[fact["relation_id"]].append(template)
-        objects[fact["relation_id"]][fact["attribute"]] += 1
-        by_object[fact["relation_id"], fact["attribute"]].append(fact)
-
+    templates, objects, by_object = _relations(facts, probs, top)
     candidates = [
         (fact, p) for fact, p in known
         if p >= min_probability
@@ -190,25 +214,49 @@ def find_presets(
     for candidate, _ in ranked:
         queues[candidate[0]["relation_id"]].append(candidate)
     relations = list(dict.fromkeys(c[0]["relation_id"] for c, _ in ranked))  # by their best fact
-
-    chosen: list[Preset] = []
-    seen_subjects: set[str] = set()
-    while len(chosen) < n and any(queues[r] for r in relations):
-        for relation in relations:
-            taken = 0
-            while queues[relation] and taken < per_relation and len(chosen) < n:
-                fact, p = queues[relation].pop(0)
-                if fact["subject"] in seen_subjects:
-                    continue
-                preset = _complete(lm, fact, p, templates[relation], objects[relation], by_object,
-                                   max_corrupted_ratio)
-                if preset is not None:
-                    chosen.append(preset)
-                    seen_subjects.add(fact["subject"])
-                    taken += 1
+    chosen = _take_turns(queues, relations, n, per_relation,
+                         lambda fact, p, relation: _complete(lm, fact, p, templates[relation], objects[relation],
+                                                             by_object, max_corrupted_ratio))
     if len(chosen) < n:
         log.warning("Only %d presets qualified (asked for %d); lower min_probability or raise max_tokens.", len(chosen), n)
     return chosen
+
+
+def _paraphrases(lm: LoadedModel, fact: dict, templates: list[str], rewrite: str) -> list[str] | None:
+    """The relation's other prompts about this subject, those the model answers (best) first; None under two."""
+    others = list(dict.fromkeys(t.format(fact["subject"]) for t in templates if t != rewrite and t.count("{}") == 1))
+    if len(others) < 2:
+        return None
+    probs, top = answer_probabilities(lm, others, [fact["attribute"]] * len(others))
+    ranked = sorted(zip(others, probs, top), key=lambda opt: (not opt[2], -opt[1]))
+    return [text for text, _, _ in ranked[:2]]
+
+
+def _neighbours(fact: dict, by_object: dict) -> list[str] | None:
+    """Other subjects of the relation with the same object: unrelated names (no shared word) first, then those
+    the model knows, most confident first; None under two."""
+    subject, prompt = fact["subject"], fact["prompt"]
+    words = set(subject.lower().split())
+    others = [
+        f for f in by_object[fact["relation_id"], fact["attribute"]]
+        if f["subject"] != subject and subject not in f["prompt"] and f["subject"] not in prompt
+    ]
+    others.sort(key=lambda f: bool(words & set(f["subject"].lower().split())))  # stable sort keeps the rest
+    neighbours = [f["prompt"] for f in others][:2]
+    return neighbours if len(neighbours) >= 2 else None
+
+
+def _counterfactual(lm: LoadedModel, fact: dict, probability: float, objects: Counter) -> str | None:
+    """The relation's most common other object that the model does not already favour, or None."""
+    prompt, attribute = fact["prompt"], fact["attribute"]
+    first = continuation_ids(lm.tokenizer, prompt, attribute)[0]
+    alternatives = [o for o, _ in objects.most_common() if o != attribute]
+    alternatives = [o for o in alternatives if continuation_ids(lm.tokenizer, prompt, o)[0] != first]
+    if not alternatives:
+        return None
+    probs, _ = answer_probabilities(lm, [prompt] * len(alternatives), alternatives)
+    unlikely = [o for o, p in zip(alternatives, probs) if p < min(0.05, probability / 10)]
+    return unlikely[0] if unlikely else None
 
 
 def _complete(
@@ -223,38 +271,11 @@ def _complete(
     """Add a counterfactual, paraphrases and neighbours to a known fact, or None if one is missing."""
     subject, attribute, prompt = fact["subject"], fact["attribute"], fact["prompt"]
     rewrite = _relation_prompt(fact)
-    first = continuation_ids(lm.tokenizer, prompt, attribute)[0]
-
-    # Paraphrases: the relation's other prompts about this subject; those the model answers (best) first.
-    others = list(dict.fromkeys(t.format(subject) for t in templates if t != rewrite and t.count("{}") == 1))
-    if len(others) < 2:
+    paraphrases = _paraphrases(lm, fact, templates, rewrite)
+    neighbours = _neighbours(fact, by_object) if paraphrases else None
+    counterfactual = _counterfactual(lm, fact, probability, objects) if neighbours else None
+    if counterfactual is None:
         return None
-    probs, top = answer_probabilities(lm, others, [attribute] * len(others))
-    ranked = sorted(zip(others, probs, top), key=lambda opt: (not opt[2], -opt[1]))
-    paraphrases = [text for text, _, _ in ranked[:2]]
-
-    # Neighbours: other subjects of the relation with the same object; unrelated names (no shared word) first,
-    # then those the model knows, most confident first.
-    words = set(subject.lower().split())
-    others = [
-        f for f in by_object[fact["relation_id"], attribute]
-        if f["subject"] != subject and subject not in f["prompt"] and f["subject"] not in prompt
-    ]
-    others.sort(key=lambda f: bool(words & set(f["subject"].lower().split())))  # stable sort keeps the rest
-    neighbours = [f["prompt"] for f in others][:2]
-    if len(neighbours) < 2:
-        return None
-
-    # Counterfactual: the relation's most common other object that the model does not already favour.
-    alternatives = [o for o, _ in objects.most_common() if o != attribute]
-    alternatives = [o for o in alternatives if continuation_ids(lm.tokenizer, prompt, o)[0] != first]
-    if not alternatives:
-        return None
-    probs, _ = answer_probabilities(lm, [prompt] * len(alternatives), alternatives)
-    unlikely = [o for o, p in zip(alternatives, probs) if p < min(0.05, probability / 10)]
-    if not unlikely:
-        return None
-
     # The subject must matter: corrupting it (as the trace does) should remove much of the answer.
     enc = encode_prompt(lm.tokenizer, prompt, subject)
     (low,) = trace(lm, prompt, subject, answer=attribute, kinds=("hidden",),
@@ -270,7 +291,7 @@ def _complete(
         probability=round(float(probability), 4),
         corrupted=round(float(low.low_score), 4),
         rewrite_prompt=rewrite,
-        counterfactual=unlikely[0],
+        counterfactual=counterfactual,
         paraphrases=tuple(paraphrases),
         neighbours=tuple(neighbours),
     )
@@ -373,28 +394,3 @@ def guess_subject(prompt: str, facts: Iterable[dict] | None = None) -> str:
         if word.lower() in _STOP_VERBS and k > 0:
             return text[: words[k - 1][2]]
     return words[0][0] if words else ""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: choose presets for a model and write them as JSON."""
-    parser = argparse.ArgumentParser(description="Pick known facts (with counterfactuals) for the app's presets.")
-    parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--n", type=int, default=12, help="how many presets (default 12)")
-    parser.add_argument("--min-probability", type=float, default=0.2, help="least p(answer) of a chosen fact")
-    parser.add_argument("--max-tokens", type=int, default=12, help="longest prompt, in tokens")
-    parser.add_argument("--max-corrupted-ratio", type=float, default=0.5,
-                        help="skip facts whose corrupted p(answer) exceeds this fraction of the clean one")
-    parser.add_argument("--out", default=str(PRESETS_PATH), help="where to write the JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    lm = load_model(args.model)
-    presets = find_presets(lm, n=args.n, min_probability=args.min_probability, max_tokens=args.max_tokens,
-                           max_corrupted_ratio=args.max_corrupted_ratio)
-    path = save_presets(presets, lm, args.out)
-    for p in presets:
-        print(f"{p.probability:5.2f} -> {p.corrupted:5.2f}  {p.prompt!r} -> {p.attribute!r}; edit to {p.counterfactual!r}")
-    print(f"Wrote {len(presets)} presets to {path}")
-
-
-if __name__ == "__main__":
-    main()

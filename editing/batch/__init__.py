@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,10 +38,14 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import Edit, EditRequest, applied
-from .progress import Progress
-from .scores import EditScores, harmonic_mean
-from .sequential import Health, health
+from ..edit import Edit, EditRequest, applied
+from ..hparams import load_hparams
+from ..methods import compute_batch
+from ..methods.common import with_old_objects
+from ..methods.memit import check_requests
+from ..progress import Progress
+from ..scores import EditScores, harmonic_mean, nan_to_none, rescore, score_many
+from ..sequential import Health, health
 
 
 # Column names a CSV header may use, per field (lower case)
@@ -72,9 +76,7 @@ def _item_of_record(record: dict, where: str) -> BatchItem:
         raise ValueError(f"{where} is not an object with subject, prompt and target.")
     try:
         if "requested_rewrite" in record:  # CounterFact
-            rw = record["requested_rewrite"]
-            request = EditRequest(rw["subject"], rw["prompt"], rw["target_new"]["str"],
-                                  (rw.get("target_true") or {}).get("str"))
+            request = EditRequest.from_counterfact(record, old_required=False)
             return BatchItem(request, tuple(record.get("paraphrase_prompts") or ()),
                              tuple(record.get("neighborhood_prompts") or ()))
         if "rewrite_prompt" in record:  # a preset of editing.presets
@@ -189,7 +191,7 @@ class BatchResult:
             out.append({"subject": r.subject, "prompt": r.prompt, "target": r.target, "target_true": r.target_true,
                         "p_new_before": float(b.prob_new[0]), "p_new_after": float(a.prob_new[0]),
                         "p_old_before": float(b.prob_old[0]), "p_old_after": float(a.prob_old[0]),
-                        "written": bool(a.success[0]), "before": _floats(b.summary()), "after": _floats(a.summary())})
+                        "written": bool(a.success[0]), "before": nan_to_none(b.summary()), "after": nan_to_none(a.summary())})
         return out
 
     def summary(self, which: str = "after") -> dict[str, float]:
@@ -205,20 +207,25 @@ class BatchResult:
 
     def to_dict(self) -> dict:
         return {"facts": len(self.items), "method": self.edit.method, "layers": list(self.edit.layers),
-                "norm": self.edit.norm, "seconds": self.seconds, "before": _floats(self.summary("before")),
-                "after": _floats(self.summary("after")), "neighbours_left_out": self.neighbours_left_out,
+                "norm": self.edit.norm, "seconds": self.seconds, "before": nan_to_none(self.summary("before")),
+                "after": nan_to_none(self.summary("after")), "neighbours_left_out": self.neighbours_left_out,
                 "health": self.health.to_dict() if self.health else None, "rows": self.rows(),
                 "edit": self.edit.metadata()}
 
 
-def _floats(values: dict) -> dict:
-    return {k: (float(v) if v is not None and np.isfinite(v) else None) for k, v in values.items()}
-
-
-def _score(lm: LoadedModel, items: Sequence[BatchItem], neighbours: Sequence[Sequence[str]]) -> list[EditScores]:
-    from .evaluate import score_many
-
-    return score_many(lm, [(it.request, it.paraphrases, n) for it, n in zip(items, neighbours)])
+def _with_old_objects(lm: LoadedModel, items: Sequence[BatchItem], previous: Sequence[Edit],
+                      report: Progress) -> list[BatchItem]:
+    """The items with their old objects: the given ones, else the model's answers with the earlier edits."""
+    with applied(lm, previous):
+        report("answer", 0.0)
+        requests_old = with_old_objects(lm, [it.request for it in items])
+    for i, r in enumerate(requests_old):
+        where = f"Fact {i + 1} ({r.text!r})"
+        if r.target_true is None:
+            raise ValueError(f"{where}: the model gives no answer; enter its old object.")
+        if r.target_true.strip().lower() == r.target.strip().lower():
+            raise ValueError(f"{where}: the model already answers {r.target!r}; choose another new object.")
+    return [replace(it, request=r) for it, r in zip(items, requests_old)]
 
 
 def write_batch(
@@ -246,14 +253,15 @@ def write_batch(
     :func:`~editing.edit.applied` or kept in an :class:`~editing.edit.EditStack`.
     Raises ValueError for invalid input, before any work.
     """
-    from .hparams import load_hparams
-    from .methods import compute_batch
-    from .methods.common import with_old_objects
-    from .methods.memit import check_requests
-
     def report(stage: str, fraction: float) -> None:
         if progress:
             progress(stage, float(fraction))
+
+    def scored(stage: str) -> list[EditScores]:
+        report(stage, 0.0)
+        out = score_many(lm, [(it.request, it.paraphrases, n) for it, n in zip(items, neighbours)])
+        report(stage, 1.0)
+        return out
 
     started = time.perf_counter()
     items = as_items(requests)
@@ -263,116 +271,16 @@ def write_batch(
     subjects = [it.request.subject.strip() for it in items]
     neighbours = [tuple(p for p in it.neighbours if not any(s and s in p for s in subjects)) for it in items]
     left_out = sum(len(it.neighbours) - len(n) for it, n in zip(items, neighbours))
-    with applied(lm, previous):
-        report("answer", 0.0)
-        requests_old = with_old_objects(lm, [it.request for it in items])
-        for i, r in enumerate(requests_old):
-            where = f"Fact {i + 1} ({r.text!r})"
-            if r.target_true is None:
-                raise ValueError(f"{where}: the model gives no answer; enter its old object.")
-            if r.target_true.strip().lower() == r.target.strip().lower():
-                raise ValueError(f"{where}: the model already answers {r.target!r}; choose another new object.")
-        items = [replace(it, request=r) for it, r in zip(items, requests_old)]
-        report("before", 0.0)
-        before = _score(lm, items, neighbours)
-        report("before", 1.0)
-    edit = compute_batch(lm, [it.request for it in items], method="memit", hparams=hp, layers=layers, layer=layer,
-                         previous=previous, project=project, stats_spec=stats_spec, progress=report)
-    report_health = None
-    with applied(lm, [*previous, edit]):
-        report("after", 0.0)
-        after = _score(lm, items, neighbours)
-        report("after", 1.0)
-        if check_health:
-            report("health", 0.0)
-            report_health = health(lm, [*previous, edit], already_applied=True)
-            report("health", 1.0)
-    return BatchResult(tuple(items), tuple(before), tuple(after), edit, report_health,
+    items = _with_old_objects(lm, items, previous, report)
+    rescored = rescore(lm, lambda: scored("before"),
+                       lambda: compute_batch(lm, [it.request for it in items], method="memit", hparams=hp, layers=layers,
+                                             layer=layer, previous=previous, project=project, stats_spec=stats_spec,
+                                             progress=report),
+                       previous=previous, score_after=lambda _: scored("after"))
+    found = None
+    if check_health:
+        report("health", 0.0)
+        found = health(lm, [*previous, rescored.edit])
+        report("health", 1.0)
+    return BatchResult(tuple(items), tuple(rescored.before), tuple(rescored.after), rescored.edit, found,
                        time.perf_counter() - started, left_out)
-
-
-def format_result(result: BatchResult) -> str:
-    """A plain-text table of a batch: one line per fact, then the scores and the health check."""
-    lines = [f"{'fact':<52}{'new':<14}{'p(new) before':>14}{'after':>8}{'p(old) before':>15}{'after':>8}"]
-    for row in result.rows():
-        text = row["prompt"].replace("{}", row["subject"], 1)
-        text = text if len(text) <= 50 else text[:47] + "..."
-        lines.append(f"{text:<52}{row['target'][:13]:<14}{row['p_new_before']:>14.3f}{row['p_new_after']:>8.3f}"
-                     f"{row['p_old_before']:>15.3f}{row['p_old_after']:>8.3f}")
-    lines.append("")
-    lines.append("          " + "".join(f"{k:>8}" for k in ("ES", "PS", "NS", "S")))
-    for which in ("before", "after"):
-        s = result.summary(which)
-        lines.append(f"{which:<10}" + "".join(f"{'-' if not np.isfinite(s[k]) else f'{s[k]:.3f}':>8}"
-                                               for k in ("ES", "PS", "NS", "S")))
-    lines.append(f"\n{len(result.items)} facts in one MEMIT edit at layers {', '.join(map(str, result.edit.layers))}, "
-                 f"|ΔW| {result.edit.norm:.3g}, {result.seconds:.1f} s")
-    if result.health is not None:
-        lines.extend(["health: " + w for w in result.health.warnings] or ["health: nothing looks wrong"])
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: write the facts of a CSV or JSON file as one MEMIT batch and show what changed."""
-    import argparse
-    import logging
-    import sys
-
-    import torch
-
-    from tracing.loading import load_model
-
-    from .edit import check_edits, load_edits, save_edits
-    from .hparams import load_hparams
-
-    parser = argparse.ArgumentParser(prog="python -m editing.batch", description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", required=True,
-                        help="CSV (subject,prompt,target[,old]) or JSON (facts, CounterFact cases or presets)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N facts")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="MEMIT's layers (default: hyperparameters)")
-    parser.add_argument("--hparams", default=None, help="MEMIT hyperparameter JSON file")
-    parser.add_argument("--project", action="store_true", help="keep the keys of --load's edits (AlphaEdit)")
-    parser.add_argument("--load", nargs="*", default=[], help="edit files to apply first")
-    parser.add_argument("--save", default=None, help="write the loaded edits plus this batch to a .safetensors file")
-    parser.add_argument("--no-health", action="store_true", help="skip the health check")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        items = read_requests(args.requests, max_bytes=50_000_000)[: args.limit]
-        if not items:
-            raise ValueError(f"{args.requests} holds no facts.")
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        hp = load_hparams(lm, path=args.hparams, method="memit")
-        previous = [e for path in args.load for e in load_edits(path)]
-        check_edits(lm, previous)
-
-        def progress(stage: str, fraction: float) -> None:
-            if args.verbose and fraction in (0.0, 1.0):
-                print(f"  {stage} {fraction:4.0%}", file=sys.stderr)
-
-        result = write_batch(lm, items, hparams=hp, layers=args.layers, previous=previous, project=args.project,
-                             check_health=not args.no_health, progress=progress)
-        if args.save:
-            save_edits([*previous, result.edit], args.save)
-    except (ValueError, LookupError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
-    else:
-        print(format_result(result))
-        if args.save:
-            print(f"\nsaved {len(previous) + 1} edit(s) to {args.save}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,6 +12,8 @@ or from the command line::
 
     python -m tracing.average --limit 20 --json out/average.json --html out/average.html
 
+(the command line lives in :mod:`tracing.average.__main__`).
+
 Every fact is traced with the paper's settings (10 samples, noise 3 x the
 embedding std, window 10, every token) and its answer is the fact's attribute.
 Each trace is cached per fact (key: the model's fingerprint, the prompt,
@@ -43,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .assets import AVERAGES
-from .models import LoadedModel, cache_dir, read_json_cache, write_json_cache
-from .recall import recalled_facts
-from .result import KINDS, TraceConfig, TraceResult
-from .sever import SEVERABLE, SeverResult, sever
-from .trace import trace
+from ..assets import AVERAGES
+from ..models import LoadedModel, cache_dir, read_json_cache, write_json_cache
+from ..recall import recalled_facts
+from ..result import KINDS, TraceConfig, TraceResult
+from ..sever import SEVERABLE, SeverResult, sever
+from ..trace import trace
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,20 @@ def _peak(result: TraceResult) -> dict:
     return {"token": int(token), "layer": int(layer), "score": float(result.scores[token, layer])}
 
 
+def _fact_line(fact: dict, first: TraceResult, by_kind: dict[str, TraceResult], kinds: Sequence[str]) -> dict:
+    """One fact of a summary: its clean and corrupted scores, each kind's peak, and the peak at its last subject token."""
+    last_subject = first.subject_range[1] - 1
+    return {
+        "prompt": fact["prompt"], "subject": fact["subject"], "attribute": fact["attribute"],
+        "relation_id": fact.get("relation_id", ""), "known_id": fact.get("known_id"),
+        "clean": first.high_score, "corrupted": first.low_score,
+        "peaks": {kind: _peak(by_kind[kind]) for kind in kinds},
+        "last_subject_peak": {kind: {"layer": int(np.nanargmax(by_kind[kind].scores[last_subject])),
+                                     "score": float(np.nanmax(by_kind[kind].scores[last_subject]))}
+                              for kind in kinds},
+    }
+
+
 def summarise(
     traced: Sequence[tuple[dict, Sequence[TraceResult]]],
     *,
@@ -210,21 +226,7 @@ def summarise(
             scores = by_kind[kind].scores
             for g, positions in enumerate(groups):
                 rows[kind][g].extend(scores[t] for t in positions if not np.isnan(scores[t]).any())
-        last_subject = first.subject_range[1] - 1
-        facts.append({
-            "prompt": fact["prompt"], "subject": fact["subject"], "attribute": fact["attribute"],
-            "relation_id": fact.get("relation_id", ""), "known_id": fact.get("known_id"),
-            "clean": first.high_score, "corrupted": first.low_score,
-            "peaks": {kind: _peak(by_kind[kind]) for kind in kinds},
-            "last_subject_peak": {kind: {"layer": int(np.nanargmax(by_kind[kind].scores[last_subject])),
-                                         "score": float(np.nanmax(by_kind[kind].scores[last_subject]))}
-                                  for kind in kinds},
-        })
-    out_kinds = {}
-    for kind in kinds:
-        means, cis = zip(*(_mean_ci(group_rows, n_layers) for group_rows in rows[kind]))
-        out_kinds[kind] = {"groups": list(GROUPS), "mean": list(means), "ci95": list(cis),
-                           "n": [len(group_rows) for group_rows in rows[kind]]}
+        facts.append(_fact_line(fact, first, by_kind, kinds))
     c, k = _scalar(clean), _scalar(corrupted)
     out = {
         "format": FORMAT,
@@ -234,19 +236,26 @@ def summarise(
         "corrupted": k["mean"], "corrupted_ci95": k["ci95"],
         "metric": traced[0][1][0].metric,
         "settings": dict(settings if settings is not None else traced[0][1][0].settings),
-        "kinds": out_kinds,
+        "kinds": {kind: _kind_means(rows[kind], n_layers) for kind in kinds},
         "facts": facts,
     }
     if severed:
-        if len(severed) != len(traced):
-            raise ValueError(f"Got {len(severed)} severed results for {len(traced)} traced facts.")
-        out["severed"] = _summarise_severed(severed, n_layers)
-        for line, result in zip(facts, severed):
-            line["severed_gap"] = {kind: float(np.max(result.gap(kind))) for kind in result.severed}
+        out["severed"] = _summarise_severed(severed, n_layers, facts)
     return out
 
 
-def _summarise_severed(severed: Sequence[SeverResult], n_layers: int) -> dict:
+def _kind_means(rows: list[list[np.ndarray]], n_layers: int) -> dict:
+    """One kind's mean restored score and 95 % interval per token group and layer, and the rows pooled per group."""
+    means, cis = zip(*(_mean_ci(group_rows, n_layers) for group_rows in rows))
+    return {"groups": list(GROUPS), "mean": list(means), "ci95": list(cis), "n": [len(group_rows) for group_rows in rows]}
+
+
+def _summarise_severed(severed: Sequence[SeverResult], n_layers: int, facts: list[dict]) -> dict:
+    """The severed paths' means per layer; each fact's line gains its largest gap per kind."""
+    if len(severed) != len(facts):
+        raise ValueError(f"Got {len(severed)} severed results for {len(facts)} traced facts.")
+    for line, result in zip(facts, severed):
+        line["severed_gap"] = {kind: float(np.max(result.gap(kind))) for kind in result.severed}
     kinds = [k for k in SEVERABLE if all(k in r.severed for r in severed)]
     none = [r.unsevered for r in severed]
     out = {"token_group": GROUPS[LAST_SUBJECT], "n": len(severed), "none": dict(zip(("mean", "ci95"), _mean_ci(none, n_layers)))}
@@ -398,6 +407,36 @@ def average_traces(
     return summary
 
 
+def read_averages(path: str | Path) -> dict:
+    """A file of averages (``--json``, a shipped file); a ValueError if it is not one."""
+    part = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(part, dict) or part.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a file of averages ({FORMAT}); write one with --json.")
+    return part
+
+
+def extend_averages(lm: LoadedModel, facts: Sequence[dict], earlier: Sequence[dict], **options) -> dict:
+    """The averages of ``facts`` pooled with ``earlier`` runs: only the facts these do not hold are traced.
+
+    Example::
+
+        summary = extend_averages(lm, recalled_facts(lm), [shipped_average(lm)])
+
+    ``options`` go to :func:`average_traces`. Every part must come from the same
+    weights (fingerprint); a ValueError says which do not, or that nothing is left.
+    """
+    covered = {_fact_key(line) for part in earlier for line in part.get("facts", ())}
+    todo = [fact for fact in facts if _fact_key(fact) not in covered]
+    parts = [*earlier, *([average_traces(lm, todo, **options)] if todo else [])]
+    for part in parts:
+        if part.get("fingerprint") not in (None, lm.fingerprint):
+            raise ValueError(f"Cannot merge averages of other weights (fingerprint {part['fingerprint']}, "
+                             f"this model {lm.fingerprint}).")
+    if not parts:
+        raise ValueError("No facts to trace.")
+    return merge_summaries(parts) if len(parts) > 1 else parts[0]
+
+
 def ship_path(lm: LoadedModel) -> Path:
     """Where a model's shipped averages go: ``assets/averages/<model name>.json``."""
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in lm.name.split("/")[-1]).strip("-.") or "model"
@@ -422,125 +461,3 @@ def shipped_average(lm: LoadedModel, folder: Path | None = None) -> dict | None:
                 and data.get("settings") == TraceConfig().to_dict()):
             return data
     return None
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def format_table(summary: dict) -> str:
-    """The averages as text: clean/corrupted, then per kind and group the peak layer and its mean +- CI."""
-    lines = [
-        f"{summary['model']}: {summary['n_facts']} facts; clean {_num(summary['clean'])} "
-        f"(+-{_num(summary['clean_ci95'])}), corrupted {_num(summary['corrupted'])} "
-        f"(+-{_num(summary['corrupted_ci95'])})",
-        f"{'kind':<7}{'token group':<25}{'n':>6}{'peak layer':>12}{'restored':>10}{'+-95%':>8}{'effect':>9}",
-    ]
-    for kind, data in summary["kinds"].items():
-        for g, name in enumerate(data["groups"]):
-            mean = np.array(data["mean"][g], dtype=np.float64)
-            if np.isnan(mean).all():
-                lines.append(f"{kind:<7}{name:<25}{data['n'][g]:>6}{'-':>12}")
-                continue
-            layer = int(np.nanargmax(mean))
-            lines.append(f"{kind:<7}{name:<25}{data['n'][g]:>6}{layer:>12}{mean[layer]:>10.4f}"
-                         f"{_num(data['ci95'][g][layer]):>8}{mean[layer] - summary['corrupted']:>9.4f}")
-    for kind, p in peaks(summary).items():
-        lines.append(f"peak {kind}: {p['group']}, layer {p['layer']}: {p['mean']:.4f} (effect {p['effect']:+.4f})")
-    severed = summary.get("severed")
-    if severed:
-        lines.append(f"severed paths at the last subject token ({severed['n']} facts): restored hidden state, "
-                     "unsevered - severed, per layer")
-        for kind, gap in severed["gap"].items():
-            lines.append(f"  {kind:<5}" + " ".join(f"{v:.3f}" if v is not None else "-" for v in gap["mean"]))
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import sys
-    import time
-
-    from .models import DEFAULT_MODEL
-
-    from .loading import load_model
-
-    p = argparse.ArgumentParser(
-        prog="python -m tracing.average",
-        description="Causal traces averaged over the known facts a model recalls, by token group and layer "
-        "(the paper's Fig. 2). Each fact's trace is cached, so an interrupted run resumes.",
-        epilog="Example: python -m tracing.average --limit 20 --json out/average.json --html out/average.html",
-    )
-    p.add_argument("--limit", type=int, default=None, help="trace the first N recalled facts (default: all)")
-    p.add_argument("--model", default=None, help=f"Hugging Face id or local path; default: the embedded {DEFAULT_MODEL}")
-    p.add_argument("--facts", default=None, help="a known-facts JSON file (default: the paper's, assets/known_facts.json)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
-    p.add_argument("--cache", default=None, help="folder of per-fact traces (default: $LOCATE_EDIT_CACHE/traces)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the averages as JSON")
-    p.add_argument("--html", metavar="OUT", default=None, help="write the figures as an HTML page")
-    p.add_argument("--ship", action="store_true",
-                   help="also write assets/averages/<model>.json, which the page shows (paper settings only)")
-    p.add_argument("--merge", metavar="FILE", nargs="+", default=[],
-                   help="averages of other facts (a shipped file, another machine's --json) to pool with this run; "
-                   "the facts they hold are not traced again")
-    p.add_argument("--no-sever", action="store_true", help="skip the severed paths (the paper's Fig. 3)")
-    p.add_argument("--quiet", action="store_true", help="no per-fact progress lines")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        lm = load_model(args.model, device=args.device)
-        from .assets import known_facts
-
-        facts = recalled_facts(lm, known_facts(args.facts) if args.facts else None)
-        merged = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
-        for path, part in zip(args.merge, merged):
-            if not isinstance(part, dict) or part.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a file of averages ({FORMAT}); write one with --json.")
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-
-    def progress(done: int, total: int, fact: dict) -> None:
-        if not args.quiet:
-            print(f"[{done}/{total}] {time.perf_counter() - started:7.1f} s  {fact['prompt']} -> {fact['attribute']}",
-                  flush=True)
-
-    recalled = len(facts)
-    facts = facts[: args.limit] if args.limit is not None else facts
-    covered = {_fact_key(line) for part in merged for line in part.get("facts", ())}
-    todo = [fact for fact in facts if _fact_key(fact) not in covered]
-    try:
-        parts = merged + ([average_traces(lm, todo, cache=Path(args.cache) if args.cache else None,
-                                          severed=not args.no_sever, progress=progress)] if todo else [])
-        for part in parts:
-            if part.get("fingerprint") not in (None, lm.fingerprint):
-                raise ValueError(f"Cannot merge averages of other weights (fingerprint {part['fingerprint']}, "
-                                 f"this model {lm.fingerprint}).")
-        summary = merge_summaries(parts) if len(parts) > 1 else parts[0] if parts else None
-        if summary is None:
-            raise ValueError("No facts to trace.")
-        summary["n_recalled"] = recalled
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary["command"] = "python -m tracing.average " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(format_table(summary))
-    if args.ship:
-        path = ship_path(lm)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        print(f"shipped: {path}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    if args.html:
-        from .plots import average_page
-
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(average_page(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
