@@ -23,8 +23,9 @@ Rooms: :mod:`editing.methods` (every editor behind ``compute`` and
 :mod:`~editing.methods.common`); :mod:`editing.evaluation` (CounterFact-style
 cases, evaluation, layer sweeps, tuning); :mod:`editing.presets` (the page's
 preset facts and their shipped results). Beside them: :mod:`editing.edit`
-(edits as data, reversible application), :mod:`editing.edit_files` (files of
-edits), :mod:`editing.scores` (CounterFact-style scores, and
+(edits as data), :mod:`editing.applying` (their reversible application),
+:mod:`editing.edit_files` (files of edits), :mod:`editing.display` (results as
+HTML, for the page and notebooks), :mod:`editing.scores` (CounterFact-style scores, and
 :func:`~editing.scores.rescore`, the score-edit-score step of every
 workflow), :mod:`editing.compare` (an edit with generations and scores before
 and after), :mod:`editing.batch` (a batch from CSV/JSON, scored fact by
@@ -35,10 +36,12 @@ command lines (``python -m editing``, ``editing.evaluate``, ``.sweep``,
 are modules of their own that parse options and print.
 """
 
-from .edit import Edit, EditRequest, EditStack, applied, check_edits, is_edited, original_weights
+from .edit import Edit, EditRequest
+
+from .applying import EditStack, applied, check_edits, is_edited, original_weights
 from .edit_files import load_edits, save_edits
 from .batch import BatchItem, BatchResult, parse_requests, write_batch
-from .compare import EditComparison, edit_and_compare
+from .compare import EditComparison, compare_events, edit_and_compare
 from .hparams import MEMITHyperParams, ROMEHyperParams, load_hparams
 from .methods import METHODS, compute, compute_batch, compute_edit, compute_memit
 from .methods.common import model_answer
@@ -50,8 +53,8 @@ from .stats import KeyStats, StatsSpec, ensure_stats, key_stats
 __all__ = [
     "METHODS", "BatchItem", "BatchResult", "Edit", "EditComparison", "EditRequest", "EditScores", "EditStack",
     "Health", "KeyStats",
-    "MEMITHyperParams", "ROMEHyperParams", "SequentialEditor", "StatsSpec", "applied", "check_edits", "compute",
-    "compute_batch", "compute_edit", "compute_memit", "edit_and_compare", "ensure_stats", "fluency", "generate",
-    "health", "is_edited", "key_stats", "load_edits", "load_hparams", "model_answer", "original_weights",
+    "MEMITHyperParams", "ROMEHyperParams", "SequentialEditor", "StatsSpec", "applied", "check_edits", "compare_events",
+    "compute", "compute_batch", "compute_edit", "compute_memit", "edit_and_compare", "ensure_stats", "fluency",
+    "generate", "health", "is_edited", "key_stats", "load_edits", "load_hparams", "model_answer", "original_weights",
     "parse_requests", "save_edits", "score_edit", "write_batch",
 ]

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from tracing.cli import Column, add_common_args, load_from_args, start, table
 
 from .compare import EditComparison, edit_and_compare
-from .edit import EditRequest, check_edits
+from .edit import EditRequest
+from .applying import check_edits
 from .edit_files import load_edits, save_edits
 from .hparams import METHODS, VARIANTS, load_hparams
 from .stats import StatsSpec

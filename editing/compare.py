@@ -19,13 +19,16 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 
 from tracing.models import LoadedModel
 
-from .edit import Edit, EditRequest, applied
+from .edit import Edit, EditRequest
+
+from .applying import applied
+from .display import comparison_table, notebook_html, scores_card
 from .hparams import HyperParams, check_method, load_hparams
 from .methods import compute
 from .methods.common import with_old_object
@@ -59,6 +62,10 @@ class EditComparison:
     after: tuple[str, ...] | None = None
     scores_after: EditScores | None = None
     edit: Edit | None = None
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the page's table of generations and p(new)/p(old) before and after, and its scores."""
+        return notebook_html(comparison_table(self) + scores_card(self))
 
     def rows(self) -> list[dict]:
         """Per scored prompt: kind, prompt, p(new)/p(old) before and after, and its continuations if generated."""
@@ -159,7 +166,6 @@ class _Comparison:
     decoding: tuple[int, bool, int]  # max_new_tokens, sample, seed
     previous: list[Edit]
     report: Callable[[str, float], None]
-    on_before: Callable[[EditComparison], None] | None
     memo: Memo | None
 
     def once(self, key: Hashable, compute: Callable[[], object]):
@@ -179,10 +185,7 @@ class _Comparison:
         texts = tuple(scored.prompts if self.generate_prompts is None else  # "{}" filled with the subject
                       (p.replace("{}", self.req.subject.strip(), 1) for p in self.generate_prompts))
         generated = self.once(("generate", texts, *self.decoding), lambda: self.continued(texts, "before"))
-        comparison = EditComparison(self.req, tuple(zip(scored.kinds, scored.prompts)), texts, generated, scored)
-        if self.on_before:
-            self.on_before(comparison)
-        return comparison
+        return EditComparison(self.req, tuple(zip(scored.kinds, scored.prompts)), texts, generated, scored)
 
     def make_edit(self) -> Edit:
         with applied(self.lm, self.previous):
@@ -200,7 +203,7 @@ class _Comparison:
         return replace(comparison, after=texts, scores_after=scored)
 
 
-def edit_and_compare(
+def compare_events(
     lm: LoadedModel,
     request: EditRequest,
     *,
@@ -216,20 +219,18 @@ def edit_and_compare(
     previous: Sequence[Edit] = (),
     stats_spec=None,
     progress: Progress | None = None,
-    on_before: Callable[[EditComparison], None] | None = None,
     memo: Memo | None = None,
-) -> EditComparison:
-    """Compute an edit (ROME, or ``method`` "ft", "ft-l", "kn") on top of ``previous`` edits; compare before and after.
+) -> Iterator[EditComparison]:
+    """:func:`edit_and_compare` as the page runs it: yields the comparison with its before column (``after``,
+    ``scores_after`` and ``edit`` None) as soon as it is ready, then the complete comparison.
 
-    ``generate_prompts`` defaults to the scored prompts (rewrite, paraphrases,
-    neighbours; ``{}`` in them stands for the subject). ``progress(stage,
-    fraction)`` reports the stages of :data:`STAGES`; an exception it raises
-    stops the work with the weights restored. ``on_before`` receives the
-    comparison as soon as the before column is ready. ``memo(key, compute)``,
-    when given, may return a remembered result instead of computing it; it is
-    only consulted without ``previous`` edits (results of the unedited model
-    are deterministic: greedy or seeded), e.g. to share them between the
-    visitors of a page. Raises ValueError for invalid input before any work.
+    Example::
+
+        for comparison in compare_events(lm, request, paraphrases=paraphrases, neighbours=neighbours):
+            show(comparison)             # the before column first, then before and after side by side
+
+    Same arguments as :func:`edit_and_compare`. Closing the generator between
+    the two leaves the model as it was.
     """
     request.validate()
     check_method(method)
@@ -244,8 +245,40 @@ def edit_and_compare(
 
     with applied(lm, previous):
         req = _old_object(lm, request, report)
-    job = _Comparison(lm, req, method, layer, hp, stats_spec, tuple(paraphrases), tuple(neighbours), generate_prompts,
-                      (max_new_tokens, bool(sample), int(seed)), previous, report, on_before, memo)
-    rescored = rescore(lm, job.before, job.make_edit, previous=previous, score_after=job.after)
+        job = _Comparison(lm, req, method, layer, hp, stats_spec, tuple(paraphrases), tuple(neighbours),
+                          generate_prompts, (max_new_tokens, bool(sample), int(seed)), previous, report, memo)
+        before = job.before()
+    yield before
+    rescored = rescore(lm, job.before, job.make_edit, previous=previous, before=before, score_after=job.after)
     report("after", 1.0)
-    return replace(rescored.after, edit=rescored.edit)
+    yield replace(rescored.after, edit=rescored.edit)
+
+
+def edit_and_compare(
+    lm: LoadedModel,
+    request: EditRequest,
+    *,
+    on_before: Callable[[EditComparison], None] | None = None,
+    **options,
+) -> EditComparison:
+    """Compute an edit (ROME, or ``method`` "ft", "ft-l", "kn") on top of ``previous`` edits; compare before and after.
+
+    Options (those of :func:`compare_events`): ``layer``, ``hparams``,
+    ``method``, ``paraphrases``, ``neighbours``, ``generate_prompts``,
+    ``max_new_tokens``, ``sample``, ``seed``, ``previous``, ``stats_spec``,
+    ``progress``, ``memo``. ``generate_prompts`` defaults to the scored
+    prompts (rewrite, paraphrases, neighbours; ``{}`` in them stands for the
+    subject). ``progress(stage, fraction)`` reports the stages of
+    :data:`STAGES`; an exception it raises stops the work with the weights
+    restored. ``on_before`` receives the comparison as soon as the before
+    column is ready. ``memo(key, compute)``, when given, may return a
+    remembered result instead of computing it; it is only consulted without
+    ``previous`` edits (results of the unedited model are deterministic:
+    greedy or seeded), e.g. to share them between the visitors of a page.
+    Raises ValueError for invalid input before any work.
+    """
+    events = compare_events(lm, request, **options)
+    before = next(events)
+    if on_before:
+        on_before(before)
+    return next(events)

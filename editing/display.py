@@ -1,5 +1,9 @@
 """HTML of edit results, shared by the page (:mod:`webapp.render`) and notebooks (``_repr_html_``).
 
+The results are duck-typed (an :class:`~editing.compare.EditComparison`, a
+:class:`~editing.batch.BatchResult`, a :class:`~editing.sequential.Health`),
+since those modules draw themselves with these functions.
+
 The functions return fragments that use the page's CSS classes (``le-*``);
 :func:`notebook_html` wraps one with the page's stylesheet so that Jupyter
 draws it as the page does.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,13 +27,8 @@ from tracing.assets import STATIC
 
 from .edit import Edit, method_label
 
-if TYPE_CHECKING:  # annotations only
-    from .batch import BatchResult
-    from .compare import EditComparison
-    from .sequential import Health
-
-__all__ = ["batch_result", "comparison_table", "editors_table", "esc", "fmt_p", "free_comparison", "health_card",
-           "highlight", "layers_text", "notebook_html", "pct", "scores_card"]
+__all__ = ["batch_result", "comparison_table", "editors_table", "esc", "evaluation_table", "fmt_p", "free_comparison",
+           "health_card", "highlight", "layers_text", "notebook_html", "pct", "scores_card"]
 
 
 def notebook_html(fragment: str) -> str:
@@ -73,7 +71,7 @@ def highlight(text: str, new: str, old: str | None) -> str:
     return "".join(out)
 
 
-def comparison_table(result: EditComparison) -> str:
+def comparison_table(result) -> str:
     """HTML table: per test prompt, the generations before and after and p(new) vs p(old)."""
     new, old = result.request.target, result.request.target_true
     body = []
@@ -102,7 +100,7 @@ def comparison_table(result: EditComparison) -> str:
     return f'<table class="le-compare" id="edit-comparison">{head}{"".join(body)}</table>'
 
 
-def scores_card(result: EditComparison) -> str:
+def scores_card(result) -> str:
     """HTML summary: efficacy, paraphrase and neighbourhood scores before/after, update norm, timings."""
     if result.scores_after is None or result.edit is None:
         return '<div class="le-card">Computing the edit…</div>'
@@ -207,7 +205,7 @@ def editors_table(results: dict, methods: Sequence[str], running: str | None = N
             f'</tr>{"".join(body)}</table>')
 
 
-def batch_result(result: BatchResult) -> str:
+def batch_result(result) -> str:
     """HTML of a written batch: the scores before and after, the health check, then one row per fact."""
     b, a = result.summary("before"), result.summary("after")
 
@@ -242,7 +240,7 @@ def batch_result(result: BatchResult) -> str:
     return f'<div id="batch-result">{scores}{health_card(result.health)}{table}</div>'
 
 
-def health_card(report: Health | None) -> str:
+def health_card(report) -> str:
     """HTML of a health check: warnings first, then the measurements they rest on."""
     if report is None:
         return ""
@@ -259,3 +257,18 @@ def health_card(report: Health | None) -> str:
             f'<span class="le-small">{esc(measured)}</span></div>')
 
 
+def evaluation_table(result: dict) -> str:
+    """HTML of an evaluation's summary (:func:`editing.evaluation.evaluate_cases`): each metric before and after,
+    with the after value's 95 % interval, then the method, the cases and the seconds per edit."""
+    ci = result.get("post_ci95") or {}
+    pre, post = result.get("pre") or {}, result.get("post") or {}
+    rows = []
+    for metric in dict.fromkeys([*pre, *post]):
+        band = f"{fmt_p(ci[metric][0])} – {fmt_p(ci[metric][1])}" if metric in ci else ""
+        rows.append(f'<tr data-metric="{esc(metric)}"><td>{esc(metric)}</td><td>{fmt_p(pre.get(metric))}</td>'
+                    f'<td><b>{fmt_p(post.get(metric))}</b></td><td class="le-small">{band}</td></tr>')
+    seconds = result.get("seconds_per_edit")
+    caption = (f"{method_label(result.get('method', 'rome'))}: {result.get('cases', 0)} cases"
+               + (f", {seconds:.1f} s per edit" if seconds is not None else ""))
+    return (f'<table class="le-compare" id="evaluation"><caption>{esc(caption)}</caption><tr><th>metric</th>'
+            f'<th>before</th><th>after</th><th>after: 95 % interval</th></tr>{"".join(rows)}</table>')

@@ -23,7 +23,8 @@ from safetensors.numpy import save_file
 from tracing.models import LoadedModel
 
 from .deltas import MAX_DELTAS, MAX_VECTOR, check_delta_header
-from .edit import METHOD_NAME, ROME, Edit, check_request_count, delta_weight
+from .edit import METHOD_NAME, ROME, Edit, check_request_count
+from .applying import delta_weight
 
 FILE_FORMAT = "locate-edit/rome-edits"  # the name is historical: the format holds edits of every method
 FILE_VERSION = "3"  # "1": ROME edits only; "2": adds the method and dense weight deltas; "3": adds several

@@ -44,7 +44,9 @@ from tracing.hooks import Hook, hooks, main_tensor
 from tracing.models import LoadedModel
 from tracing.tokens import check_context, continuation_ids
 
-from .edit import Edit, EditRequest, applied
+from .edit import Edit, EditRequest
+
+from .applying import applied
 from .sampling import pad_id
 
 KINDS = ("rewrite", "paraphrase", "neighbour")

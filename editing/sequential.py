@@ -12,7 +12,7 @@ preserved knowledge hardly uses: AlphaEdit, Fang et al., 2025; see
 given.
 
 :class:`SequentialEditor` holds the edits on a model (an
-:class:`~editing.edit.EditStack`: undo of a batch is one step, reset is bit
+:class:`~editing.applying.EditStack`: undo of a batch is one step, reset is bit
 for bit). Stateless callers such as the page keep a list of edits and call
 :func:`editing.methods.compute_batch` with ``previous=`` and ``project=``
 instead. :func:`health` measures what a list of edits did to the model: how
@@ -41,7 +41,9 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from .edit import Edit, EditRequest, EditStack, applied, original_of, original_weights
+from .edit import Edit, EditRequest
+
+from .applying import EditStack, applied, original_of, original_weights
 from .hparams import HyperParams, check_method, load_hparams
 from .methods import compute, compute_memit, memit_layers
 from .progress import Progress
@@ -162,7 +164,7 @@ def health(
     Facts whose prompt names a subject of the edits are left out. The unedited
     model's entropy and probabilities come from ``reference`` when given (same
     prompts and facts), else are measured under
-    :func:`~editing.edit.original_weights`. Weights are bitwise unchanged after.
+    :func:`~editing.applying.original_weights`. Weights are bitwise unchanged after.
     """
     edits = list(edits)
     subjects = {r.subject.strip().lower() for e in edits for r in e.requests}

@@ -22,7 +22,7 @@ import torch
 
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 
-from .edit import original_weights
+from .applying import original_weights
 from .sampling import decode, start_token_id
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def context_templates(
 
     Each sampled template is ``"<text>. {}"``. Cached in memory and on disk
     by (model fingerprint, lengths, top_k, seed), and always sampled from the
-    unedited weights (:func:`editing.edit.original_weights`), so an edit
+    unedited weights (:func:`editing.applying.original_weights`), so an edit
     applied while the cache is cold never leaks into it.
     """
     lengths = tuple((int(n), int(c)) for n, c in lengths)

@@ -9,7 +9,7 @@ import pytest
 
 from editing import EditRequest
 from editing.scores import score_edit
-from editing.evaluation.sweep import correlations, layer_sweep, rewrite_score, sweep_cases, sweep_layers
+from editing.evaluation.sweep import correlations, iter_layer_sweep, layer_sweep, rewrite_score, sweep_cases, sweep_layers
 from editing.sweep import main
 
 from conftest import make_tiny
@@ -112,3 +112,15 @@ def test_cli(lm, tokenizer, tmp_path, capsys):
     assert data["n_cases"] == 1 and data["layers"] == [0, 2]
     assert "traced effect vs rewrite_score" in capsys.readouterr().out
     assert main(["--cases", str(tmp_path / "nowhere.json"), "--model", str(folder)]) == 2
+
+
+def test_the_sweep_grows_layer_by_layer_and_ends_as_layer_sweep(lm):
+    options = dict(layers=[0, 2], hparams=TINY_HPARAMS, stats_spec=TINY_STATS)
+    snapshots = list(iter_layer_sweep(lm, REQUEST, **options))
+    assert [len(s["layers"]) for s in snapshots] == [1, 2] and [s["complete"] for s in snapshots] == [False, True]
+    whole = layer_sweep(lm, REQUEST, **options)
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert untimed(snapshots[-1]["layers"]) == untimed(whole["layers"])
+    rest = lambda sweep: json.dumps({k: v for k, v in sweep.items() if k != "layers"}, sort_keys=True)  # noqa: E731
+    assert rest(snapshots[-1]) == rest(whole)  # (json: NaN scores compare equal)
+    assert snapshots[0]["best"] == 0 and untimed(snapshots[0]["layers"]) == untimed(whole["layers"][:1])

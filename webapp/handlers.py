@@ -26,10 +26,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from editing import check_edits, edit_and_compare, generate, load_edits, original_weights, save_edits
+from editing import check_edits, compare_events, edit_and_compare, generate, load_edits, original_weights, save_edits
 from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing import display
 from editing.edit import method_label
+from editing.evaluation.sweep import iter_layer_sweep
 from tracing import KINDS
 from tracing.loading import describe_placement
 from tracing.workflow import (Estimate, Finished, Prediction, Rows, Step, prediction_key, split_precision,
@@ -267,7 +268,6 @@ class App:
                     progress=gr.Progress()) -> Iterator[dict]:
         """ROME at every k-th layer of the traced fact, each alone on top of the visitor's edits and undone;
         yields outputs by name (figure, summary, progress) as layers finish."""
-        from editing.evaluation.sweep import layer_sweep
 
         visitor = visitor if visitor is not None else Visitor()
         engine = self.engine
@@ -283,9 +283,10 @@ class App:
             def report(done: int, total: int, layer: int) -> None:
                 job.step(Step("sweep", done, max(total, 1), "" if layer < 0 else str(layer)))
 
-            job.emit(layer_sweep(lm, ask.request, layers=ask.layers, paraphrases=ask.paraphrases,
-                                 neighbours=ask.neighbours, hparams=engine.hparams, stats_spec=engine.stats_spec,
-                                 previous=job.edits, progress=report))
+            for sweep in iter_layer_sweep(lm, ask.request, layers=ask.layers, paraphrases=ask.paraphrases,
+                                          neighbours=ask.neighbours, hparams=engine.hparams,
+                                          stats_spec=engine.stats_spec, previous=job.edits, progress=report):
+                job.emit(sweep)  # drawn as each layer's edit is scored
 
         def describe(step: Step) -> tuple[float, str]:
             if not step.detail:
@@ -298,7 +299,8 @@ class App:
                 yield self._tick(item)
                 continue
             figure = layer_sweep_figure(item, effect or None, token=token, model=engine.lm.name)
-            yield {"figure": figure, "summary": render.sweep_card(item, effect, token, edited), "progress": ""}
+            yield {"figure": figure, "summary": render.sweep_card(item, effect, token, edited),
+                   **({"progress": ""} if item["complete"] else {})}
 
     # -- editing -----------------------------------------------------------------------------
 
@@ -329,11 +331,17 @@ class App:
         done = None if previous else self.engine.recall(key)  # shared (or shipped) for the unedited model: no queue
 
         def work(lm, job) -> None:
-            job.emit(job.memo(key, lambda: edit_and_compare(
-                lm, ask.request, layer=ask.layer, hparams=hp, method=method, paraphrases=ask.paraphrases,
-                neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample, seed=ask.seed,
-                previous=job.edits, stats_spec=self.engine.stats_spec, progress=job.progress, on_before=job.emit,
-                memo=job.memo)))
+            done = job.memo.recall(key)
+            if done is None:
+                for comparison in compare_events(
+                        lm, ask.request, layer=ask.layer, hparams=hp, method=method, paraphrases=ask.paraphrases,
+                        neighbours=ask.neighbours, max_new_tokens=ask.max_new_tokens, sample=ask.sample,
+                        seed=ask.seed, previous=job.edits, stats_spec=self.engine.stats_spec, progress=job.progress,
+                        memo=job.memo):
+                    job.emit(comparison)
+                job.memo.remember(key, comparison)
+            else:
+                job.emit(done)
 
         def describe(step: Step) -> tuple[float, str]:
             return render.edit_progress(step.stage, step.fraction, method)

@@ -163,7 +163,8 @@ def sweep_card(sweep: dict, effect: Sequence[float], token: str, on_edits: bool)
         return '<div class="le-card" id="sweep-summary">No layer was edited.</div>'
     took = [r["layer"] for r in rows if r["took"]]
     best = next(r for r in rows if r["layer"] == sweep["best"])
-    parts = [f'Best layer by S: <b>{best["layer"]}</b> (ES {fmt_p(best["ES"])}, PS {fmt_p(best["PS"])}, '
+    so_far = "" if sweep.get("complete", True) else "So far (more layers are being edited): "
+    parts = [f'{so_far}Best layer by S: <b>{best["layer"]}</b> (ES {fmt_p(best["ES"])}, PS {fmt_p(best["PS"])}, '
              f'NS {fmt_p(best["NS"])}; p(new) on the rewrite prompt {fmt_p(best["p_new"])}).']
     parts.append(f'The new object beat the old one on the rewrite prompt at {len(took)} of {len(rows)} layers'
                  + (f' ({", ".join(map(str, took))}).' if took and len(took) < len(rows) else '.'))

@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +38,10 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
-from ..edit import Edit, EditRequest, applied
+from ..edit import Edit, EditRequest
+
+from ..display import batch_result, notebook_html
+from ..applying import applied
 from ..hparams import load_hparams
 from ..methods import compute_batch
 from ..methods.common import with_old_objects
@@ -183,6 +186,10 @@ class BatchResult:
     seconds: float
     neighbours_left_out: int = 0  # neighbour prompts naming a subject of the batch (they are edited too)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the page's view of the batch (scores, health check, one row per fact)."""
+        return notebook_html(batch_result(self))
+
     def rows(self) -> list[dict]:
         """One dict per fact: the request, p(new) and p(old) on its rewrite prompt before and after, and its scores."""
         out = []
@@ -250,7 +257,7 @@ def write_batch(
     (:data:`editing.methods.STAGES`), "after" and "health"; an exception it
     raises stops the work and leaves every weight bitwise as it was. The
     model is unchanged afterwards: the result's ``edit`` is applied with
-    :func:`~editing.edit.applied` or kept in an :class:`~editing.edit.EditStack`.
+    :func:`~editing.applying.applied` or kept in an :class:`~editing.applying.EditStack`.
     Raises ValueError for invalid input, before any work.
     """
     def report(stage: str, fraction: float) -> None:

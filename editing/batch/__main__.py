@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tracing.cli import Column, add_common_args, load_from_args, start, table
 
-from ..edit import check_edits
+from ..applying import check_edits
 from ..edit_files import load_edits, save_edits
 from ..hparams import load_hparams
 from . import BatchResult, read_requests, write_batch

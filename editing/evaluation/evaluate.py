@@ -43,6 +43,7 @@ import numpy as np
 
 from tracing.models import LoadedModel
 
+from ..display import evaluation_table, notebook_html
 from ..edit import EditRequest, method_label
 from ..hparams import HyperParams, load_hparams
 from ..methods import compute, compute_batch, memit_layers
@@ -217,6 +218,13 @@ def _seconds(seconds: Sequence[float]) -> dict:
             "seconds_per_edit_median": float(np.median(seconds)) if seconds else None}
 
 
+class Evaluation(dict):
+    """An evaluation's result (a plain dict, as JSON stores it) that draws its summary table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        return notebook_html(evaluation_table(self))
+
+
 def evaluate_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
@@ -251,7 +259,7 @@ def evaluate_cases(
         per_case.append(_case_record(i, case, rescored, gen_prompts))
         if on_case:
             on_case(i, per_case[-1])
-    return {
+    return Evaluation({
         "method": method,
         "batch": 1,
         "sequential": False,
@@ -264,7 +272,7 @@ def evaluate_cases(
         "answered_paraphrases": answered_paraphrases(per_case),
         "not_taken": sum(1 for c in per_case if c.get("took") is False),
         "retried": sum(1 for c in per_case if c.get("retried")),
-    }
+    })
 
 
 # ---------------------------------------------------------------------------
@@ -431,7 +439,7 @@ def evaluate_batches(
             history = _in_sequence(lm, run, editor, checkpoints, on_edit)
     per_case = run.per_case(method)
     seconds = run.seconds
-    result = {
+    result = Evaluation({
         "method": method, "batch": batch, "sequential": bool(sequential), "project": bool(project),
         "pre": nan_to_none(aggregate(per_case, "pre")), "post": nan_to_none(aggregate(per_case, "post")),
         "per_case": per_case, **_seconds(seconds),
@@ -440,7 +448,7 @@ def evaluate_batches(
         "neighbours_left_out": int(sum(p[2] for p in run.prompts)),
         "neighbours_kept": int(sum(len(p[1]) for p in run.prompts)),
         "answered_paraphrases": answered_paraphrases(per_case),
-    }
+    })
     if sequential:
         result["checkpoints"] = history
     return result

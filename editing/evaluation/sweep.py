@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,9 @@ from tracing.average import cached_trace
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 from tracing.result import TraceConfig
 
-from ..edit import EditRequest, applied
+from ..edit import EditRequest
+
+from ..applying import applied
 from ..hparams import HyperParams, load_hparams
 from ..methods.rome import compute_edit
 from ..scores import EditScores, nan_to_none, rescore, score_edit
@@ -85,7 +87,7 @@ def _layer_row(layer: int, pre: EditScores, post: EditScores, edit, seconds: flo
     }
 
 
-def layer_sweep(
+def iter_layer_sweep(
     lm: LoadedModel,
     request: EditRequest,
     *,
@@ -97,17 +99,11 @@ def layer_sweep(
     stats_spec=None,
     previous: Sequence = (),
     progress: SweepProgress | None = None,
-) -> dict:
-    """ROME edits of one fact at each candidate layer (each applied alone on top of ``previous``), scored.
+) -> Iterator[dict]:
+    """:func:`layer_sweep` layer by layer: yields the sweep so far after each layer (the page draws it as it grows).
 
-    Returns ``{"request", "pre", "layers": [row per layer], "best"}``: each
-    row has the layer, ES/PS/NS/S (and EM/PM/NM) after the edit, the rewrite
-    prompt's ``p_new``/``p_old``, ``rewrite_score``, ``paraphrase_score``,
-    ``took`` (p_new > p_old on the rewrite prompt), the update's norm, the
-    optimisation's steps and seconds. ``best`` is the layer of the highest S
-    (ties: the higher rewrite score, then the lower layer), None without
-    rows. ``progress(done, total, layer)`` is called before each layer (an
-    exception it raises stops the sweep; the weights are restored).
+    Each snapshot has the shape of :func:`layer_sweep`'s result, with the rows
+    done so far, ``best`` among them, and ``"complete"`` (True for the last).
     """
     request.validate()
     if request.target_true is None:
@@ -133,10 +129,36 @@ def layer_sweep(
         started = time.perf_counter()
         rescored = rescore(lm, scores, lambda: edit_at(layer), previous=previous, before=pre)
         rows.append(_layer_row(layer, pre, rescored.after, rescored.edit, time.perf_counter() - started))
+        if done < len(chosen) - 1:
+            yield _sweep(request, pre, rows, complete=False)
     if progress:
         progress(len(chosen), len(chosen), -1)
+    yield _sweep(request, pre, rows, complete=True)
+
+
+def _sweep(request: EditRequest, pre: EditScores, rows: list[dict], complete: bool) -> dict:
     best = max(rows, key=lambda r: (r["S"] or 0.0, r["rewrite_score"], -r["layer"]))["layer"] if rows else None
-    return {"request": request.to_dict(), "pre": pre.summary(), "layers": rows, "best": best}
+    return {"request": request.to_dict(), "pre": pre.summary(), "layers": list(rows), "best": best,
+            "complete": complete}
+
+
+def layer_sweep(lm: LoadedModel, request: EditRequest, **options) -> dict:
+    """ROME edits of one fact at each candidate layer (each applied alone on top of ``previous``), scored.
+
+    Options (those of :func:`iter_layer_sweep`): ``layers`` or ``every``,
+    ``paraphrases``, ``neighbours``, ``hparams``, ``stats_spec``,
+    ``previous``, ``progress``. Returns ``{"request", "pre", "layers": [row
+    per layer], "best", "complete"}``: each row has the layer, ES/PS/NS/S (and
+    EM/PM/NM) after the edit, the rewrite prompt's ``p_new``/``p_old``,
+    ``rewrite_score``, ``paraphrase_score``, ``took`` (p_new > p_old on the
+    rewrite prompt), the update's norm, the optimisation's steps and seconds.
+    ``best`` is the layer of the highest S (ties: the higher rewrite score,
+    then the lower layer), None without rows. ``progress(done, total,
+    layer)`` is called before each layer (an exception it raises stops the
+    sweep; the weights are restored).
+    """
+    *_, result = iter_layer_sweep(lm, request, **options)
+    return result
 
 
 def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:

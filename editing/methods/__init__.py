@@ -42,7 +42,9 @@ from collections.abc import Sequence
 
 from tracing.models import LoadedModel
 
-from ..edit import Edit, EditRequest, applied
+from ..edit import Edit, EditRequest
+
+from ..applying import applied
 from ..hparams import HPARAMS_CLASSES, METHODS, HyperParams, MEMITHyperParams, check_method, load_hparams
 from ..progress import Progress
 from .common import Stopwatch, check_layer, with_old_object

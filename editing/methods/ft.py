@@ -11,7 +11,7 @@ neighbours, FT+L stays specific but hardly generalises.
 
 What is optimised is ΔW itself, added to the layer's output by a hook
 (``x ΔWᵀ``), so the model's weights are never modified; the edit carries ΔW
-as a dense :class:`~editing.edit.WeightDelta`. The loss is the mean per-token
+as a dense :class:`~editing.deltas.WeightDelta`. The loss is the mean per-token
 NLL of the new object, teacher-forced (the paper's code scored every target
 token at the prompt's last position; for one-token objects the two agree).
 

@@ -27,7 +27,7 @@ always kept.
 Speed: the scaled copies of one layer run as one batch through
 :class:`~editing.methods.common.SuffixRunner`, which recomputes only the positions from
 the prompt's last token on. The weights are never modified: the edit carries
-the new value vectors' changes as :class:`~editing.edit.WeightDelta` rows.
+the new value vectors' changes as :class:`~editing.deltas.WeightDelta` rows.
 
 Example::
 

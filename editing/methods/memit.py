@@ -37,7 +37,7 @@ small model have no eigenvalue far below their mean (SmolLM2-135M: the
 smallest is 0.04-0.3 × the mean), so a strict null space would be empty.
 
 Each layer's change is stored as its factors (values Rᵀ and directions, a
-:class:`~editing.edit.WeightDelta` with a ``basis``), dense when that is
+:class:`~editing.deltas.WeightDelta` with a ``basis``), dense when that is
 smaller. The model's weights are never modified: updates of lower layers act
 through hooks while higher layers are computed.
 

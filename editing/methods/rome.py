@@ -59,7 +59,9 @@ from tracing.hooks import Hook, main_tensor, replace_main
 from tracing.models import LoadedModel, editable_weight
 from tracing.tokens import continuation_ids
 
-from ..edit import Edit, EditRequest, applied
+from ..edit import Edit, EditRequest
+
+from ..applying import applied
 from ..hparams import ROMEHyperParams, load_hparams
 from ..progress import Progress
 from ..scores import continuation_logprobs

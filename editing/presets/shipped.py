@@ -42,7 +42,8 @@ from tracing.result import KINDS, TraceConfig, TraceResult
 from tracing.trace import trace
 
 from ..compare import EditComparison, edit_and_compare
-from ..edit import EditRequest, is_edited
+from ..edit import EditRequest
+from ..applying import is_edited
 from ..edit_files import load_edits, save_edits
 from ..hparams import load_hparams
 from ..stats import StatsSpec

@@ -49,7 +49,7 @@ from tracing.hooks import Hook, StopForward, hooks, until_stopped
 from tracing.assets import STATS
 from tracing.models import LoadedModel, cache_dir
 
-from ..edit import original_weights
+from ..applying import original_weights
 from ..hparams import ROMEHyperParams
 from ..progress import Progress
 from ..sampling import decode, start_token_id
