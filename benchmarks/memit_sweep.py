@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from editing.edit import applied  # noqa: E402
+from editing.applying import applied  # noqa: E402
 from editing.evaluation.evaluate import aggregate, prompts_of, read_cases, request_of  # noqa: E402
 from editing.hparams import load_hparams  # noqa: E402
 from editing.methods.common import with_old_objects  # noqa: E402

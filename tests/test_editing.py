@@ -40,7 +40,7 @@ from editing import (
 )
 from editing.evaluate import format_table
 from editing.evaluation.evaluate import answered_paraphrases, evaluate_cases, read_cases
-from editing.edit import edits_on
+from editing.applying import edits_on
 from editing.hparams import hparams_files
 from editing.methods.common import SuffixRunner, build_rows
 from editing.scores import (accuracy_scores, continuation_logprobs, continuation_predictions, harmonic_mean,
