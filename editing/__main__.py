@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"Edit: {edit.describe()}")
     print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items()))
+    if edit.info.get("outlier_warning"):  # flagged when computed, before it was applied
+        print(f"warning: {edit.info['outlier_warning']}")
     if edit.info.get("warning"):
         print(f"warning: {edit.info['warning']}")
     elif edit.info.get("retried"):
