@@ -101,7 +101,7 @@ def test_both_keys_share_one_optimisation(ordinary):
     delta = lambda e: e.v.astype(np.float64) * e.info["denominator"]  # noqa: E731
     assert np.allclose(delta(paper), delta(same), rtol=1e-5, atol=1e-6) and paper.variant == "original"
     for e in edits.values():
-        assert set(e.info["denominators"]) == {"original", "r-rome"} and "outlier" in e.info
+        assert set(e.info["denominators"]) == {"original", "r-rome", "bare"} and "outlier" in e.info
 
 
 def test_the_health_check_names_a_flagged_edit(ordinary):
