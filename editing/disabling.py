@@ -60,7 +60,7 @@ def case_key(source: str, case: dict) -> str:
 
 
 def layer_output_rms(lm: LoadedModel, layer: int, spec: StatsSpec) -> float:
-    """sqrt(E‖W k‖²) = sqrt(tr(W C Wᵀ)) over the statistics' keys: what the down-projection writes on a typical token."""
+    """sqrt(E‖W k‖²) = sqrt(tr(W C Wᵀ)) over the statistics' keys: what the layer writes on a typical token."""
     weight = lm.module("down_proj", layer).weight.detach().double().cpu()  # (d_out, d_in)
     mom2 = torch.from_numpy(key_stats(lm, layer, spec).mom2)  # (d_in, d_in)
     return float(torch.sqrt(torch.einsum("oi,ij,oj->", weight, mom2, weight)))

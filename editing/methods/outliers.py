@@ -112,7 +112,7 @@ def load_reference(lm: LoadedModel, layer: int, path: str | Path = UPDATE_NORMS)
 
 
 def spill(u: np.ndarray, key: np.ndarray, mom2: np.ndarray) -> float:
-    """sqrt(uᵀCu) / |u·k_ref|: what ΔW = v uᵀ writes on an ordinary key (RMS under C) per unit written at ``key``."""
+    """sqrt(uᵀCu) / |u·k_ref|: what v uᵀ writes on an ordinary key (RMS under C) per unit at ``key``."""
     u = np.asarray(u, dtype=np.float64)  # (d_in,)
     along = abs(float(u @ np.asarray(key, dtype=np.float64)))
     ordinary = float(np.sqrt(max(float(u @ np.asarray(mom2, dtype=np.float64) @ u), 0.0)))

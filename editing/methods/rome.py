@@ -199,7 +199,7 @@ class _Setup:
         return self.k_star, self.values[: self.rows.n_rewrite].mean(0)
 
     def unit(self, variant: str) -> torch.Tensor:
-        """The update's input direction u: C⁻¹k₀/‖C⁻¹k₀‖ for "bare" (the bare prompt's own key), else C⁻¹k*/‖C⁻¹k*‖."""
+        """The update's input direction u: C⁻¹k₀/‖C⁻¹k₀‖ for "bare", else C⁻¹k*/‖C⁻¹k*‖."""
         if variant != "bare":
             return self.u
         k0 = self.keys[0]
