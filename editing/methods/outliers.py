@@ -137,7 +137,7 @@ def check_update(lm: LoadedModel, edit: Edit, *, stats=None, reference: Referenc
         warning = (f"Unusually large update: ‖ΔW‖ = {norm:.3g}, {ratio:.1f} times the median of this model's "
                    f"ordinary edits at layer {layer} ({reference.median:.3g}; flagged above {NORM_FACTOR:g} times). "
                    "Edits like this often break unrelated facts: check the neighbours' scores before keeping it, "
-                   "or write it with variant r-rome or at another layer.") if flagged else None
+                   "or write it with variant guarded (or bare), or at another layer.") if flagged else None
         return UpdateCheck(flagged, "reference", norm, norm, NORM_FACTOR * reference.median, reference.median,
                            f"{reference.count} reference edits at layer {layer}: {reference.source}", warning)
     if stats is None:
@@ -148,8 +148,8 @@ def check_update(lm: LoadedModel, edit: Edit, *, stats=None, reference: Referenc
     flagged = bool(value > SPILL_LIMIT)
     warning = (f"Unusually large update: on an ordinary token it would write {value:.0%} of what it writes on the "
                f"edited fact (flagged above {SPILL_LIMIT:.0%}). Edits like this often break unrelated facts: check "
-               "the neighbours' scores before keeping it, or write it with variant r-rome or at another layer."
-               ) if flagged else None
+               "the neighbours' scores before keeping it, or write it with variant guarded (or bare), or at another "
+               "layer.") if flagged else None
     return UpdateCheck(flagged, "statistics", norm, value, SPILL_LIMIT, None,
                        f"no reference norms for this model at layer {layer}: the update's spill onto the statistics' "
                        "keys", warning)
