@@ -86,6 +86,8 @@ def _edit(args: argparse.Namespace) -> tuple[EditComparison, list]:
 def _text(result: EditComparison, prompts: Sequence[str]) -> list[str]:
     edit, before, after = result.edit, result.scores_before, result.scores_after
     lines = [f"Edit: {edit.describe()}", "      " + ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items())]
+    if edit.info.get("outlier_warning"):  # flagged when computed, before it was applied
+        lines.append(f"warning: {edit.info['outlier_warning']}")
     if edit.info.get("warning"):
         lines.append(f"warning: {edit.info['warning']}")
     elif edit.info.get("retried"):

@@ -32,7 +32,7 @@ from tracing.assets import HPARAMS
 log = logging.getLogger(__name__)
 
 HPARAMS_DIR = HPARAMS
-VARIANTS = ("r-rome", "original", "exact")
+VARIANTS = ("r-rome", "original", "exact", "bare", "guarded")
 METHODS = ("rome", "ft", "ft-l", "kn", "memit")  # ROME, fine-tuning, constrained fine-tuning, Knowledge Neurons,
 # MEMIT (many facts at once)
 _META_KEYS = ("description", "match")
@@ -106,7 +106,10 @@ class ROMEHyperParams(HyperParams):
     context_seed: int = 0
     # The update
     variant: str = "r-rome"  # "r-rome": one averaged key k* throughout; "original": the paper code's bare-prompt key;
-    # "exact": r-rome, with each prompt's δ scaled during the optimisation as the update will scale it
+    # "exact": r-rome, with each prompt's δ scaled during the optimisation as the update will scale it;
+    # "bare": the closed form with the bare prompt's own key throughout (u = C⁻¹k₀), δ written exactly there;
+    # "guarded": "original", or "bare" for the same δ where the original update is flagged as far outside
+    # the model's usual edits (editing.methods.outliers)
     mom2_adjustment: bool = True  # use C^-1 k*; False: plain k* direction (no statistics)
     stats_ridge: float = 0.0  # C + ridge * mean(diag C) * I before solving
     # Key statistics C = E[k k^T]

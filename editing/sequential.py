@@ -46,6 +46,7 @@ from .edit import Edit, EditRequest
 from .applying import EditStack, applied, original_of, original_weights
 from .hparams import HyperParams, check_method, load_hparams
 from .methods import compute, compute_memit, memit_layers
+from .methods.outliers import outlier_warnings
 from .progress import Progress
 from .sampling import generate
 from .scores import continuation_logprobs, fluency
@@ -165,6 +166,9 @@ def health(
     model's entropy and probabilities come from ``reference`` when given (same
     prompts and facts), else are measured under
     :func:`~editing.applying.original_weights`. Weights are bitwise unchanged after.
+    An edit flagged as far outside the model's usual updates when it was
+    computed (``edit.info["outlier"]``, :mod:`editing.methods.outliers`) adds
+    its sentence to ``warnings``.
     """
     edits = list(edits)
     subjects = {r.subject.strip().lower() for e in edits for r in e.requests}
@@ -194,6 +198,7 @@ def health(
     if before > 0 and float(np.mean(p_facts)) < MIN_FACT_SHARE * before:
         lost = [f"{p} {a} ({b:.2f} → {n:.2f})" for (p, a), b, n in zip(facts, p_before, p_facts) if n < 0.5 * b]
         warnings.append("The model is losing facts the edits did not touch: " + "; ".join(lost[:3]) + ".")
+    warnings.extend(outlier_warnings(edits))  # updates flagged before they were applied (ROME's closed form)
     return Health(layers=layers, relative_norms=norms, entropy=float(entropy), entropy_before=float(entropy_before),
                   facts=facts, p_facts=p_facts, p_facts_before=tuple(p_before), warnings=tuple(warnings))
 
