@@ -115,10 +115,14 @@ def scores_card(result) -> str:
     warning = edit.info.get("warning")
     retried = edit.info.get("retried")
     note = ""
+    if edit.info.get("outlier_warning"):  # flagged before it was applied: far outside this model's usual updates
+        note += f'<div class="le-card le-warn" id="edit-outlier">{esc(edit.info["outlier_warning"])}</div>'
+    if edit.info.get("key_fallback"):  # the guarded variant wrote it along the bare prompt's own key
+        note += f'<div class="le-small" id="edit-key-fallback">{esc(edit.info["key_fallback"])}</div>'
     if warning:
-        note = f'<div class="le-card le-warn" id="edit-warning">{esc(warning)}</div>'
+        note += f'<div class="le-card le-warn" id="edit-warning">{esc(warning)}</div>'
     elif retried:
-        note = (f'<div class="le-small" id="edit-retried">The first optimisation did not make the rewrite prompt prefer '
+        note += (f'<div class="le-small" id="edit-retried">The first optimisation did not make the rewrite prompt prefer '
                 f'the new object; a second one with {retried["steps"]} steps and clamp '
                 f'{retried["clamp_norm_factor"]:.3g} did.</div>')
     return (

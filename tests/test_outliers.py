@@ -72,6 +72,22 @@ def test_an_update_for_a_key_along_the_weakest_eigenvector_is_flagged(ordinary):
     assert not check_update(lm, edit, reference=reference).outlier
 
 
+def test_the_page_shows_the_flag_beside_the_scores(ordinary):
+    from dataclasses import replace
+
+    from editing import score_edit
+    from editing.compare import EditComparison
+    from editing.display import scores_card
+
+    lm, edit, stats = ordinary
+    bad = weakest_key_update(edit, stats)
+    flagged = replace(bad, info={**bad.info, **check_update(lm, bad, stats=stats, reference=None).info()})
+    scores = score_edit(lm, edit.request)
+    shown = lambda e: scores_card(EditComparison(e.request, (), (), (), scores, (), scores, e))  # noqa: E731
+    assert 'id="edit-outlier"' in shown(flagged) and "Unusually large update" in shown(flagged)
+    assert 'id="edit-outlier"' not in shown(edit)
+
+
 def test_without_statistics_or_reference_nothing_is_flagged_and_it_says_why(ordinary):
     lm, edit, _ = ordinary
     check = check_update(lm, weakest_key_update(edit, ordinary[2]), stats=None, reference=None)
