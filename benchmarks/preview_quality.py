@@ -123,7 +123,7 @@ def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
     import numpy as np
 
     from tracing import KINDS
-    from tracing.preview import METHOD, SPACE, _estimate, block_dtype
+    from tracing.preview import METHOD, SPACE, block_dtype, estimate
 
     blocks = {precision: str(block_dtype(lm, replace(config, precision=precision))).removeprefix("torch.")
               for precision in args.precisions}
@@ -132,7 +132,7 @@ def report(lm, facts: list[dict], exact: list[list], config, args) -> int:
         rows = {(precision, kind): [] for precision in args.precisions for kind in KINDS}
         same = {(precision, kind): [] for precision in args.precisions for kind in KINDS}
         for fact, reference in zip(facts, exact):
-            estimates = {precision: _estimate(lm, fact["prompt"], fact["subject"], answer=fact["attribute"],
+            estimates = {precision: estimate(lm, fact["prompt"], fact["subject"], answer=fact["attribute"],
                                               kinds=KINDS, config=replace(config, precision=precision),
                                               occurrence=0, space=space)
                          for precision in args.precisions}

@@ -68,6 +68,7 @@ def estimate(
     config: TraceConfig = TraceConfig(),
     occurrence: int = 0,
     top_k: int = 0,
+    space: str = "auto",
 ) -> list[TraceResult]:
     """First-order estimates of the causal traces of ``subject`` in ``prompt``, one :class:`TraceResult` per kind.
 
@@ -86,10 +87,12 @@ def estimate(
     next tokens, as ``settings["top"]`` = [[token, p], ...] (what
     :func:`tracing.predict` gives, without a run of its own). The weights are
     never modified; gradients are enabled here even if the caller is in
-    ``torch.inference_mode``.
+    ``torch.inference_mode``. ``space``: where the first-order step of a
+    probability is taken ("metric" or "logit"; "auto": :data:`SPACE` for the
+    probability metrics, as measured by ``benchmarks/preview_quality.py``).
     """
     return _estimate(lm, prompt, subject, answer=answer, kinds=kinds, config=config, occurrence=occurrence,
-                     top_k=top_k)
+                     top_k=top_k, space=space)
 
 
 def _estimate(lm, prompt, subject, *, answer, kinds, config, occurrence, top_k: int = 0,
