@@ -20,6 +20,7 @@ Loading (the embedded default, hub ids, local folders, the warm-up) lives in
 from __future__ import annotations
 
 import functools
+import inspect
 import hashlib
 import json
 import logging
@@ -357,8 +358,6 @@ def editable_weight(lm: LoadedModel, layer: int) -> torch.Tensor:
 
 @functools.cache
 def _cache_argument(cls: type) -> str:
-    import inspect
-
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 

@@ -43,9 +43,10 @@ import editing
 from editing import EditRequest, applied, is_edited, load_hparams
 from editing.hparams import METHODS, HyperParams
 from editing.presets import PRESETS_PATH, Preset, load_presets
+from editing.presets.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
 from editing.stats import StatsSpec, cached_layers
 from tracing.average import shipped_average
-from tracing import LoadedModel, load_model
+from tracing import LoadedModel, TraceConfig, load_model
 from tracing.loading import DEVICE_MAP_ENV, MAX_MEMORY_ENV
 from tracing.backends import kernel_policy
 from tracing.hooks import Hook, hooks
@@ -340,9 +341,6 @@ class Engine:
         They fit only the model they were computed on (fingerprint) and the
         page's default settings; anything else is computed as usual.
         """
-        from editing.presets.shipped import PAGE_EDIT, shipped_comparison, shipped_trace
-        from tracing import TraceConfig
-
         found = 0
         for p in self.presets:
             traces = shipped_trace(self.lm, p.prompt, p.subject, p.attribute, TraceConfig())

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from editing import check_edits, compare_events, edit_and_compare, generate, load_edits, original_weights, save_edits
+from editing import (EditRequest, check_edits, compare_events, edit_and_compare, generate, load_edits, original_weights,
+                     save_edits)
 from editing.batch import BatchItem, parse_requests, read_requests, write_batch
 from editing import display
 from editing.edit import method_label
+from editing.presets import guess_subject
 from editing.evaluation.sweep import iter_layer_sweep
 from tracing import KINDS
 from tracing.loading import describe_placement
@@ -157,8 +159,6 @@ class App:
 
     def suggest_subject(self, prompt: str, subject: str) -> str:
         """Keep a subject that occurs in the prompt; otherwise guess one from the prompt."""
-        from editing.presets import guess_subject
-
         if not isinstance(prompt, str) or len(prompt) > self.limits.text_chars:
             return subject if isinstance(subject, str) else ""
         if isinstance(subject, str) and subject.strip() and subject.strip() in prompt:
@@ -430,8 +430,6 @@ class App:
         """Add every preset (with its paraphrases and neighbours) to the batch table."""
         if not self.engine.presets:
             raise Refused("This server has no presets for its model.")
-        from editing import EditRequest
-
         items = [BatchItem(EditRequest(p.subject, p.rewrite_prompt, p.counterfactual, p.attribute),
                            tuple(p.paraphrases), tuple(p.neighbours)) for p in self.engine.presets]
         present = {(str(r[0]).strip(), str(r[1]).strip()) for r in table_rows(table) if len(r) >= 2}
@@ -580,7 +578,5 @@ class App:
     @user_errors
     def retrace_values(self, subject, relation, target) -> tuple:
         """Fill the trace panel with the edited fact (prompt, subject, new object) and switch to it."""
-        from editing import EditRequest
-
         request = check_request(self.limits, self.engine.count_tokens, EditRequest(subject, relation, target or "?"))
         return request.text, request.subject, request.target, gr.Tabs(selected="locate")

@@ -39,6 +39,7 @@ from tracing.models import LoadedModel
 from ..applying import applied
 from .evaluate import request_of
 from ..hparams import ROMEHyperParams
+from ..methods.outliers import REFERENCE_FORMAT
 from ..methods.rome import compute_key_edits, key_geometry
 from ..scores import accuracy_scores, score_edit, token_predictions
 from ..stats import StatsSpec, key_stats
@@ -173,8 +174,6 @@ def reference_entry(lm: LoadedModel, hp: ROMEHyperParams, *, surveys: Sequence[d
 
 def write_reference(path: str | Path, entry: dict, command: str) -> Path:
     """Put ``entry`` (one model) into the reference file at ``path``, replacing that model's earlier entry."""
-    from .methods.outliers import REFERENCE_FORMAT
-
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"format": REFERENCE_FORMAT}
     models = [m for m in data.get("models", ()) if m.get("fingerprint") != entry["fingerprint"]]

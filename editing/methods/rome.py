@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -72,12 +71,10 @@ from ..applying import applied
 from ..hparams import VARIANTS, ROMEHyperParams, load_hparams
 from ..progress import Progress
 from ..scores import continuation_logprobs
+from ..stats import StatsSpec, key_stats
 from ..templates import context_templates
 from .common import Rows, Stopwatch, SuffixRunner, build_rows, check_layer, with_old_object
 from .outliers import check_update
-
-if TYPE_CHECKING:
-    from ..stats import StatsSpec
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +261,6 @@ def _prepare(lm: LoadedModel, request: EditRequest, hp: ROMEHyperParams, layer: 
 
     ``keys_only``: no :class:`SuffixRunner` (``runner`` None), for a look at the keys without optimising.
     """
-    from ..stats import key_stats  # here, so that `python -m editing.stats` runs cleanly
 
     if request.target_true is None:
         request = with_old_object(lm, request)
@@ -466,7 +462,6 @@ def compute_key_edits(
     a retry (an edit that did not take) optimises again, for that key alone.
     "exact" changes the optimisation itself and comes only alone.
     """
-    from ..stats import StatsSpec  # here, so that `python -m editing.stats` runs cleanly
 
     if not isinstance(request, EditRequest):
         raise ValueError("compute_edit needs an EditRequest(subject, prompt, target).")
@@ -521,7 +516,6 @@ def key_geometry(lm: LoadedModel, request: EditRequest, *, layer: int | None = N
     can write, ``clamp_norm_factor · value_norm / |u·k_ref|`` (a retry's
     larger clamp aside).
     """
-    from ..stats import StatsSpec  # here, so that `python -m editing.stats` runs cleanly
 
     request.validate()
     hp = hparams if hparams is not None else load_hparams(lm)
