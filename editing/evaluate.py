@@ -33,6 +33,7 @@ writes ``{"method": ..., "batch": ..., "sequential": ..., "pre": {"ES", "PS", "N
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from tracing.models import LoadedModel
+from tracing.workers import WorkerPool, add_ray_args, each_result, pool_from_args
 
 from .edit import EditRequest, applied, method_label
 from .hparams import METHODS, VARIANTS, HyperParams
@@ -179,6 +181,48 @@ def paired_difference(per_case: Sequence[dict], reference: Sequence[dict], which
     return out
 
 
+def evaluate_case(lm: LoadedModel, item: tuple[int, dict], *, method: str = "rome", layer: int | None = None,
+                  hparams: HyperParams | None = None, generation_tokens: int = 0, stats_spec=None,
+                  before: dict | None = None) -> dict:
+    """One case's edit on the original model, scored before and after: ``item`` is (index, CounterFact record)."""
+    i, case = item
+    request = request_of(case)
+    paraphrases = list(case.get("paraphrase_prompts") or [])
+    neighbours = list(case.get("neighborhood_prompts") or [])
+    gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
+    key = (json.dumps(case, sort_keys=True), generation_tokens)
+    if before is not None and key in before:
+        pre, pre_text, pre_tokens = before[key]
+    else:
+        pre = score_edit(lm, request, paraphrases, neighbours)
+        pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
+        pre_tokens = token_predictions(lm, [pre])[0]
+        if before is not None:
+            before[key] = (pre, pre_text, pre_tokens)
+    t0 = time.perf_counter()
+    edit = compute(lm, request, method=method, layer=layer, hparams=hparams, stats_spec=stats_spec)
+    seconds = time.perf_counter() - t0
+    with applied(lm, [edit]):
+        post = score_edit(lm, request, paraphrases, neighbours)
+        post_tokens = token_predictions(lm, [post])[0]
+        post_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
+    record = {
+        "case_id": case.get("case_id", i), "request": request.to_dict(), "method": edit.method, "layer": edit.layer,
+        "layers": list(edit.layers), "norm": edit.norm, "seconds": seconds, "steps": edit.info.get("steps"),
+        "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
+        "retried": bool(edit.info.get("retried")),
+        "pre": _nan_to_none({**pre.summary(), **accuracy_scores(pre, pre_tokens),
+                             "fluency": fluency(pre_text) if pre_text else float("nan")}),
+        "post": _nan_to_none({**post.summary(), **accuracy_scores(post, post_tokens, pre_tokens),
+                              "fluency": fluency(post_text) if post_text else float("nan")}),
+        "prompts": [{**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
+                    for a, b in zip(pre.rows(), post.rows())],
+    }
+    if gen_prompts:
+        record["generations"] = [{"prompt": p, "pre": a, "post": b} for p, a, b in zip(gen_prompts, pre_text, post_text)]
+    return record
+
+
 def evaluate_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
@@ -190,62 +234,24 @@ def evaluate_cases(
     stats_spec=None,
     on_case: Callable[[int, dict], None] | None = None,
     before: dict | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Pre/post scores of ``method`` over ``cases``; each edit is applied to the original model alone.
 
     ``before``, a dict kept between calls, remembers the unedited model's
     scores and generations per case, so that comparing methods on the same
-    cases computes them once.
+    cases computes them once. With ``pool`` (:class:`~tracing.workers.WorkerPool`)
+    the cases are edited on its workers (``before`` is not used there) and
+    ``on_case`` is called as each finishes; the per-case scores are the same.
     """
-    per_case = []
-    edit_seconds = []
-    for i, case in enumerate(cases):
-        request = request_of(case)
-        paraphrases = list(case.get("paraphrase_prompts") or [])
-        neighbours = list(case.get("neighborhood_prompts") or [])
-        gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
-        key = (json.dumps(case, sort_keys=True), generation_tokens)
-        if before is not None and key in before:
-            pre, pre_text, pre_tokens = before[key]
-        else:
-            pre = score_edit(lm, request, paraphrases, neighbours)
-            pre_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
-            pre_tokens = token_predictions(lm, [pre])[0]
-            if before is not None:
-                before[key] = (pre, pre_text, pre_tokens)
-        t0 = time.perf_counter()
-        edit = compute(lm, request, method=method, layer=layer, hparams=hparams, stats_spec=stats_spec)
-        edit_seconds.append(time.perf_counter() - t0)
-        with applied(lm, [edit]):
-            post = score_edit(lm, request, paraphrases, neighbours)
-            post_tokens = token_predictions(lm, [post])[0]
-            post_text = generate(lm, gen_prompts, generation_tokens) if gen_prompts else []
-        record = {
-            "case_id": case.get("case_id", i),
-            "request": request.to_dict(),
-            "method": edit.method,
-            "layer": edit.layer,
-            "layers": list(edit.layers),
-            "norm": edit.norm,
-            "seconds": edit_seconds[-1],
-            "steps": edit.info.get("steps"),
-            "took": edit.info.get("took"),  # ROME: the rewrite prompt prefers the new object after the edit
-            "retried": bool(edit.info.get("retried")),
-            "pre": _nan_to_none({**pre.summary(), **accuracy_scores(pre, pre_tokens),
-                                 "fluency": fluency(pre_text) if pre_text else float("nan")}),
-            "post": _nan_to_none({**post.summary(), **accuracy_scores(post, post_tokens, pre_tokens),
-                                  "fluency": fluency(post_text) if post_text else float("nan")}),
-            "prompts": [
-                {**a, "p_new_post": b["p_new"], "p_old_post": b["p_old"], "success_post": b["success"]}
-                for a, b in zip(pre.rows(), post.rows())
-            ],
-        }
-        if gen_prompts:
-            record["generations"] = [{"prompt": p, "pre": a, "post": b}
-                                     for p, a, b in zip(gen_prompts, pre_text, post_text)]
-        per_case.append(record)
+    job = functools.partial(evaluate_case, method=method, layer=layer, hparams=hparams,
+                            generation_tokens=generation_tokens, stats_spec=stats_spec, before=None if pool else before)
+    per_case: list = [None] * len(cases)
+    for i, record in each_result(lm, job, list(enumerate(cases)), pool):
+        per_case[i] = record
         if on_case:
             on_case(i, record)
+    edit_seconds = [c["seconds"] for c in per_case]
     return {
         "method": method,
         "batch": 1,
@@ -519,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no per-case lines")
+    add_ray_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
@@ -542,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--batch {args.batch} needs --method memit: the other methods write one fact per edit")
         if args.project and args.method != "memit":
             raise ValueError("--project needs --method memit")
+        if args.ray and (args.batch > 1 or args.sequential):
+            raise ValueError("--ray runs one-case edits on workers; leave it out with --batch or --sequential")
         if args.variant:
             overrides["variant"] = args.variant
         hp = load_hparams(lm, path=args.hparams, method=args.method, **overrides)
@@ -593,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   checkpoints=args.checkpoints, on_edit=show_edit)
     else:
         result = evaluate_cases(lm, cases, method=args.method, layer=layer, hparams=hp,
-                                generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show)
+                                generation_tokens=args.generation_tokens, stats_spec=spec, on_case=show,
+                                pool=pool_from_args(args, name=args.model, device=args.device, dtype=args.dtype))
     result.update({"model": lm.name, "layer": layer, "variant": variant, "dtype": str(lm.dtype),
                    "hparams": hp.to_dict(), "cases_file": str(args.cases)})
     print(format_table(result))

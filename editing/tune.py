@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from tracing.models import LoadedModel
+from tracing.workers import WorkerPool, add_ray_args, pool_from_args
 
 from .evaluate import evaluate_cases, intervals, paired_difference
 from .hparams import ROMEHyperParams, load_hparams
@@ -158,6 +159,7 @@ def tune(
     previous: dict | None = None,
     on_setting: SettingDone | None = None,
     on_case: Callable[[int, dict], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Score every setting of ``grid`` over ``cases``; ``previous`` (an earlier result) supplies rows already done.
 
@@ -168,7 +170,8 @@ def tune(
     ``not_taken``, ``retried``, ``steps``, ``norm``, seconds, per-case scores
     and ``vs_reference``: each metric's paired difference from the reference
     setting (the unswept hyperparameters if the grid holds them, else its
-    first setting) on the same cases, ``[mean, low, high]``.
+    first setting) on the same cases, ``[mean, low, high]``. With ``pool`` (a
+    :class:`~tracing.workers.WorkerPool`) each setting's cases are edited on its workers.
     """
     from .stats import StatsSpec, ensure_stats
 
@@ -188,7 +191,7 @@ def tune(
         if row is None:
             spec = StatsSpec.from_hparams(hp)
             ensure_stats(lm, layers, spec)
-            result = evaluate_cases(lm, cases, hparams=hp, stats_spec=spec, before=before, on_case=on_case)
+            result = evaluate_cases(lm, cases, hparams=hp, stats_spec=spec, before=before, on_case=on_case, pool=pool)
             row = _row(setting, hp, result)
         else:
             row = {**row, "setting": setting}
@@ -275,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", metavar="OUT", default=None, help="write (and resume from) the results here")
     p.add_argument("--quiet", action="store_true", help="no per-setting lines")
+    add_ray_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -322,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"ES {post['ES']:.3f} PS {post['PS']:.3f} NS {post['NS']:.3f} S {post['S']:.3f}", flush=True)
 
     try:
-        result = tune(lm, cases, grid, base=base, hparams_path=args.hparams, previous=previous, on_setting=on_setting)
+        result = tune(lm, cases, grid, base=base, hparams_path=args.hparams, previous=previous, on_setting=on_setting,
+                      pool=pool_from_args(args, name=args.model))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
