@@ -14,23 +14,21 @@ import functools
 
 import numpy as np
 import pytest
+import ray  # requirements.txt pins it: make test installs it
+import torch
+import transformers
 
-ray = pytest.importorskip("ray")
+import tracing.average as average
+from editing.evaluate import evaluate_cases
+from editing.sweep import sweep_cases
+from tracing import TraceConfig, predict
+from tracing.average import average_traces, fact_job
+from tracing.loading import load_model
+from tracing.workers import WorkerPool, add_ray_args, pool_from_args
 
-import tracing.average as average  # noqa: E402
-from editing.evaluate import evaluate_cases  # noqa: E402
-from editing.sweep import sweep_cases  # noqa: E402
-from tracing import TraceConfig, predict  # noqa: E402
-from tracing.average import average_traces, fact_job  # noqa: E402
-from tracing.loading import load_model  # noqa: E402
-from tracing.workers import WorkerPool, add_ray_args, pool_from_args  # noqa: E402
-
-from conftest import TINY_CONFIGS  # noqa: E402
-from editing_fixtures import TINY_HPARAMS, TINY_STATS, private_cache  # noqa: E402
-from editing_fixtures import one_thread  # noqa: E402,F401 - autouse: one torch thread, as each worker has
-
-import transformers  # noqa: E402
-import torch  # noqa: E402
+from conftest import TINY_CONFIGS
+from editing_fixtures import TINY_HPARAMS, TINY_STATS, private_cache
+from editing_fixtures import one_thread  # noqa: F401 - autouse: one torch thread, as each worker has
 
 CONFIG = TraceConfig(samples=2, window=2)
 PROMPTS = [("Paris is the capital of the country of", "Paris"), ("The Rhine flows through the city of", "The Rhine"),

@@ -51,7 +51,7 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", metavar="ADDRESS", default=None,
                         help="run the items on Ray workers: 'local' starts a cluster on this machine, "
                         "an address (e.g. 10.0.0.1:6379 or auto) joins an existing one")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", metavar="N", type=int, default=None,
                         help="with --ray: how many workers, each loading the model once "
                         "(default: the cluster's GPUs, else 2)")
 
