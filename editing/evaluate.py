@@ -13,8 +13,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tracing.cli import Column, add_common_args, cell, load_from_args, start, table
+from tracing.cli import Column, add_common_args, cell, load_from_args, model_options, start, table
 from tracing.models import LoadedModel
+from tracing.workers import add_ray_args, pool_from_args
 
 from .edit import method_label
 from .evaluation.evaluate import METRICS, evaluate_batches, evaluate_cases, read_cases
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--generation-tokens", type=int, default=0,
                         help="generate this many tokens per generation prompt for the fluency score (0: skip)")
     parser.add_argument("--stats-tokens", type=int, default=None, help="ROME's statistics corpus size")
+    add_ray_args(parser)
     return add_common_args(parser, dtype=True, threads=True, json_out="file", quiet="no per-case lines")
 
 
@@ -109,6 +111,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch {args.batch} needs --method memit: the other methods write one fact per edit")
     if args.project and args.method != "memit":
         raise ValueError("--project needs --method memit")
+    if args.ray and (args.batch > 1 or args.sequential):
+        raise ValueError("--ray runs one-case edits on workers; leave it out with --batch or --sequential")
 
 
 def _hparams(args: argparse.Namespace, lm: LoadedModel) -> tuple[HyperParams, StatsSpec | None]:
@@ -164,7 +168,7 @@ def _run(args: argparse.Namespace, lm: LoadedModel, cases: list[dict], hp: Hyper
         return evaluate_batches(lm, cases, batch=args.batch, sequential=args.sequential, project=args.project,
                                 checkpoints=args.checkpoints, on_edit=on_edit, **options)
     on_case = None if args.quiet else lambda i, record: print(_case_line(i, len(cases), record), flush=True)
-    return evaluate_cases(lm, cases, on_case=on_case, **options)
+    return evaluate_cases(lm, cases, on_case=on_case, pool=pool_from_args(args, **model_options(args)), **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

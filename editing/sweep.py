@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tracing.cli import Column, add_common_args, load_from_args, start, table
+from tracing.cli import Column, add_common_args, load_from_args, model_options, start, table
+from tracing.workers import add_ray_args, pool_from_args
 
 from .evaluation.evaluate import read_cases
 from .evaluation.sweep import sweep_cases, sweep_layers
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every --every-th layer)")
     p.add_argument("--every", type=int, default=3, help="every k-th layer from 0 (default 3)")
     p.add_argument("--hparams", default=None, help="a ROME hyperparameter JSON (default: the model's)")
+    add_ray_args(p)
     return add_common_args(p, device=False, json_out="file", quiet="no per-case lines")
 
 
@@ -81,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{i + 1}/{len(cases)}] {time.perf_counter() - started:7.1f} s  {record['request']['prompt']!r} "
                   f"-> {record['request']['target']}: best layer {record['best']}", flush=True)
 
-    result = sweep_cases(lm, cases, layers=chosen, hparams=hp, stats_spec=spec, on_case=on_case)
+    result = sweep_cases(lm, cases, layers=chosen, hparams=hp, stats_spec=spec, on_case=on_case,
+                         pool=pool_from_args(args, **model_options(args)))
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tracing.cli import Column, add_common_args, load_from_args, start, table
+from tracing.cli import Column, add_common_args, load_from_args, model_options, start, table
+from tracing.workers import add_ray_args, pool_from_args
 
 from .evaluation.evaluate import read_cases
 from .evaluation.tune import FORMAT, cases_key, parse_grid, parse_settings, read_tuning, resumes, setting_text, tune
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a hyperparameter and the values to try (repeat for a product of grids)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a fixed override for every setting")
     p.add_argument("--hparams", default=None, help="a ROME hyperparameter JSON (default: the model's)")
+    add_ray_args(p)
     return add_common_args(p, device=False, threads=True, json_out="file", quiet="no per-setting lines")
 
 
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.json} was made with other weights or cases; choose another --json.")
         saver = _Saver(args, lm, cases, previous)
         result = tune(lm, cases, grid, base=base, hparams_path=args.hparams, previous=previous,
-                      on_setting=saver.on_setting)
+                      on_setting=saver.on_setting, pool=pool_from_args(args, **model_options(args)))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,13 @@ def parse_max_memory(text: str) -> dict:
     return out
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """How the command line loads its model, as keywords (name, device, dtype, placement): what a Ray worker
+    (:class:`tracing.workers.WorkerPool`) needs to load the same model."""
+    return {"name": args.model, "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
+            **placement(args)}
+
+
 def load_from_args(args: argparse.Namespace, **overrides) -> LoadedModel:
     """:func:`load_model` with the options of :func:`add_common_args` (``overrides`` replace device or dtype)."""
     options = {"device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None), **overrides}

@@ -32,6 +32,7 @@ writes ``{"method": ..., "batch": ..., "sequential": ..., "pre": {"ES", "PS", "N
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from tracing.models import LoadedModel
+from tracing.workers import WorkerPool, each_result
 
 from ..display import evaluation_table, notebook_html
 from ..edit import EditRequest, method_label
@@ -225,6 +227,28 @@ class Evaluation(dict):
         return notebook_html(evaluation_table(self))
 
 
+def evaluate_case(lm: LoadedModel, item: tuple[int, dict], *, method: str = "rome", layer: int | None = None,
+                  hparams: HyperParams | None = None, generation_tokens: int = 0, stats_spec=None,
+                  before: dict | None = None) -> dict:
+    """One case's edit on the model as it is, scored before and after: ``item`` is (index, CounterFact record).
+
+    What a Ray worker computes for :func:`evaluate_cases`; ``before`` as there.
+    """
+    i, case = item
+    request = request_of(case)
+    paraphrases = list(case.get("paraphrase_prompts") or [])
+    neighbours = list(case.get("neighborhood_prompts") or [])
+    gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
+    key = (json.dumps(case, sort_keys=True), generation_tokens)
+    rescored = rescore(lm, lambda: _measure(lm, request, paraphrases, neighbours, gen_prompts, generation_tokens),
+                       lambda: compute(lm, request, method=method, layer=layer, hparams=hparams,
+                                       stats_spec=stats_spec),
+                       before=before.get(key) if before is not None else None)
+    if before is not None:
+        before[key] = rescored.before
+    return _case_record(i, case, rescored, gen_prompts)
+
+
 def evaluate_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
@@ -236,29 +260,24 @@ def evaluate_cases(
     stats_spec=None,
     on_case: Callable[[int, dict], None] | None = None,
     before: dict | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Pre/post scores of ``method`` over ``cases``; each edit is applied to the original model alone.
 
     ``before``, a dict kept between calls, remembers the unedited model's
     scores and generations per case, so that comparing methods on the same
-    cases computes them once.
+    cases computes them once. With ``pool`` (:class:`~tracing.workers.WorkerPool`)
+    the cases are edited on its workers (``before`` is not used there) and
+    ``on_case`` is called as each finishes; the per-case scores are the same.
     """
-    per_case = []
-    for i, case in enumerate(cases):
-        request = request_of(case)
-        paraphrases = list(case.get("paraphrase_prompts") or [])
-        neighbours = list(case.get("neighborhood_prompts") or [])
-        gen_prompts = list(case.get("generation_prompts") or [])[:2] if generation_tokens else []
-        key = (json.dumps(case, sort_keys=True), generation_tokens)
-        rescored = rescore(lm, lambda: _measure(lm, request, paraphrases, neighbours, gen_prompts, generation_tokens),
-                           lambda: compute(lm, request, method=method, layer=layer, hparams=hparams,
-                                           stats_spec=stats_spec),
-                           before=before.get(key) if before is not None else None)
-        if before is not None:
-            before[key] = rescored.before
-        per_case.append(_case_record(i, case, rescored, gen_prompts))
+    job = functools.partial(evaluate_case, method=method, layer=layer, hparams=hparams,
+                            generation_tokens=generation_tokens, stats_spec=stats_spec,
+                            before=None if pool else before)
+    per_case: list = [None] * len(cases)
+    for i, record in each_result(lm, job, list(enumerate(cases)), pool):
+        per_case[i] = record
         if on_case:
-            on_case(i, per_case[-1])
+            on_case(i, record)
     return Evaluation({
         "method": method,
         "batch": 1,

@@ -24,6 +24,7 @@ true object as answer).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -35,6 +36,7 @@ import numpy as np
 from tracing.average import cached_trace
 from tracing.models import LoadedModel, cache_dir, read_json_cache, write_json_cache
 from tracing.result import TraceConfig
+from tracing.workers import WorkerPool, each_result
 
 from ..edit import EditRequest
 
@@ -201,6 +203,24 @@ def correlations(cases: Sequence[dict], success: Sequence[str] = ("rewrite_score
     return out
 
 
+def sweep_case(lm: LoadedModel, item: tuple[int, dict], *, layers: Sequence[int], hparams: HyperParams,
+               stats_spec=None) -> dict:
+    """One case's layer sweep and traced MLP effect per layer (uncached): ``item`` is (index, CounterFact record).
+
+    What a Ray worker computes for :func:`sweep_cases`.
+    """
+    i, case = item
+    request = request_of(case)
+    fact = {"prompt": request.text, "subject": request.subject.strip(), "attribute": request.target_true}
+    (mlp,) = cached_trace(lm, fact, TraceConfig(tokens="subject_last"), kinds=("mlp",))
+    last = mlp.subject_range[1] - 1
+    effect = (mlp.scores[last] - mlp.low_score).tolist()
+    sweep = layer_sweep(lm, request, layers=layers, paraphrases=case.get("paraphrase_prompts") or (),
+                        neighbours=case.get("neighborhood_prompts") or (), hparams=hparams, stats_spec=stats_spec)
+    return {"case_id": case.get("case_id", i), **sweep, "effect": effect, "clean": mlp.high_score,
+            "corrupted": mlp.low_score}
+
+
 def sweep_cases(
     lm: LoadedModel,
     cases: Sequence[dict],
@@ -211,12 +231,15 @@ def sweep_cases(
     stats_spec=None,
     on_case: Callable[[int, dict], None] | None = None,
     cache: Path | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """:func:`layer_sweep` over CounterFact-style cases, each with its traced MLP effect per layer.
 
     Each case's sweep is cached on disk (``cache``, default
     ``$LOCATE_EDIT_CACHE/sweeps``; key: the model's fingerprint, the case,
-    the layers and the hyperparameters), so an interrupted run resumes.
+    the layers and the hyperparameters), so an interrupted run resumes. With
+    ``pool`` (:class:`~tracing.workers.WorkerPool`) the uncached cases are swept
+    on its workers and cached here as they finish (cached ones are reported first).
 
     Returns ``{"layers", "cases": [{"case_id", "request", "effect", "pre",
     "layers", "best"}], "per_layer": [{layer, ES, PS, NS, S, rewrite_score,
@@ -225,25 +248,20 @@ def sweep_cases(
     chosen = sweep_layers(lm.n_layers, every, layers)
     hp = hparams if hparams is not None else load_hparams(lm)
     folder = Path(cache or cache_dir() / "sweeps") / lm.fingerprint
-    out_cases = []
-    for i, case in enumerate(cases):
-        key = json.dumps([case, chosen, hp.settings()], sort_keys=True, default=str)
-        path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-        record = _read_cached(path, key)
-        if record is None:
-            request = request_of(case)
-            fact = {"prompt": request.text, "subject": request.subject.strip(), "attribute": request.target_true}
-            (mlp,) = cached_trace(lm, fact, TraceConfig(tokens="subject_last"), kinds=("mlp",))
-            last = mlp.subject_range[1] - 1
-            effect = (mlp.scores[last] - mlp.low_score).tolist()
-            sweep = layer_sweep(lm, request, layers=chosen, paraphrases=case.get("paraphrase_prompts") or (),
-                                neighbours=case.get("neighborhood_prompts") or (), hparams=hp, stats_spec=stats_spec)
-            record = {"case_id": case.get("case_id", i), **sweep, "effect": effect,
-                      "clean": mlp.high_score, "corrupted": mlp.low_score}
-            write_json_cache(path, {"key": key, "record": record})
-        out_cases.append(record)
-        if on_case:
+    keys = [json.dumps([case, chosen, hp.settings()], sort_keys=True, default=str) for case in cases]
+    paths = [folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json" for key in keys]
+    records = {i: _read_cached(path, key) for i, (path, key) in enumerate(zip(paths, keys))}
+    todo = [i for i, record in records.items() if record is None]
+    for i, record in records.items():
+        if record is not None and on_case:
             on_case(i, record)
+    job = functools.partial(sweep_case, layers=chosen, hparams=hp, stats_spec=stats_spec)
+    for j, record in each_result(lm, job, [(i, cases[i]) for i in todo], pool):
+        write_json_cache(paths[todo[j]], {"key": keys[todo[j]], "record": record})
+        records[todo[j]] = record
+        if on_case:
+            on_case(todo[j], record)
+    out_cases = [records[i] for i in range(len(cases))]
     per_layer = []
     for j, layer in enumerate(chosen):
         rows = [c["layers"][j] for c in out_cases]

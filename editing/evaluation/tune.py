@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tracing.models import LoadedModel
+from tracing.workers import WorkerPool
 
 from .evaluate import evaluate_cases, intervals, paired_difference
 from ..hparams import ROMEHyperParams, load_hparams
@@ -161,6 +162,7 @@ def tune(
     previous: dict | None = None,
     on_setting: SettingDone | None = None,
     on_case: Callable[[int, dict], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Score every setting of ``grid`` over ``cases``; ``previous`` (an earlier result) supplies rows already done.
 
@@ -171,7 +173,8 @@ def tune(
     ``not_taken``, ``retried``, ``steps``, ``norm``, seconds, per-case scores
     and ``vs_reference``: each metric's paired difference from the reference
     setting (the unswept hyperparameters if the grid holds them, else its
-    first setting) on the same cases, ``[mean, low, high]``.
+    first setting) on the same cases, ``[mean, low, high]``. With ``pool`` (a
+    :class:`~tracing.workers.WorkerPool`) each setting's cases are edited on its workers.
     """
     if not cases:
         raise ValueError("No cases to tune on.")
@@ -189,7 +192,7 @@ def tune(
             spec = StatsSpec.from_hparams(hp)
             ensure_stats(lm, layers, spec)
             row = _row(setting, hp, evaluate_cases(lm, cases, hparams=hp, stats_spec=spec, before=before,
-                                                   on_case=on_case))
+                                                   on_case=on_case, pool=pool))
         rows.append({**row, "setting": setting})
         if on_setting:
             on_setting(i + 1, len(settings), rows[-1])

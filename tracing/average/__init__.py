@@ -36,6 +36,7 @@ standard errors over the pooled rows).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from ..recall import recalled_facts
 from ..result import KINDS, TraceConfig, TraceResult
 from ..sever import SEVERABLE, SeverResult, sever
 from ..trace import trace
+from ..workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,27 @@ def _cache_file(lm: LoadedModel, key: str, cache: Path | None, prefix: str = "")
     return Path(cache or default_cache()) / lm.fingerprint / f"{name}.json"
 
 
-def _read(path: Path, key: str) -> dict | None:
-    data = read_json_cache(path)
-    return data if isinstance(data, dict) and data.get("key") == key else None
+def _read(lm: LoadedModel, fact: dict, config: TraceConfig, cache: Path | None, prefix: str = "") -> dict:
+    """A fact's cache file (``{}`` when there is none, or it is unreadable or another fact's)."""
+    key = _key(fact, config)
+    data = read_json_cache(_cache_file(lm, key, cache, prefix))
+    return data if isinstance(data, dict) and data.get("key") == key else {}
+
+
+def _store(lm: LoadedModel, fact: dict, config: TraceConfig, cache: Path | None, prefix: str = "", **payload) -> None:
+    key = _key(fact, config)
+    write_json_cache(_cache_file(lm, key, cache, prefix), {"key": key, **payload})
+
+
+def _stored_trace(lm: LoadedModel, fact: dict, config: TraceConfig, cache: Path | None,
+                  kinds: Sequence[str]) -> list[TraceResult] | None:
+    """The fact's cached trace of ``kinds``, or None (no file, an unreadable or foreign one, kinds missing)."""
+    try:
+        results = [TraceResult.from_dict(r) for r in _read(lm, fact, config, cache).get("results", ())]
+    except (KeyError, TypeError, ValueError):
+        results = []
+    ok = results and all(k in {r.kind for r in results} for k in kinds)
+    return [r for r in results if r.kind in kinds] if ok else None
 
 
 def cached_trace(
@@ -100,33 +120,58 @@ def cached_trace(
 
     An unreadable or foreign file is recomputed.
     """
-    key = _key(fact, config)
-    path = _cache_file(lm, key, cache)
-    data = _read(path, key)
-    try:
-        results = [TraceResult.from_dict(r) for r in data["results"]] if data else []
-    except (KeyError, TypeError, ValueError):
-        results = []
-    if results and all(k in {r.kind for r in results} for k in kinds):
-        return [r for r in results if r.kind in kinds]
-    results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=kinds, config=config)
-    write_json_cache(path, {"key": key, "results": [r.to_dict() for r in results]})
+    results = _stored_trace(lm, fact, config, cache, kinds)
+    if results is None:
+        results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=kinds, config=config)
+        _store(lm, fact, config, cache, results=[r.to_dict() for r in results])
     return results
+
+
+def _stored_sever(lm: LoadedModel, fact: dict, config: TraceConfig, cache: Path | None) -> SeverResult | None:
+    data = _read(lm, fact, config, cache, "sever-")
+    try:
+        return SeverResult.from_dict(data["result"]) if data else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def cached_sever(lm: LoadedModel, fact: dict, config: TraceConfig = TraceConfig(), cache: Path | None = None) -> SeverResult:
     """Severed paths at one fact's last subject token (:func:`~tracing.sever.sever`), cached like its trace."""
-    key = _key(fact, config)
-    path = _cache_file(lm, key, cache, prefix="sever-")
-    data = _read(path, key)
-    try:
-        if data:
-            return SeverResult.from_dict(data["result"])
-    except (KeyError, TypeError, ValueError):
-        pass
-    result = sever(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
-    write_json_cache(path, {"key": key, "result": result.to_dict()})
+    result = _stored_sever(lm, fact, config, cache)
+    if result is None:
+        result = sever(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config)
+        _store(lm, fact, config, cache, "sever-", result=result.to_dict())
     return result
+
+
+def fact_job(lm: LoadedModel, fact: dict, *, config: TraceConfig, kinds: Sequence[str],
+             severed: bool) -> tuple[list[TraceResult], SeverResult | None]:
+    """One fact's trace (and severed paths), uncached: what a worker computes for :func:`average_traces`."""
+    results = trace(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], kinds=kinds, config=config)
+    return results, sever(lm, fact["prompt"], fact["subject"], answer=fact["attribute"], config=config) if severed else None
+
+
+def _pooled(lm: LoadedModel, facts: Sequence[dict], pool: WorkerPool, config: TraceConfig, kinds: Sequence[str],
+            cache: Path | None, severed: bool, progress, should_stop) -> dict[int, tuple]:
+    """Each fact's (trace, severed paths): from the cache, else from ``pool``'s workers, cached as they arrive."""
+    out = {}
+    for i, fact in enumerate(facts):
+        results, cut = _stored_trace(lm, fact, config, cache, kinds), _stored_sever(lm, fact, config, cache)
+        if results is not None and (cut is not None or not severed):
+            out[i] = (results, cut if severed else None)
+    todo = [i for i in range(len(facts)) if i not in out]
+    job = functools.partial(fact_job, config=config, kinds=kinds, severed=severed)
+    for j, (results, cut) in pool.map(job, [facts[i] for i in todo]):
+        fact = facts[todo[j]]
+        _store(lm, fact, config, cache, results=[r.to_dict() for r in results])
+        if cut is not None:
+            _store(lm, fact, config, cache, "sever-", result=cut.to_dict())
+        out[todo[j]] = (results, cut)
+        if progress:
+            progress(len(out), len(facts), fact)
+        if should_stop and should_stop():
+            break
+    return out
 
 
 def token_groups(subject_range: Sequence[int], n_tokens: int) -> list[list[int]]:
@@ -371,6 +416,7 @@ def average_traces(
     severed: bool = True,
     progress: Callable[[int, int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict:
     """Trace each fact (cached) and average them: see :func:`summarise` for the result.
 
@@ -382,7 +428,8 @@ def average_traces(
     known facts the model answers); ``limit`` takes the first ones.
     With ``severed`` each fact's severed paths at its last subject token are
     computed (and cached) too. ``progress(done, total, fact)`` is called after each fact;
-    ``should_stop()`` ends the run early with the facts done so far.
+    ``should_stop()`` ends the run early with the facts done so far. With ``pool`` (a
+    :class:`~tracing.workers.WorkerPool`) uncached facts are traced on its workers and cached here as they finish.
     """
     facts = list(recalled_facts(lm) if facts is None else facts)
     available = len(facts)
@@ -390,15 +437,18 @@ def average_traces(
         facts = facts[: max(0, limit)]
     if not facts:
         raise ValueError("No facts to trace: the model recalls none of them (its top next token is never the answer).")
-    traced, severs = [], []
-    for i, fact in enumerate(facts):
-        if should_stop and should_stop():
-            break
-        traced.append((fact, cached_trace(lm, fact, config, cache, kinds)))
-        if severed:
-            severs.append(cached_sever(lm, fact, config, cache))
-        if progress:
-            progress(i + 1, len(facts), fact)
+    if pool:
+        done = _pooled(lm, facts, pool, config, kinds, cache, severed, progress, should_stop)
+    else:
+        done = {}
+        for i, fact in enumerate(facts):
+            if should_stop and should_stop():
+                break
+            done[i] = (cached_trace(lm, fact, config, cache, kinds), cached_sever(lm, fact, config, cache) if severed else None)
+            if progress:
+                progress(i + 1, len(facts), fact)
+    traced = [(facts[i], done[i][0]) for i in sorted(done)]
+    severs = [done[i][1] for i in sorted(done)] if severed else []
     if not traced:
         raise ValueError("Stopped before the first fact was traced.")
     summary = summarise(traced, severed=severs or None, model=lm.name, settings=config.to_dict())

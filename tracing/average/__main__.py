@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..assets import known_facts
-from ..cli import Column, add_common_args, cell, load_from_args, start, table
+from ..cli import Column, add_common_args, cell, load_from_args, model_options, start, table
 from ..plots import average_page
 from ..recall import recalled_facts
+from ..workers import add_ray_args, pool_from_args
 from . import extend_averages, peaks, read_averages, ship_path
 
 COLUMNS = (Column("kind", 7, "", "<"), Column("token group", 25, "", "<"), Column("n", 6, "d"),
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="averages of other facts (a shipped file, another machine's --json) to pool with this run; "
                    "the facts they hold are not traced again")
     p.add_argument("--no-sever", action="store_true", help="skip the severed paths (the paper's Fig. 3)")
+    add_ray_args(p)
     return add_common_args(p, json_out="file", quiet="no per-fact progress lines")
 
 
@@ -87,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_from_args(args)
         facts = recalled_facts(lm, known_facts(args.facts) if args.facts else None)
         merged = [read_averages(path) for path in args.merge]
+        pool = pool_from_args(args, **model_options(args))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = extend_averages(lm, facts[: args.limit] if args.limit is not None else facts, merged,
                                   cache=Path(args.cache) if args.cache else None, severed=not args.no_sever,
-                                  progress=progress)
+                                  progress=progress, pool=pool)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
