@@ -131,8 +131,8 @@ def model_options(args: argparse.Namespace) -> dict:
 
 def load_from_args(args: argparse.Namespace, **overrides) -> LoadedModel:
     """:func:`load_model` with the options of :func:`add_common_args` (``overrides`` replace device or dtype)."""
-    options = {"device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None), **overrides}
-    return load_model(args.model, **options, **placement(args))
+    options = {**model_options(args), **overrides}
+    return load_model(options.pop("name"), **options)
 
 
 @dataclass(frozen=True)

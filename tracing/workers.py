@@ -61,8 +61,8 @@ class _Worker:
 
     def __init__(self, model: dict, threads: int):
         torch.set_num_threads(threads)
-        placement = {k: model[k] for k in ("device_map", "max_memory") if model.get(k) is not None}
-        self.lm = load_model(model.get("name"), device=model.get("device"), dtype=model.get("dtype"), **placement)
+        options = dict(model)  # tracing.cli.model_options: name, device, dtype and the placement given
+        self.lm = load_model(options.pop("name", None), **options)
 
     def run(self, job: Callable[[Any, Any], Any], index: int, item: Any) -> tuple[int, Any]:
         return index, job(self.lm, item)
@@ -158,7 +158,7 @@ def pool_from_args(args: argparse.Namespace, **model) -> WorkerPool | None:
 
     Example::
 
-        pool = pool_from_args(args, name=args.model, device=args.device)
+        pool = pool_from_args(args, **model_options(args))      # tracing.cli: how the command line loads it
 
     The pool's progress lines (items done, items per minute) are shown on
     the log; the local cluster stops when the process ends.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from .models import LoadedModel
@@ -188,8 +188,3 @@ def _top(lm: LoadedModel, memo: Memo, prompt: str, found) -> tuple[tuple[str, fl
     if top is None:
         top = memo.remember(prediction_key(prompt), tuple(tuple(p) for p in (found or predict(lm, prompt, k=5))))
     return tuple(tuple(pair) for pair in top)
-
-
-def with_precision_config(config: TraceConfig, precision: str) -> TraceConfig:
-    """``config`` with the trace's own part of ``precision`` (see :func:`split_precision`)."""
-    return replace(config, precision=split_precision(precision)[1])
