@@ -179,10 +179,14 @@ class VisitorLoop:
         time.sleep(self.rng.uniform(0.2, 3.0))
         other.close()
 
-    def run(self, until: float) -> None:
+    def run(self, until: float, operations: int | None = None) -> None:
+        """Every operation once, in a seeded order, then a weighted random mix, until ``until`` or ``operations``."""
         ops, weights = zip(*OPERATIONS.items())
-        while time.monotonic() < until:
-            op = self.rng.choices(ops, weights)[0]
+        first = self.rng.sample(ops, len(ops))
+        count = 0
+        while time.monotonic() < until and (operations is None or count < operations):
+            op = first[count] if count < len(first) else self.rng.choices(ops, weights)[0]
+            count += 1
             started = time.monotonic()
             try:
                 done = getattr(self, {"import": "import_", "export": "export_"}.get(op, op))()
@@ -195,8 +199,10 @@ class VisitorLoop:
         self.client.close()
 
 
-def run_load(engine, url: str, *, visitors: int, seconds: float, seed: int = 0, full_traces: bool = False) -> dict:
-    """Drive ``visitors`` clients against the page at ``url`` (served from ``engine``) for ``seconds``; check."""
+def run_load(engine, url: str, *, visitors: int, seconds: float, operations: int | None = None, seed: int = 0,
+             full_traces: bool = False) -> dict:
+    """Drive ``visitors`` clients against the page at ``url`` (served from ``engine``) for ``seconds``, or until each
+    has done ``operations`` (the first ones are every operation once); check."""
     from gradio_client import Client
 
     from editing import generate, load_edits
@@ -215,7 +221,8 @@ def run_load(engine, url: str, *, visitors: int, seconds: float, seed: int = 0, 
     until = time.monotonic() + seconds
     loops = [VisitorLoop(i, url, random.Random(seed * 1000 + i), settings, outcomes, seen[i])
              for i in range(visitors)]
-    threads = [threading.Thread(target=loop.run, args=(until,), name=f"visitor-{i}") for i, loop in enumerate(loops)]
+    threads = [threading.Thread(target=loop.run, args=(until, operations), name=f"visitor-{i}")
+               for i, loop in enumerate(loops)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -301,6 +308,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--visitors", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--operations", type=int, default=None,
+                        help="stop each visitor after this many operations (the first ones are every operation once)")
     parser.add_argument("--model", default=None, help="model to serve (default: the embedded SmolLM2-135M)")
     parser.add_argument("--full-traces", action="store_true", help="traces with the paper's settings (slower)")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE", help="page limits, as app.py")
@@ -321,7 +330,7 @@ def main(argv=None) -> int:
     launch(demo, engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
         report = run_load(engine, f"http://127.0.0.1:{port}/", visitors=args.visitors, seconds=args.minutes * 60,
-                          seed=args.seed, full_traces=args.full_traces)
+                          operations=args.operations, seed=args.seed, full_traces=args.full_traces)
     finally:
         demo.close()
     report["model"] = engine.lm.name

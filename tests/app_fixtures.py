@@ -31,14 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_engine(tmp_path_factory, tokenizer, device, hparams=TINY_HPARAMS) -> Engine:
+    """An engine over a tiny random Llama with the shipped presets and fast ROME settings."""
+    lm = make_tiny("llama", tokenizer, device)
+    return Engine(lm, presets=load_presets().presets, presets_model="test", hparams=hparams,
+                  workdir=tmp_path_factory.mktemp("app-files"),
+                  limits=Limits(trace_cost=20_000))  # the tiny model has 4 layers: a cost the tests can reach
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tokenizer, device):
-    """An engine over a tiny random Llama with the shipped presets and fast ROME settings (private cache)."""
+    """:func:`tiny_engine`, with a private cache for the module."""
     with private_cache(tmp_path_factory.mktemp("app-cache")):
-        lm = make_tiny("llama", tokenizer, device)
-        yield Engine(lm, presets=load_presets().presets, presets_model="test", hparams=TINY_HPARAMS,
-                     workdir=tmp_path_factory.mktemp("app-files"),
-                     limits=Limits(trace_cost=20_000))  # the tiny model has 4 layers: a cost the tests can reach
+        yield tiny_engine(tmp_path_factory, tokenizer, device)
 
 
 @pytest.fixture(scope="module")

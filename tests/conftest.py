@@ -11,10 +11,16 @@ received the repository), the tests that need it are skipped, saying why.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+import editing_fixtures
+from editing import load_hparams
+from editing.stats import StatsSpec, ensure_stats
 
 from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel
 
@@ -91,8 +97,39 @@ needs_default_package = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """The run's own locate-edit cache, empty at the start: the suite neither reads nor fills the user's cache.
+
+    The embedded model is converted from its GGUF once, into this cache, by the first test that loads it
+    (``test_models`` checks that conversion); modules' private caches link to its ``models`` folder."""
+    path = tmp_path_factory.mktemp("locate-edit-cache")
+    editing_fixtures.SESSION_CACHE = path
+    with editing_fixtures.private_cache(path):
+        yield path
+    editing_fixtures.SESSION_CACHE = None
+
+
 @pytest.fixture(scope="session")
 def real_lm(device) -> LoadedModel:
     if not HAS_DEFAULT_PACKAGE:
         pytest.skip(f"the embedded model's package is not installed ({INSTALL_DEFAULT})")
     return load_model(device=device)
+
+
+@pytest.fixture(scope="session")
+def real_stats(real_lm, session_cache) -> Path:
+    """The embedded model's key statistics as its editors' defaults ask for them (the shipped 100k-token corpus),
+    for ROME's layer and MEMIT's layers, computed once in one pass into the session cache, which it returns: a test
+    inside a module's private cache reads them with ``private_cache(real_stats)``."""
+    rome, memit = load_hparams(real_lm), load_hparams(real_lm, method="memit")
+    assert StatsSpec.from_hparams(rome) == StatsSpec.from_hparams(memit)
+    layers = sorted({rome.edit_layer(real_lm.n_layers), *memit.layers})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # one pass of the 100k tokens: every core helps
+    try:
+        with editing_fixtures.private_cache(session_cache):
+            ensure_stats(real_lm, layers, StatsSpec.from_hparams(rome))
+    finally:
+        torch.set_num_threads(threads)
+    return session_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,20 @@ TINY_HPARAMS = ROMEHyperParams(layer=1, context_templates=((3, 3), (5, 2)), stat
 TINY_STATS = StatsSpec(n_tokens=512, sample_length=32, batch_rows=16)
 
 
+SESSION_CACHE: Path | None = None  # set by conftest's session_cache: the run's own cache
+
+
 @contextlib.contextmanager
 def private_cache(path):
-    """Point locate-edit's cache (statistics, templates) at ``path`` for the duration."""
+    """Point locate-edit's cache (statistics, templates, noise scales) at ``path`` for the duration.
+
+    The converted embedded model is not private: ``path/models`` links to the session cache's, so a real-model load
+    inside a private cache does not convert the GGUF again (30 s each time)."""
+    path = Path(path)
+    if SESSION_CACHE is not None and path != SESSION_CACHE and not (path / "models").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        (SESSION_CACHE / "models").mkdir(parents=True, exist_ok=True)
+        (path / "models").symlink_to(SESSION_CACHE / "models", target_is_directory=True)
     old = os.environ.get("LOCATE_EDIT_CACHE")
     os.environ["LOCATE_EDIT_CACHE"] = str(path)
     try:

@@ -1,8 +1,7 @@
 """ROME on the real embedded model (SmolLM2-135M-Instruct): the Eiffel Tower moves to Rome, and back.
 
-Statistics come from a reduced corpus (4k sampled tokens) in a private cache,
-so the test does not depend on, or fill, the user's cache; the product default
-is 100k tokens (``python -m editing.stats``).
+Statistics are the product's own (the shipped 100k-token corpus, ``python -m
+editing.stats``), computed once per run in the session's cache (``real_stats``).
 """
 
 from __future__ import annotations
@@ -19,17 +18,16 @@ pytestmark = pytest.mark.real_model
 PROMPT = "The Eiffel Tower is located in the city of"
 PARAPHRASE = "Where is the Eiffel Tower? It is in the city of"
 NEIGHBOUR = "The Louvre is located in the city of"
-SPEC = StatsSpec(n_tokens=4096, sample_length=64, batch_rows=64)
 
 
 @pytest.fixture(scope="module")
-def eiffel(real_lm, tmp_path_factory):
+def eiffel(real_lm, real_stats):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # faster than two threads on a small shared CPU
     try:
-        with private_cache(tmp_path_factory.mktemp("le-real-cache")):
+        with private_cache(real_stats):
             request = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome")
-            yield compute_edit(real_lm, request, stats_spec=SPEC)
+            yield compute_edit(real_lm, request)
     finally:
         torch.set_num_threads(threads)
 

@@ -338,12 +338,13 @@ def test_weight_delta_factors_are_dense_when_that_is_smaller():
 
 
 @pytest.mark.real_model
-def test_a_memit_batch_edits_the_default_model_reversibly(real_lm):
+def test_a_memit_batch_edits_the_default_model_reversibly(real_lm, real_stats):
     requests = [EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris"),
                 EditRequest("Michael Jordan", "{} plays the sport of", "golf", "basketball"),
                 EditRequest("Toyota", "{} is headquartered in the country of", "Brazil", "Japan")]
     saved = snapshot(real_lm.model)
-    edit = compute_batch(real_lm, requests)
+    with private_cache(real_stats):  # the product's statistics, not this module's tiny ones
+        edit = compute_batch(real_lm, requests)
     assert changed(real_lm.model, saved) == []
     with applied(real_lm, [edit]):
         assert all(score_edit(real_lm, r).summary()["ES"] == 1.0 for r in requests)

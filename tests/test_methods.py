@@ -417,11 +417,12 @@ def test_evaluate_command_line_takes_a_method(tokenizer, tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_every_method_edits_the_default_model_reversibly(real_lm):
+def test_every_method_edits_the_default_model_reversibly(real_lm, real_stats):
     request = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris")
     saved = snapshot(real_lm.model)
     for method in METHODS:
-        edit = compute(real_lm, request, method=method)
+        with private_cache(real_stats):
+            edit = compute(real_lm, request, method=method)
         assert changed(real_lm.model, saved) == []
         with applied(real_lm, [edit]):
             after = score_edit(real_lm, edit.request).summary()

@@ -215,9 +215,9 @@ def test_bad_dtype_name():
 
 @pytest.mark.real_model
 @needs_default_package
-def test_first_load_converts_and_caches(tmp_path, monkeypatch, device):
-    monkeypatch.setenv("LOCATE_EDIT_CACHE", str(tmp_path))
-    lm = load_model(device=device)
+def test_first_load_converts_and_caches(real_lm, session_cache):
+    # The session's cache started empty, so the run's first load of the embedded model converted its GGUF there.
+    assert converted_default_dir().parent == session_cache / "models"
     assert (converted_default_dir() / "model.safetensors").is_file()
-    assert not list((tmp_path / "models").glob(".converting-*"))  # no staging directory left behind
-    assert lm.name == models.DEFAULT_MODEL and lm.n_layers == 30
+    assert not list((session_cache / "models").glob(".converting-*"))  # no staging directory left behind
+    assert real_lm.name == models.DEFAULT_MODEL and real_lm.n_layers == 30

@@ -27,8 +27,9 @@ def test_default_model_knows_the_eiffel_tower(real_lm):
 
 
 def test_fast_engine_equals_oracle_on_the_default_model(real_lm):
-    # The last subject token and the last token: the cells the paper's findings are about.
-    config = TraceConfig(samples=10, tokens=(3, 9))
+    # The last subject token and the last token: the cells the paper's findings are about; 3 noise samples (the
+    # oracle runs one pass per cell, and exactness does not depend on how many samples a pass carries).
+    config = TraceConfig(samples=3, tokens=(3, 9))
     fast = trace(real_lm, PROMPT, SUBJECT, config=config)
     slow = trace_reference(real_lm, PROMPT, SUBJECT, config=config)
     for a, b in zip(fast, slow):
