@@ -19,6 +19,7 @@ outcomes. Both checks must be zero.
 
     .venv/bin/python benchmarks/load.py --visitors 8 --minutes 10 --json out/load.json
     .venv/bin/python benchmarks/load.py --visitors 3 --minutes 1      # a quick look
+    .venv/bin/python benchmarks/load.py --visitors 4 --operations 10  # each does every operation once, and one more
 """
 
 from __future__ import annotations
