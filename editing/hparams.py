@@ -109,7 +109,9 @@ class ROMEHyperParams(HyperParams):
     # "exact": r-rome, with each prompt's δ scaled during the optimisation as the update will scale it;
     # "bare": the closed form with the bare prompt's own key throughout (u = C⁻¹k₀), δ written exactly there;
     # "guarded": "original", or "bare" for the same δ where the original update is flagged as far outside
-    # the model's usual edits (editing.methods.outliers)
+    # the model's usual edits (editing.methods.outliers) or its ‖ΔW‖ is above fallback_factor times their median
+    fallback_factor: float = 5.0  # "guarded": write the bare key's update above this multiple of the reference
+    # median ‖ΔW‖ at the layer (assets/update_norms.json; 5 = only where the update is flagged)
     mom2_adjustment: bool = True  # use C^-1 k*; False: plain k* direction (no statistics)
     stats_ridge: float = 0.0  # C + ridge * mean(diag C) * I before solving
     # Key statistics C = E[k k^T]
@@ -127,6 +129,8 @@ class ROMEHyperParams(HyperParams):
             problems.append(f"layer must be a non-negative integer or null, not {self.layer!r}")
         if not 0.0 <= self.layer_fraction <= 1.0:
             problems.append(f"layer_fraction must lie in [0, 1], not {self.layer_fraction}")
+        if not self.fallback_factor > 0:
+            problems.append(f"fallback_factor must be positive, not {self.fallback_factor!r}")
         if self.v_num_grad_steps < 1:
             problems.append("v_num_grad_steps must be at least 1")
         if self.v_lr <= 0 or self.clamp_norm_factor <= 0:

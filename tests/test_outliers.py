@@ -147,3 +147,20 @@ def test_the_guarded_variant_writes_r_romes_key_where_the_paper_codes_update_is_
     stats = ordinary[2]
     direction = np.linalg.solve(stats.mom2, k0)
     assert np.allclose(guarded.u, direction / np.linalg.norm(direction), atol=1e-5)
+
+
+def test_guarded_falls_back_above_fallback_factor_times_the_reference_median(ordinary, monkeypatch):
+    """Not flagged (3 times the median, the flag is at 5) yet above a fallback factor of 2.5: the bare key's update."""
+    lm, _, _ = ordinary
+    hp = dataclasses.replace(TINY_HPARAMS, variant="guarded")
+    both = compute_key_edits(lm, REQUEST, ("original", "bare"), hparams=TINY_HPARAMS, stats_spec=TINY_STATS)
+    median = both["original"].norm / 3
+    monkeypatch.setattr(outliers, "load_reference", lambda lm, layer: Reference(layer, median, 11, "test"))
+    kept = compute_edit(lm, REQUEST, hparams=hp, stats_spec=TINY_STATS)  # fallback_factor 5: only flagged updates
+    assert kept.variant == "original" and not kept.info["outlier"] and "key_fallback" not in kept.info
+    assert np.array_equal(kept.u, both["original"].u) and np.array_equal(kept.v, both["original"].v)
+    fell = compute_edit(lm, REQUEST, hparams=dataclasses.replace(hp, fallback_factor=2.5), stats_spec=TINY_STATS)
+    assert fell.variant == "bare" and np.array_equal(fell.u, both["bare"].u) and np.array_equal(fell.v, both["bare"].v)
+    assert "3.0 times the median" in fell.info["key_fallback"] and "above 2.5 times" in fell.info["key_fallback"]
+    with pytest.raises(ValueError, match="fallback_factor must be positive"):
+        dataclasses.replace(hp, fallback_factor=0)

@@ -25,7 +25,8 @@ that the layers above turn into the fact. To write a new fact:
    tuned settings use it, as ``"guarded"``: the paper code's key, except
    where its update would be far outside what the model's edits normally
    write (:mod:`editing.methods.outliers`; there u·k₀ is tiny and ‖ΔW‖ tens
-   of times the usual). There ``"bare"`` writes the same δ at the same key
+   of times the usual) or above ``fallback_factor`` times their median
+   norm. There ``"bare"`` writes the same δ at the same key
    k₀ with the closed form's own direction for it, u = C⁻¹k₀/‖C⁻¹k₀‖: the
    paper's formula, made consistent the other way round from r-ROME. Every
    edit is checked before it is applied: ``edit.info``'s ``outlier``,
@@ -356,20 +357,27 @@ def _written(lm: LoadedModel, setup: _Setup, result: _Optimised, hp: ROMEHyperPa
              clock: Stopwatch, report) -> Edit:
     """``hp.variant``'s checked edit, flagged or not (:func:`check_update`) before anything applies it.
 
-    "guarded": the paper code's key, unless its update is flagged; then the
-    same δ is written at the same (bare prompt's) key by the closed form whose
-    direction is that key's own, C⁻¹k₀ ("bare"), and ``info["key_fallback"]`` says so.
+    "guarded": the paper code's key, unless its update is flagged or its
+    ‖ΔW‖ is above ``hp.fallback_factor`` times the median of the model's
+    reference edits at the layer; then the same δ is written at the same (bare
+    prompt's) key by the closed form whose direction is that key's own, C⁻¹k₀
+    ("bare"), and ``info["key_fallback"]`` says so.
     """
     key = "original" if hp.variant == "guarded" else hp.variant
     edit = _checked(lm, setup, result, hp, key, retries, clock, report)
-    edit.info.update(check_update(lm, edit, stats=setup.stats).info())
-    if hp.variant == "guarded" and edit.info["outlier"]:
+    check = check_update(lm, edit, stats=setup.stats)
+    edit.info.update(check.info())
+    median = check.reference_median
+    if hp.variant == "guarded" and (check.outlier or (median is not None and edit.norm > hp.fallback_factor * median)):
         fallback = _checked(lm, setup, result, hp, "bare", retries, clock, report)
         fallback.info.update(check_update(lm, fallback, stats=setup.stats).info())
         fallback.info["key_fallback"] = (
-            f"The paper code's update would have had ‖ΔW‖ = {edit.norm:.3g}, far outside this model's usual edits "
-            f"(such edits break unrelated facts); the same change was written along the bare prompt's own key "
-            f"direction instead (‖ΔW‖ = {fallback.norm:.3g}).")
+            f"The paper code's update would have had ‖ΔW‖ = {edit.norm:.3g}, "
+            + ("far outside this model's usual edits (such edits break unrelated facts)" if check.outlier else
+               f"{edit.norm / median:.1f} times the median of this model's usual edits (above {hp.fallback_factor:g} "
+               "times, such updates reach neighbouring facts more often)")
+            + f"; the same change was written along the bare prompt's own key direction instead "
+            f"(‖ΔW‖ = {fallback.norm:.3g}).")
         log.info("%s: %s", fallback.describe(), fallback.info["key_fallback"])
         edit = fallback
     return edit
