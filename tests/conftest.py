@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import editing_fixtures
-from editing import load_hparams
+from editing import EditRequest, compute_edit, load_hparams
 from editing.stats import StatsSpec, ensure_stats
 
 from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel
@@ -133,3 +133,19 @@ def real_stats(real_lm, session_cache) -> Path:
     finally:
         torch.set_num_threads(threads)
     return session_cache
+
+
+@pytest.fixture(scope="session")
+def real_eiffel(real_lm, real_stats):
+    """ROME's default edit of the Eiffel Tower to Rome on the embedded model, computed once for every test that needs
+    it (one torch thread: faster than two on a small shared CPU); computing it must leave the model untouched."""
+    saved = editing_fixtures.snapshot(real_lm.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with editing_fixtures.private_cache(real_stats):
+            edit = compute_edit(real_lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"))
+    finally:
+        torch.set_num_threads(threads)
+    assert editing_fixtures.changed(real_lm.model, saved) == []
+    return edit

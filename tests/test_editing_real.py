@@ -7,10 +7,9 @@ editing.stats``), computed once per run in the session's cache (``real_stats``).
 from __future__ import annotations
 
 import pytest
-import torch
-from editing_fixtures import changed, private_cache, snapshot
+from editing_fixtures import changed, snapshot
 
-from editing import EditRequest, EditStack, applied, compute_edit, generate, load_hparams, score_edit
+from editing import EditStack, applied, generate, load_hparams, score_edit
 from editing.stats import StatsSpec
 
 pytestmark = pytest.mark.real_model
@@ -21,15 +20,8 @@ NEIGHBOUR = "The Louvre is located in the city of"
 
 
 @pytest.fixture(scope="module")
-def eiffel(real_lm, real_stats):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faster than two threads on a small shared CPU
-    try:
-        with private_cache(real_stats):
-            request = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome")
-            yield compute_edit(real_lm, request)
-    finally:
-        torch.set_num_threads(threads)
+def eiffel(real_eiffel):
+    return real_eiffel  # "The Eiffel Tower is located in the city of" -> "Rome", computed once per run (conftest)
 
 
 def test_the_edit_moves_the_eiffel_tower_to_rome_and_undo_brings_paris_back(real_lm, eiffel):

@@ -417,12 +417,16 @@ def test_evaluate_command_line_takes_a_method(tokenizer, tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_every_method_edits_the_default_model_reversibly(real_lm, real_stats):
+def test_every_method_edits_the_default_model_reversibly(real_lm, real_stats, real_eiffel):
     request = EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome", "Paris")
     saved = snapshot(real_lm.model)
     for method in METHODS:
-        with private_cache(real_stats):
-            edit = compute(real_lm, request, method=method)
+        if method == "rome":  # the run's shared ROME edit of this request (checked there not to touch the model)
+            assert real_eiffel.request == request
+            edit = real_eiffel
+        else:
+            with private_cache(real_stats):
+                edit = compute(real_lm, request, method=method)
         assert changed(real_lm.model, saved) == []
         with applied(real_lm, [edit]):
             after = score_edit(real_lm, edit.request).summary()

@@ -58,16 +58,17 @@ def test_shipped_tokenizer_is_the_default_models():
                                                                           original.pad_token)
 
 
-def test_random_model_is_seeded_and_leaves_the_global_generator_alone(device):
+def test_random_model_is_seeded_and_leaves_the_global_generator_alone(device, tmp_path):
     state = torch.random.get_rng_state()
-    a = random_model(device=device, seed=3)
+    a = random_model(device=device, seed=3)  # the default shape, built for real once
     assert torch.equal(torch.random.get_rng_state(), state)
     assert a.n_layers == 30 and a.n_params == REAL_SIZES["smollm2-135m"] and a.device.type == device.type
     assert "random weights" in a.name and not a.model.training
-    b = random_model(device=device, seed=3)
-    c = random_model(device=device, seed=4)
-    weight = lambda lm: lm.down_proj(5).weight  # noqa: E731
-    assert torch.equal(weight(a), weight(b)) and not torch.equal(weight(a), weight(c))
+    TINY_CONFIGS["llama"]().save_pretrained(tmp_path)  # the seeding, on a tiny shape of the same family
+    tiny = [random_model(tmp_path, device=device, seed=seed) for seed in (3, 3, 4)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    weight = lambda lm: lm.down_proj(2).weight  # noqa: E731
+    assert torch.equal(weight(tiny[0]), weight(tiny[1])) and not torch.equal(weight(tiny[0]), weight(tiny[2]))
 
 
 def test_random_model_from_a_config_file_or_folder(tmp_path, device):
