@@ -24,6 +24,7 @@ from editing.stats import StatsSpec, ensure_stats
 
 from tracing.models import DEFAULT_PACKAGE, INSTALL_DEFAULT, LoadedModel
 
+from tracing.backends import one_cpu_thread
 from tracing.loading import load_model, wrap_model
 from tracing.shapes import shipped_tokenizer
 
@@ -140,12 +141,7 @@ def real_eiffel(real_lm, real_stats):
     """ROME's default edit of the Eiffel Tower to Rome on the embedded model, computed once for every test that needs
     it (one torch thread: faster than two on a small shared CPU); computing it must leave the model untouched."""
     saved = editing_fixtures.snapshot(real_lm.model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with editing_fixtures.private_cache(real_stats):
-            edit = compute_edit(real_lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"))
-    finally:
-        torch.set_num_threads(threads)
+    with one_cpu_thread(real_lm.device), editing_fixtures.private_cache(real_stats):
+        edit = compute_edit(real_lm, EditRequest("The Eiffel Tower", "{} is located in the city of", "Rome"))
     assert editing_fixtures.changed(real_lm.model, saved) == []
     return edit
