@@ -371,13 +371,12 @@ def _written(lm: LoadedModel, setup: _Setup, result: _Optimised, hp: ROMEHyperPa
     if hp.variant == "guarded" and (check.outlier or (median is not None and edit.norm > hp.fallback_factor * median)):
         fallback = _checked(lm, setup, result, hp, "bare", retries, clock, report)
         fallback.info.update(check_update(lm, fallback, stats=setup.stats).info())
-        fallback.info["key_fallback"] = (
-            f"The paper code's update would have had ‖ΔW‖ = {edit.norm:.3g}, "
-            + ("far outside this model's usual edits (such edits break unrelated facts)" if check.outlier else
+        why = ("far outside this model's usual edits (such edits break unrelated facts)" if check.outlier else
                f"{edit.norm / median:.1f} times the median of this model's usual edits (above {hp.fallback_factor:g} "
                "times, such updates reach neighbouring facts more often)")
-            + f"; the same change was written along the bare prompt's own key direction instead "
-            f"(‖ΔW‖ = {fallback.norm:.3g}).")
+        fallback.info["key_fallback"] = (
+            f"The paper code's update would have had ‖ΔW‖ = {edit.norm:.3g}, {why}; the same change was written "
+            f"along the bare prompt's own key direction instead (‖ΔW‖ = {fallback.norm:.3g}).")
         log.info("%s: %s", fallback.describe(), fallback.info["key_fallback"])
         edit = fallback
     return edit
